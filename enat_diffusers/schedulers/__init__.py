@@ -1,0 +1,3 @@
+from .scheduling_enat import ENATScheduler, ENATSchedulerOutput
+
+__all__ = ["ENATScheduler", "ENATSchedulerOutput"]
