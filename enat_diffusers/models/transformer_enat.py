@@ -1,0 +1,407 @@
+"""The ENAT transformer: a non-autoregressive token transformer with an encoder/decoder split and feature reuse.
+
+Each forward call sorts the `L` tokens of the grid into three groups of equal size across the batch:
+
+* reused: visible now and already visible at the previous step of the same sampling stream. They skip the encoder;
+  their previous final features, passed through a small residual projection, act as fixed extra keys/values
+  ("context") at every encoder layer and become their features at this step.
+* encoded: visible tokens that go through the encoder blocks: all visible tokens without a previous state, only the
+  critical tokens (revealed since the previous step) with one.
+* masked: mask tokens, handled only by the decoder blocks, which attend to all visible features as context.
+
+Per step and image, the encoder costs `O(n_encoded * (n_reused + n_encoded))` attention and `O(n_encoded)` MLP work
+per layer instead of `O(L^2)` and `O(L)`; the decoder is small. Features before the output norm are returned as
+`reuse_state` for the next step.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import FeedForward
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+
+@dataclass
+class ENATReuseState(BaseOutput):
+    """
+    What one sampling stream hands from one step to the next.
+
+    Args:
+        features (`torch.Tensor` of shape `(batch_size, num_tokens, hidden_size)`):
+            Final features of every token (raster order) before the output norm.
+        masking (`torch.BoolTensor` of shape `(batch_size, num_tokens)`):
+            Which tokens were masked in the input that produced `features`.
+    """
+
+    # Defaults keep the class rebuildable from a dict, which accelerate's device hooks rely on.
+    features: torch.Tensor = None
+    masking: torch.BoolTensor = None
+
+
+@dataclass
+class ENATTransformer2DModelOutput(BaseOutput):
+    """
+    Args:
+        logits (`torch.Tensor` of shape `(batch_size, codebook_size, height, width)`):
+            Unnormalised scores over the codebook for every token of the grid.
+        reuse_state (`ENATReuseState`):
+            Pass it as `reuse_state=` to the next step of the same sampling stream.
+    """
+
+    logits: torch.Tensor = None
+    reuse_state: ENATReuseState = None
+
+
+def _modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return hidden_states * (1 + scale) + shift
+
+
+class ENATTokenEmbedding(nn.Module):
+    """Token ids `(B, L)` -> embeddings `(B, L, D)`: word + learned position embedding, LayerNorm, dropout."""
+
+    def __init__(self, vocab_size: int, num_positions: int, hidden_size: int, dropout: float):
+        super().__init__()
+        self.word_embedding = nn.Embedding(vocab_size, hidden_size)
+        self.position_embedding = nn.Embedding(num_positions, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        embeddings = self.word_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
+        return self.dropout(self.norm(embeddings))
+
+
+class ENATReuseProjection(nn.Module):
+    """Maps previous-step features to this step's context tokens: `x + MLP(LayerNorm(x))`, shapes `(B, N, D)`."""
+
+    def __init__(self, hidden_size: int, mlp_ratio: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.ff = FeedForward(hidden_size, mult=mlp_ratio, activation_fn="gelu-approximate")
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features + self.ff(self.norm(features))
+
+
+class ENATAttention(nn.Module):
+    """
+    Multi-head attention whose keys/values come from two sources with separate projections: the block's own tokens
+    (`to_kv`) and optional context tokens (`to_kv_context`). Queries come from the block's own tokens only.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` ({num_heads})")
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(hidden_size, hidden_size)
+        self.to_kv = nn.Linear(hidden_size, 2 * hidden_size)
+        self.to_kv_context = nn.Linear(hidden_size, 2 * hidden_size)
+        self.to_out = nn.Linear(hidden_size, hidden_size)
+
+    def _split_heads(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, length, _ = hidden_states.shape
+        return hidden_states.view(batch_size, length, self.num_heads, -1).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """`hidden_states` `(B, N, D)`, `context` `(B, M, D)` or None -> `(B, N, D)`."""
+        key_values = self.to_kv(hidden_states)
+        if context is not None:
+            key_values = torch.cat([self.to_kv_context(context), key_values], dim=1)
+        key, value = key_values.chunk(2, dim=-1)
+        attended = F.scaled_dot_product_attention(
+            self._split_heads(self.to_q(hidden_states)), self._split_heads(key), self._split_heads(value)
+        )
+        return self.to_out(attended.transpose(1, 2).flatten(2))
+
+
+class ENATBlock(nn.Module):
+    """
+    adaLN-Zero transformer block. Its own tokens and the context tokens are normalised and modulated separately
+    (eight modulation vectors from the conditioning embedding), then the own tokens attend to both.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1_context = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = ENATAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(hidden_size, mult=mlp_ratio, activation_fn="gelu-approximate")
+        self.adaln_modulation = nn.Linear(hidden_size, 8 * hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, conditioning: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`hidden_states` `(B, N, D)`, `conditioning` `(B, D)`, `context` `(B, M, D)` or None -> `(B, N, D)`."""
+        (shift, scale, shift_context, scale_context, gate_attn, shift_ff, scale_ff, gate_ff) = self.adaln_modulation(
+            F.silu(conditioning)
+        )[:, None].chunk(8, dim=-1)
+        if context is not None:
+            context = _modulate(self.norm1_context(context), shift_context, scale_context)
+        attn_input = _modulate(self.norm1(hidden_states), shift, scale)
+        hidden_states = hidden_states + gate_attn * self.attn(attn_input, context)
+        return hidden_states + gate_ff * self.ff(_modulate(self.norm2(hidden_states), shift_ff, scale_ff))
+
+
+class ENATOutputHead(nn.Module):
+    """Features `(B, L, D)` -> logits `(B, L, K)`, scored against the (frozen) input word embeddings."""
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.norm_out = nn.LayerNorm(hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, features: torch.Tensor, word_embedding: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.norm(F.gelu(self.proj(self.norm_out(features))))
+        codebook_size = word_embedding.shape[0]
+        # ENAT trains the head against detached word embeddings; the mask token gets no score.
+        return F.linear(hidden_states, word_embedding.detach(), self.bias[:codebook_size])
+
+
+class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """
+    The ENAT transformer (Ni et al., "ENAT: Rethinking Spatial-temporal Interactions in Token-based Image
+    Synthesis", NeurIPS 2024): predicts every token of a `sample_size x sample_size` grid of VQ codes from a
+    partially masked grid, encoding visible tokens without the mask tokens and reusing previous-step features.
+
+    Args:
+        sample_size (`int`, defaults to 16): Side of the token grid (16 for 256 px, 32 for 512 px with an f16 VQ).
+        codebook_size (`int`, defaults to 1024): Number of VQ codes; id `codebook_size` is the mask token.
+        hidden_size (`int`, defaults to 1024): Width of the transformer.
+        num_attention_heads (`int`, defaults to 16): Attention heads per block.
+        num_encoder_layers (`int`, defaults to 22): Blocks that only see visible tokens.
+        num_decoder_layers (`int`, defaults to 2): Blocks that update the mask tokens.
+        mlp_ratio (`float`, defaults to 4.0): Hidden size of the MLPs relative to `hidden_size`.
+        num_classes (`int`, defaults to 1000): Class-conditional models; label `num_classes` is the
+            null class used for classifier-free guidance.
+        class_dropout_prob (`float`, defaults to 0.1): In training mode, labels are replaced by the null class with
+            this probability.
+        hidden_dropout_prob (`float`, defaults to 0.1): Dropout on the token embeddings in training mode.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["ENATBlock"]
+    _skip_layerwise_casting_patterns = ["embedding", "norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 16,
+        codebook_size: int = 1024,
+        hidden_size: int = 1024,
+        num_attention_heads: int = 16,
+        num_encoder_layers: int = 22,
+        num_decoder_layers: int = 2,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        class_dropout_prob: float = 0.1,
+        hidden_dropout_prob: float = 0.1,
+    ):
+        super().__init__()
+        self.embed = ENATTokenEmbedding(codebook_size + 1, sample_size**2, hidden_size, hidden_dropout_prob)
+        self.class_embedding = nn.Embedding(num_classes + 1, hidden_size)
+        self.reuse_proj = ENATReuseProjection(hidden_size, mlp_ratio)
+        self.encoder_blocks = nn.ModuleList(
+            [ENATBlock(hidden_size, num_attention_heads, mlp_ratio) for _ in range(num_encoder_layers)]
+        )
+        self.decoder_blocks = nn.ModuleList(
+            [ENATBlock(hidden_size, num_attention_heads, mlp_ratio) for _ in range(num_decoder_layers)]
+        )
+        self.head = ENATOutputHead(hidden_size, codebook_size + 1)
+        self.gradient_checkpointing = False
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for embedding in (self.embed.word_embedding, self.embed.position_embedding, self.class_embedding):
+            nn.init.normal_(embedding.weight, std=0.02)
+        for block in [*self.encoder_blocks, *self.decoder_blocks]:
+            nn.init.zeros_(block.adaln_modulation.weight)
+            nn.init.zeros_(block.adaln_modulation.bias)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def null_class_label(self) -> int:
+        """The class label that means "no class" (the unconditional stream of classifier-free guidance)."""
+        return self.config.num_classes
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        class_labels: torch.LongTensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        reuse_state: ENATReuseState | None = None,
+        return_dict: bool = True,
+    ) -> ENATTransformer2DModelOutput | tuple:
+        """
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, height, width)` or `(batch_size, height * width)`):
+                Token ids in `[0, codebook_size]`; `codebook_size` marks masked tokens. Every row must have the same
+                number of masked tokens.
+            class_labels (`torch.LongTensor` of shape `(batch_size,)`):
+                Labels in `[0, num_classes]`; `num_classes` is the null class.
+            encoder_hidden_states (`torch.Tensor`, *optional*):
+                Text conditioning; not available in class-conditional models.
+            reuse_state (`ENATReuseState`, *optional*):
+                The `reuse_state` returned by the previous step of the same stream. Every token masked now must have
+                been masked then. Without it all visible tokens are encoded.
+            return_dict (`bool`, defaults to `True`):
+                Return an `ENATTransformer2DModelOutput` instead of a tuple `(logits, reuse_state)`.
+
+        Returns:
+            `ENATTransformer2DModelOutput` with `logits` of shape `(batch_size, codebook_size, height, width)` and
+            the `reuse_state` for the next step.
+        """
+        input_ids = self._flatten_input_ids(input_ids)
+        masking = input_ids == self.mask_token_id
+        reused, counts = self._check_inputs(input_ids, masking, class_labels, encoder_hidden_states, reuse_state)
+        conditioning = self.class_embedding(self._drop_labels(class_labels))
+        tokens = self.embed(input_ids)
+        features = self._encode_decode(tokens, masking, reused, conditioning, reuse_state, counts)
+        logits = self.head(features, self.embed.word_embedding.weight[: self.config.codebook_size])
+        side = self.config.sample_size
+        logits = logits.transpose(1, 2).reshape(logits.shape[0], -1, side, side)
+        reuse_state = ENATReuseState(features=features, masking=masking)
+        if not return_dict:
+            return logits, reuse_state
+        return ENATTransformer2DModelOutput(logits=logits, reuse_state=reuse_state)
+
+    def _encode_decode(
+        self,
+        tokens: torch.Tensor,
+        masking: torch.BoolTensor,
+        reused: torch.BoolTensor,
+        conditioning: torch.Tensor,
+        reuse_state: ENATReuseState | None,
+        counts: tuple[int, int, int],
+    ) -> torch.Tensor:
+        """Runs the blocks on the token groups; returns the final features `(B, L, D)` in raster order."""
+        group = masking.to(torch.int8) * 2 + (~reused).to(torch.int8)
+        # Stable sort keeps raster order inside each group: reused, encoded, masked.
+        order = torch.sort(group, dim=1, stable=True).indices[..., None].expand_as(tokens)
+        _, encoded, masked = torch.gather(tokens, 1, order).split(counts, dim=1)
+        num_reused, num_encoded, num_masked = counts
+
+        reused = None
+        if num_reused:
+            previous = torch.gather(reuse_state.features.detach(), 1, order[:, :num_reused])
+            reused = self.reuse_proj(previous).to(tokens.dtype)
+        if num_encoded:
+            for block in self.encoder_blocks:
+                encoded = self._run_block(block, encoded, conditioning, reused)
+        visible = encoded if reused is None else torch.cat([reused, encoded], dim=1)
+        if num_masked:
+            context = visible if visible.shape[1] else None
+            for block in self.decoder_blocks:
+                masked = self._run_block(block, masked, conditioning, context)
+        return torch.empty_like(tokens).scatter_(1, order, torch.cat([visible, masked], dim=1))
+
+    def _run_block(
+        self, block: ENATBlock, hidden_states: torch.Tensor, conditioning: torch.Tensor, context: torch.Tensor | None
+    ) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, hidden_states, conditioning, context)
+        return block(hidden_states, conditioning, context)
+
+    def _drop_labels(self, class_labels: torch.LongTensor) -> torch.LongTensor:
+        class_labels = class_labels.reshape(-1)
+        if self.training and self.config.class_dropout_prob > 0:
+            dropped = torch.rand(class_labels.shape, device=class_labels.device) < self.config.class_dropout_prob
+            class_labels = class_labels.masked_fill(dropped, self.null_class_label)
+        return class_labels
+
+    def _flatten_input_ids(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        side = self.config.sample_size
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError("`input_ids` must be an integer torch.Tensor of token ids")
+        grid_ok = input_ids.ndim == 3 and tuple(input_ids.shape[1:]) == (side, side)
+        flat_ok = input_ids.ndim == 2 and input_ids.shape[1] == side * side
+        if not (grid_ok or flat_ok):
+            raise ValueError(
+                f"`input_ids` must have shape (batch, {side}, {side}) or (batch, {side * side}) for this model "
+                f"(trained on a {side}x{side} token grid), got {tuple(input_ids.shape)}"
+            )
+        return input_ids.reshape(input_ids.shape[0], -1).long()
+
+    def _check_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        masking: torch.BoolTensor,
+        class_labels: torch.LongTensor | None,
+        encoder_hidden_states: torch.Tensor | None,
+        reuse_state: ENATReuseState | None,
+    ) -> tuple[torch.BoolTensor, tuple[int, int, int]]:
+        """
+        Validates the inputs with a single device sync. Returns which tokens are reused from `reuse_state`
+        `(B, L)` and the sizes of the reused/encoded/masked groups.
+        """
+        batch_size, num_tokens = input_ids.shape
+        if encoder_hidden_states is not None:
+            raise ValueError("`encoder_hidden_states` was given, but this model is class-conditional")
+        if class_labels is None:
+            raise ValueError("`class_labels` is required: a (batch_size,) tensor of labels in [0, num_classes]")
+        if class_labels.numel() != batch_size:
+            raise ValueError(f"`class_labels` must hold {batch_size} labels, got shape {tuple(class_labels.shape)}")
+        reused = torch.zeros_like(masking)
+        remasked = torch.zeros_like(masking)
+        if reuse_state is not None:
+            self._check_reuse_state_shapes(reuse_state, batch_size, num_tokens)
+            previous_masking = reuse_state.masking.to(masking.device)
+            reused = ~(masking | previous_masking)
+            remasked = masking & ~previous_masking
+        statistics = [input_ids.min(), input_ids.max(), class_labels.min(), class_labels.max(), remasked.any()]
+        statistics += [masking.sum(1), reused.sum(1)]
+        values = torch.cat([s.to(input_ids.device).reshape(-1).long() for s in statistics]).tolist()
+        id_min, id_max, label_min, label_max, any_remasked = values[:5]
+        masked_counts, reused_counts = values[5 : 5 + batch_size], values[5 + batch_size :]
+        if id_min < 0 or id_max > self.mask_token_id:
+            raise ValueError(
+                f"`input_ids` must lie in [0, {self.mask_token_id}] (codebook ids, {self.mask_token_id} = mask), "
+                f"got values in [{id_min}, {id_max}]"
+            )
+        if label_min < 0 or label_max > self.config.num_classes:
+            raise ValueError(
+                f"`class_labels` must lie in [0, {self.config.num_classes}] ({self.config.num_classes} = null class), "
+                f"got values in [{label_min}, {label_max}]"
+            )
+        if len(set(masked_counts)) > 1:
+            raise ValueError(
+                f"every row of `input_ids` must have the same number of masked tokens, got {masked_counts}"
+            )
+        if any_remasked:
+            raise ValueError(
+                "`reuse_state` does not fit: some tokens masked in `input_ids` were visible in the previous step; "
+                "pass the state of the previous step of the same stream, or None"
+            )
+        if len(set(reused_counts)) > 1:
+            raise ValueError(
+                f"every row must have the same number of tokens visible since the previous step, got {reused_counts}"
+            )
+        num_masked, num_reused = masked_counts[0], reused_counts[0]
+        return reused, (num_reused, num_tokens - num_masked - num_reused, num_masked)
+
+    def _check_reuse_state_shapes(self, reuse_state: ENATReuseState, batch_size: int, num_tokens: int) -> None:
+        expected_features = (batch_size, num_tokens, self.config.hidden_size)
+        features, masking = reuse_state.features, reuse_state.masking
+        if features is None or tuple(features.shape) != expected_features:
+            got = None if features is None else tuple(features.shape)
+            raise ValueError(f"`reuse_state.features` must have shape {expected_features}, got {got}")
+        if masking is None or masking.dtype != torch.bool or tuple(masking.shape) != (batch_size, num_tokens):
+            got = None if masking is None else (tuple(masking.shape), masking.dtype)
+            raise ValueError(
+                f"`reuse_state.masking` must be a bool tensor of shape {(batch_size, num_tokens)}, got {got}"
+            )
