@@ -1,0 +1,217 @@
+"""Behaviour of ENATTransformer2DModel beyond reference parity: shapes, reuse bookkeeping, errors, training aids."""
+
+import pytest
+import torch
+
+from enat_diffusers.models.transformer_enat import ENATReuseState, ENATTransformer2DModel
+
+TINY = {
+    "sample_size": 4,
+    "codebook_size": 16,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_encoder_layers": 2,
+    "num_decoder_layers": 1,
+    "num_classes": 5,
+}
+MASK = TINY["codebook_size"]
+
+
+def _randomize(model: ENATTransformer2DModel) -> ENATTransformer2DModel:
+    """Random adaLN weights so that no block is an identity map, as after training."""
+    with torch.no_grad():
+        for block in [*model.encoder_blocks, *model.decoder_blocks]:
+            block.adaln_modulation.weight.normal_(0, 0.1)
+            block.adaln_modulation.bias.normal_(0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return _randomize(ENATTransformer2DModel(**TINY))
+
+
+def _ids(batch_size=2, num_masked=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, MASK, (batch_size, 16), generator=generator)
+    order = torch.rand(batch_size, 16, generator=generator).argsort(dim=1)
+    ids[order < num_masked] = MASK
+    return ids
+
+
+def test_logits_layout_and_both_input_shapes(model):
+    ids = _ids()
+    labels = torch.tensor([1, 2])
+    flat = model(ids, class_labels=labels)
+    grid = model(ids.reshape(2, 4, 4), class_labels=labels)
+    assert flat.logits.shape == (2, MASK, 4, 4)
+    assert torch.equal(flat.logits, grid.logits)
+    assert flat.reuse_state.features.shape == (2, 16, 32)
+    assert torch.equal(flat.reuse_state.masking, ids == MASK)
+    logits, state = model(ids, class_labels=labels, return_dict=False)
+    assert torch.equal(logits, flat.logits) and isinstance(state, ENATReuseState)
+
+
+def test_rows_are_independent(model):
+    ids = _ids()
+    labels = torch.tensor([1, 2])
+    batched = model(ids, class_labels=labels).logits
+    single = model(ids[1:], class_labels=labels[1:]).logits
+    assert torch.allclose(batched[1:], single, atol=1e-5)
+
+
+def test_reuse_state_is_used_and_only_critical_tokens_are_encoded(model):
+    labels = torch.tensor([1, 2])
+    before = _ids(num_masked=10)
+    after = before.clone()
+    # reveal two masked tokens per row
+    for row in range(2):
+        masked_positions = (before[row] == MASK).nonzero().flatten()[:2]
+        after[row, masked_positions] = 3
+    state = model(before, class_labels=labels).reuse_state
+    reused = model(after, class_labels=labels, reuse_state=state)
+    recomputed = model(after, class_labels=labels)
+    assert not torch.allclose(reused.logits, recomputed.logits, atol=1e-4)
+
+    calls = []
+    hook = model.encoder_blocks[0].register_forward_hook(lambda _m, args, _o: calls.append(args[0].shape[1]))
+    model(after, class_labels=labels, reuse_state=state)
+    model(after, class_labels=labels)
+    hook.remove()
+    assert calls == [2, 16 - 8]
+
+
+def test_previously_visible_features_come_from_the_projection_of_the_old_features(model):
+    labels = torch.tensor([1, 2])
+    before = _ids(num_masked=10)
+    state = model(before, class_labels=labels).reuse_state
+    output = model(before, class_labels=labels, reuse_state=state)
+    visible = ~state.masking
+    projected = model.reuse_proj(state.features)
+    assert torch.allclose(output.reuse_state.features[visible], projected[visible], atol=1e-6)
+
+
+def test_fully_masked_step_skips_the_encoder(model):
+    ids = torch.full((2, 16), MASK)
+    calls = []
+    hook = model.encoder_blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    output = model(ids, class_labels=torch.tensor([0, 5]))
+    hook.remove()
+    assert calls == [] and torch.isfinite(output.logits).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"input_ids": torch.full((2, 16), MASK + 1)}, "input_ids` must lie in"),
+        ({"input_ids": torch.full((2, 16), -1)}, "input_ids` must lie in"),
+        ({"input_ids": torch.zeros(2, 25, dtype=torch.long)}, "trained on a 4x4 token grid"),
+        ({"input_ids": torch.zeros(2, 5, 5, dtype=torch.long)}, "trained on a 4x4 token grid"),
+        ({"input_ids": torch.zeros(2, 16)}, "integer torch.Tensor"),
+        ({"class_labels": None}, "`class_labels` is required"),
+        ({"class_labels": torch.tensor([0, 6])}, "`class_labels` must lie in"),
+        ({"class_labels": torch.tensor([0, 1, 2])}, "must hold 2 labels"),
+        ({"encoder_hidden_states": torch.zeros(2, 3, 32)}, "class-conditional"),
+    ],
+)
+def test_bad_inputs_are_rejected(model, kwargs, message):
+    arguments = {"input_ids": _ids(), "class_labels": torch.tensor([1, 2]), **kwargs}
+    with pytest.raises((ValueError, TypeError), match=message):
+        model(**arguments)
+
+
+def test_rows_with_different_masked_counts_are_rejected(model):
+    ids = _ids()
+    ids[0, (ids[0] != MASK).nonzero()[0]] = MASK
+    with pytest.raises(ValueError, match="same number of masked tokens"):
+        model(ids, class_labels=torch.tensor([1, 2]))
+
+
+def test_reuse_state_that_does_not_fit_is_rejected(model):
+    labels = torch.tensor([1, 2])
+    ids = _ids(num_masked=6)
+    state = model(ids, class_labels=labels).reuse_state
+    remasked = ids.clone()
+    for row in range(2):  # swap one visible and one masked token: same count, but a visible token got masked
+        remasked[row, (ids[row] != MASK).nonzero()[0]] = MASK
+        remasked[row, (ids[row] == MASK).nonzero()[0]] = 1
+    with pytest.raises(ValueError, match="were visible in the previous step"):
+        model(remasked, class_labels=labels, reuse_state=state)
+    with pytest.raises(ValueError, match=r"reuse_state.features` must have shape \(2, 16, 32\)"):
+        model(ids, class_labels=labels, reuse_state=ENATReuseState(state.features[:, :8], state.masking))
+    with pytest.raises(ValueError, match="reuse_state.masking` must be a bool tensor"):
+        model(ids, class_labels=labels, reuse_state=ENATReuseState(state.features, state.masking.long()))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model):
+    ids, labels = _ids(), torch.tensor([1, 2])
+
+    def gradients():
+        model.zero_grad()
+        model(ids, class_labels=labels).logits.square().mean().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = gradients()
+    model.enable_gradient_checkpointing()
+    assert model.is_gradient_checkpointing
+    checkpointed = gradients()
+    assert len(plain) == len(checkpointed) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
+
+
+def test_training_mode_drops_labels_to_the_null_class():
+    torch.manual_seed(0)
+    model = _randomize(ENATTransformer2DModel(**{**TINY, "class_dropout_prob": 1.0, "hidden_dropout_prob": 0.0}))
+    ids = _ids()
+    null = model(ids, class_labels=torch.full((2,), TINY["num_classes"])).logits
+    model.train()
+    dropped = model(ids, class_labels=torch.tensor([1, 2])).logits
+    assert torch.allclose(dropped, null, atol=1e-6)
+
+
+def test_head_does_not_train_the_word_embedding_through_the_logits(model):
+    model(_ids(num_masked=0), class_labels=torch.tensor([1, 2])).logits.sum().backward()
+    # visible tokens only reach the logits through the head, never through the transposed embedding
+    assert model.embed.word_embedding.weight.grad is not None
+    grad_rows = model.embed.word_embedding.weight.grad.abs().sum(1)
+    assert grad_rows[MASK] == 0
+
+
+def _public(config) -> dict:
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+def test_save_and_load_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = ENATTransformer2DModel.from_pretrained(tmp_path).eval()
+    assert _public(loaded.config) == _public(model.config)
+    ids, labels = _ids(), torch.tensor([1, 2])
+    assert torch.equal(loaded(ids, class_labels=labels).logits, model(ids, class_labels=labels).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_forward_is_finite_and_close(model, dtype):
+    ids, labels = _ids(), torch.tensor([1, 2])
+    reference = model(ids, class_labels=labels)
+    half = model.to(dtype)(ids, class_labels=labels)
+    state = model(ids, class_labels=labels).reuse_state
+    reused = model(ids, class_labels=labels, reuse_state=state)
+    assert half.logits.dtype == dtype and torch.isfinite(half.logits).all() and torch.isfinite(reused.logits).all()
+    assert torch.allclose(half.logits.float(), reference.logits, atol=0.1)
+
+
+def test_lora_adapter_trains_only_the_adapter(model):
+    peft = pytest.importorskip("peft")
+    ids, labels = _ids(), torch.tensor([1, 2])
+    before = model(ids, class_labels=labels).logits
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_kv", "to_kv_context", "to_out"]))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in name for name in trainable)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    assert not torch.allclose(model(ids, class_labels=labels).logits, before, atol=1e-4)
+    model.disable_adapters()
+    assert torch.allclose(model(ids, class_labels=labels).logits, before, atol=1e-6)
