@@ -1,4 +1,11 @@
 from .transformer_enat import ENATReuseState, ENATTransformer2DModel, ENATTransformer2DModelOutput
-from .vq_maskgit import MaskGITVQModel
+from .vq_maskgit import MaskGITVQEncoderOutput, MaskGITVQModel, MaskGITVQModelOutput
 
-__all__ = ["ENATReuseState", "ENATTransformer2DModel", "ENATTransformer2DModelOutput", "MaskGITVQModel"]
+__all__ = [
+    "ENATReuseState",
+    "ENATTransformer2DModel",
+    "ENATTransformer2DModelOutput",
+    "MaskGITVQEncoderOutput",
+    "MaskGITVQModel",
+    "MaskGITVQModelOutput",
+]

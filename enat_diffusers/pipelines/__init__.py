@@ -1,0 +1,3 @@
+from .pipeline_enat import ENATPipeline
+
+__all__ = ["ENATPipeline"]
