@@ -5,6 +5,8 @@ import torch
 
 from enat_diffusers.models.transformer_enat import ENATReuseState, ENATTransformer2DModel
 
+from .tiny_components import public_config
+
 TINY = {
     "sample_size": 4,
     "codebook_size": 16,
@@ -178,14 +180,10 @@ def test_head_does_not_train_the_word_embedding_through_the_logits(model):
     assert grad_rows[MASK] == 0
 
 
-def _public(config) -> dict:
-    return {key: value for key, value in config.items() if not key.startswith("_")}
-
-
 def test_save_and_load_round_trip(model, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = ENATTransformer2DModel.from_pretrained(tmp_path).eval()
-    assert _public(loaded.config) == _public(model.config)
+    assert public_config(loaded.config) == public_config(model.config)
     ids, labels = _ids(), torch.tensor([1, 2])
     assert torch.equal(loaded(ids, class_labels=labels).logits, model(ids, class_labels=labels).logits)
 

@@ -55,3 +55,8 @@ def tiny_pipeline(scheduler=None, **kwargs) -> ENATPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def public_config(config) -> dict:
+    """A config without diffusers' private bookkeeping entries (`_name_or_path`, `_use_default_values`, ...)."""
+    return {key: value for key, value in config.items() if not key.startswith("_")}

@@ -35,7 +35,7 @@ class ENATPipeline(ENATSamplingMixin, DiffusionPipeline):
         scheduler ([`SchedulerMixin`]): An [`ENATScheduler`] (with feature reuse) or diffusers' `AmusedScheduler`
             (every visible token is recomputed at every step).
         id2label (`dict[int, str]`, *optional*): Class names, comma-separated synonyms per class, for
-            `get_label_ids` and for passing names as `class_labels`.
+            `get_label_ids` and for passing names as `class_labels` (keys may be strings, as json stores them).
         default_num_inference_steps (`int`, defaults to 8): Used when `__call__` gets no `num_inference_steps`.
         default_guidance_scale (`float`, defaults to 2.5): Used when `__call__` gets no `guidance_scale`.
     """
@@ -47,7 +47,7 @@ class ENATPipeline(ENATSamplingMixin, DiffusionPipeline):
         transformer: ENATTransformer2DModel,
         vqvae: MaskGITVQModel,
         scheduler: SchedulerMixin,
-        id2label: dict[int, str] | None = None,
+        id2label: dict | None = None,
         default_num_inference_steps: int = 8,
         default_guidance_scale: float = 2.5,
     ):

@@ -1,0 +1,143 @@
+"""Saving and loading ENAT pipelines the ways README.md documents, including Hub repo ids (offline)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from enat_diffusers import ENATPipeline, ENATScheduler, ENATTransformer2DModel, MaskGITVQModel
+
+from .tiny_components import public_config, tiny_pipeline
+
+REPO_ID = "enat-user/enat-tiny"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    pipe = tiny_pipeline(default_guidance_scale=3.5)
+    folder = tmp_path_factory.mktemp("saved")
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+def _assert_same_pipeline(loaded, original):
+    assert type(loaded) is ENATPipeline
+    for name in ("transformer", "vqvae"):
+        expected = getattr(original, name).state_dict()
+        actual = getattr(loaded, name).state_dict()
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(expected[key].to(actual[key].dtype), actual[key]) for key in expected)
+    assert public_config(loaded.scheduler.config) == public_config(original.scheduler.config)
+    assert loaded.config.default_guidance_scale == original.config.default_guidance_scale
+    assert loaded.labels == original.labels
+
+
+def _fill_hub_cache(folder, cache_dir, repo_id=REPO_ID):
+    """Places a saved folder where huggingface_hub caches a downloaded snapshot of `repo_id`."""
+    revision = "0" * 40
+    repo_cache = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo_cache / "snapshots" / revision
+    snapshot.parent.mkdir(parents=True)
+    (repo_cache / "refs").mkdir()
+    (repo_cache / "refs" / "main").write_text(revision)
+    os.symlink(folder, snapshot, target_is_directory=True)
+    return cache_dir
+
+
+def test_save_writes_the_standard_layout(saved):
+    _, folder = saved
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "ENATPipeline"
+    assert index["transformer"] == ["enat_diffusers.models.transformer_enat", "ENATTransformer2DModel"]
+    assert index["vqvae"] == ["enat_diffusers.models.vq_maskgit", "MaskGITVQModel"]
+    assert index["scheduler"] == ["enat_diffusers.schedulers.scheduling_enat", "ENATScheduler"]
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (folder / "vqvae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (
+        "from enat_diffusers.pipelines.pipeline_enat import ENATPipeline" in (folder / "pipeline_enat.py").read_text()
+    )
+
+
+def test_diffusion_pipeline_from_pretrained_folder(saved):
+    pipe, folder = saved
+    _assert_same_pipeline(DiffusionPipeline.from_pretrained(folder), pipe)
+
+
+def test_enat_pipeline_from_pretrained_with_dtype(saved):
+    pipe, folder = saved
+    loaded = ENATPipeline.from_pretrained(folder, torch_dtype=torch.float16)
+    assert loaded.transformer.dtype == torch.float16 and loaded.vqvae.dtype == torch.float16
+    _assert_same_pipeline(loaded, pipe)
+
+
+def test_components_load_alone(saved):
+    pipe, folder = saved
+    transformer = ENATTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    vqvae = MaskGITVQModel.from_pretrained(folder, subfolder="vqvae")
+    scheduler = ENATScheduler.from_pretrained(folder, subfolder="scheduler")
+    assert all(torch.equal(a, b) for a, b in zip(transformer.parameters(), pipe.transformer.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(vqvae.parameters(), pipe.vqvae.parameters(), strict=True))
+    assert public_config(scheduler.config) == public_config(pipe.scheduler.config)
+
+
+def test_loaded_pipeline_generates_what_the_original_generates(saved):
+    pipe, folder = saved
+    loaded = DiffusionPipeline.from_pretrained(folder)
+    loaded.set_progress_bar_config(disable=True)
+    arguments = {"num_inference_steps": 3, "output_type": "latent"}
+    expected = pipe([1, 2], generator=torch.Generator().manual_seed(0), **arguments).images
+    actual = loaded([1, 2], generator=torch.Generator().manual_seed(0), **arguments).images
+    assert torch.equal(expected, actual)
+
+
+@pytest.mark.parametrize("loader", [DiffusionPipeline, ENATPipeline])
+def test_hub_repo_id_resolves_through_the_cache(saved, tmp_path, loader):
+    """The real snapshot resolution of huggingface_hub runs; HF_HUB_OFFLINE=1 keeps it off the network."""
+    pipe, folder = saved
+    cache_dir = _fill_hub_cache(folder, tmp_path / "hub")
+    _assert_same_pipeline(loader.from_pretrained(REPO_ID, cache_dir=cache_dir), pipe)
+
+
+def test_missing_hub_repo_fails_offline_with_a_clear_error(tmp_path):
+    with pytest.raises(OSError):
+        DiffusionPipeline.from_pretrained("enat-user/not-there", cache_dir=tmp_path)
+
+
+def _run_without_importing_enat(script: str, tmp_path) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=environment, timeout=300
+    )
+
+
+def test_custom_pipeline_loading_works_without_importing_enat_diffusers(saved, tmp_path):
+    _, folder = saved
+    result = _run_without_importing_enat(
+        f"""
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained(
+            {str(folder)!r}, custom_pipeline="pipeline_enat", trust_remote_code=True
+        )
+        print(type(pipe).__name__, type(pipe.transformer).__name__)
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ENATPipeline", "ENATTransformer2DModel"]
+
+
+def test_plain_loading_without_import_fails_as_documented(saved, tmp_path):
+    _, folder = saved
+    result = _run_without_importing_enat(
+        f"""
+        from diffusers import DiffusionPipeline
+        DiffusionPipeline.from_pretrained({str(folder)!r})
+        """,
+        tmp_path,
+    )
+    assert result.returncode != 0 and "ENATPipeline" in result.stderr
