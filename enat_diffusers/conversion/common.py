@@ -1,8 +1,12 @@
 """Key bookkeeping shared by the checkpoint converters: nothing is dropped or renamed silently."""
 
+import os
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class CheckpointMismatchError(ValueError):
@@ -46,3 +50,49 @@ def rename_state_dict(
     if problems:
         raise CheckpointMismatchError("The checkpoint does not fit the model.\n" + "\n".join(problems))
     return converted
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Return the tensors of a reference checkpoint, which may wrap them under a `"state_dict"` key."""
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(
+            f"`checkpoint` must be a mapping of parameter names to tensors, got {type(checkpoint).__name__}."
+        )
+    if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
+        checkpoint = checkpoint["state_dict"]
+    not_tensors = sorted(str(key) for key, value in checkpoint.items() if not isinstance(value, torch.Tensor))
+    if not_tensors:
+        raise TypeError(
+            "`checkpoint` must map parameter names to tensors (optionally under a 'state_dict' key); these entries "
+            f"are not tensors: {', '.join(not_tensors)}"
+        )
+    return dict(checkpoint)
+
+
+def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load the tensors of a reference checkpoint (e.g. `vqgan_jax_strongaug.ckpt`) on CPU.
+
+    Uses `torch.load(weights_only=True)`, so arbitrary pickled objects are refused rather than executed; tensors
+    wrapped under a `"state_dict"` key are unwrapped.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch raises UnpicklingError / RuntimeError for files it refuses to load safely
+        raise ValueError(
+            f"Could not load {os.fspath(path)!r} with torch.load(weights_only=True); only checkpoints made of "
+            f"tensors and plain containers are accepted: {error}"
+        ) from error
+    return unwrap_state_dict(checkpoint)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`"fp32"`, `"fp16"`, `"bf16"` or a floating `torch.dtype` -> that `torch.dtype`."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}.")
+        return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"`dtype` must be one of {sorted(DTYPES)} or a floating torch.dtype, got {dtype!r}.")
+    return dtype

@@ -1,0 +1,41 @@
+"""Convert MaskGIT's VQGAN (`vqgan_jax_strongaug.ckpt`, as shipped with ENAT) to a diffusers `MaskGITVQModel` folder.
+
+    python conversion/convert_vqgan_to_diffusers.py --vqgan vqgan_jax_strongaug.ckpt --output_dir DIR \
+        [--dtype fp32|fp16|bf16] [--push_to_hub REPO_ID]
+
+The folder holds `config.json` and `diffusion_pytorch_model.safetensors` and reloads with
+`MaskGITVQModel.from_pretrained(DIR)`. The checkpoint is read with `torch.load(weights_only=True)`; every key must
+map onto the model (missing, unexpected or misshaped keys raise `CheckpointMismatchError`).
+"""
+
+import argparse
+import sys
+
+from enat_diffusers.conversion.common import DTYPES
+from enat_diffusers.conversion.vqgan import convert_vqgan
+
+__all__ = ["convert_vqgan", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vqgan", required=True, help="path of vqgan_jax_strongaug.ckpt")
+    parser.add_argument("--output_dir", required=True, help="folder to write the diffusers model into")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
+    parser.add_argument("--sample_size", type=int, default=256, help="image size recorded in the config")
+    parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="also upload to this Hub repository")
+    args = parser.parse_args(argv)
+
+    model = convert_vqgan(args.vqgan, dtype=args.dtype, sample_size=args.sample_size)
+    config = {key: value for key, value in model.config.items() if not key.startswith("_")}
+    print(f"MaskGITVQModel: {model.num_parameters():,} parameters, config {config}")
+    model.save_pretrained(args.output_dir, safe_serialization=True)
+    print(f"saved to {args.output_dir}")
+    if args.push_to_hub:
+        model.push_to_hub(args.push_to_hub)
+        print(f"pushed to https://huggingface.co/{args.push_to_hub}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
