@@ -67,8 +67,10 @@ def convert_enat_pipeline(
         mask_temperature=defaults["mask_temperature"],
         sample_temperature=defaults["sample_temperature"],
     )
+    # nn.Module.to: diffusers' ModelMixin.to warns about float32-pinned modules even when there are none.
+    torch.nn.Module.to(transformer, dtype=dtype)
     return ENATPipeline(
-        transformer=transformer.to(dtype),
+        transformer=transformer,
         vqvae=vqvae,
         scheduler=scheduler,
         id2label=id2label,
