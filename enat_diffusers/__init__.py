@@ -2,6 +2,7 @@
 
 from ._diffusers_registry import register_with_diffusers
 from .models import (
+    ENAT_PRESETS,
     ENATReuseState,
     ENATTransformer2DModel,
     ENATTransformer2DModelOutput,
@@ -9,7 +10,7 @@ from .models import (
     MaskGITVQModel,
     MaskGITVQModelOutput,
 )
-from .pipelines import ENATPipeline
+from .pipelines import ENATPipeline, ENATText2ImagePipeline, encode_text
 from .schedulers import ENATScheduler, ENATSchedulerOutput
 
 __version__ = "0.1.0.dev0"
@@ -17,13 +18,16 @@ __version__ = "0.1.0.dev0"
 register_with_diffusers()
 
 __all__ = [
+    "ENAT_PRESETS",
     "ENATPipeline",
     "ENATReuseState",
     "ENATScheduler",
     "ENATSchedulerOutput",
+    "ENATText2ImagePipeline",
     "ENATTransformer2DModel",
     "ENATTransformer2DModelOutput",
     "MaskGITVQEncoderOutput",
     "MaskGITVQModel",
     "MaskGITVQModelOutput",
+    "encode_text",
 ]

@@ -11,10 +11,10 @@ import diffusers
 import diffusers.pipelines
 
 from .models import transformer_enat, vq_maskgit
-from .pipelines import ENATPipeline
+from .pipelines import ENATPipeline, ENATText2ImagePipeline
 from .schedulers import scheduling_enat
 
-PIPELINE_CLASSES = (ENATPipeline,)
+PIPELINE_CLASSES = (ENATPipeline, ENATText2ImagePipeline)
 COMPONENT_MODULES = (transformer_enat, vq_maskgit, scheduling_enat)
 
 

@@ -16,6 +16,8 @@ from safetensors import safe_open
 from enat_diffusers.schedulers import scheduling_enat
 from enat_diffusers.schedulers.scheduling_enat import ENATScheduler, ENATSchedulerOutput
 
+from .tiny_components import public_config, tiny_clip
+
 FIXTURE = Path(__file__).parent / "fixtures" / "scheduler_reference.safetensors"
 SCHEDULES = ("cosine", "linear", "arccos", "pow")
 
@@ -430,38 +432,13 @@ def test_from_config_swaps_both_ways(tmp_path):
 
     ours.save_pretrained(tmp_path)
     loaded = ENATScheduler.from_pretrained(tmp_path)
-    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
-    assert public(loaded.config) == public(ours.config)
+    assert public_config(loaded.config) == public_config(ours.config)
 
 
 def _tiny_amused_pipeline(tmp_path, scheduler):
     from diffusers import AmusedPipeline, UVit2DModel, VQModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    # a character-level CLIP BPE vocabulary, written locally (no network)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in letters + [f"{c}</w>" for c in letters]:
-        vocab[token] = len(vocab)
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path), model_max_length=8)
-
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            projection_dim=8,
-            max_position_embeddings=8,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
+    text_encoder, tokenizer = tiny_clip(tmp_path)
     transformer = UVit2DModel(
         hidden_size=8,
         cond_embed_dim=8,

@@ -1,10 +1,15 @@
 """Tiny random ENAT components shared by the pipeline tests."""
 
+import json
+from pathlib import Path
+
 import torch
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from enat_diffusers.models.transformer_enat import ENATTransformer2DModel
 from enat_diffusers.models.vq_maskgit import MaskGITVQModel
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
+from enat_diffusers.pipelines.pipeline_enat_text2img import ENATText2ImagePipeline
 from enat_diffusers.schedulers.scheduling_enat import ENATScheduler
 
 CODEBOOK_SIZE = 16
@@ -13,8 +18,13 @@ NUM_CLASSES = 5
 ID2LABEL = {0: "tench, Tinca tinca", 1: "goldfish", 2: "great white shark", 3: "tiger shark", 4: "hammerhead"}
 
 
-def tiny_transformer(seed: int = 0) -> ENATTransformer2DModel:
+TEXT_WIDTH = 8
+TEXT_LENGTH = 8
+
+
+def tiny_transformer(seed: int = 0, **config) -> ENATTransformer2DModel:
     torch.manual_seed(seed)
+    config = {"num_classes": NUM_CLASSES, **config}
     model = ENATTransformer2DModel(
         sample_size=GRID,
         codebook_size=CODEBOOK_SIZE,
@@ -22,14 +32,49 @@ def tiny_transformer(seed: int = 0) -> ENATTransformer2DModel:
         num_attention_heads=4,
         num_encoder_layers=2,
         num_decoder_layers=1,
-        num_classes=NUM_CLASSES,
+        **config,
     )
     with torch.no_grad():  # as after training: no block is an identity map
         for block in [*model.encoder_blocks, *model.decoder_blocks]:
             block.adaln_modulation.weight.normal_(0, 0.2)
             block.adaln_modulation.bias.normal_(0, 0.2)
-        model.class_embedding.weight.normal_(0, 1.0)
+        if model.is_class_conditional:
+            model.class_embedding.weight.normal_(0, 1.0)
     return model.eval()
+
+
+def tiny_text_transformer(seed: int = 0, pooled: bool = True) -> ENATTransformer2DModel:
+    return tiny_transformer(
+        seed, num_classes=None, text_embed_dim=TEXT_WIDTH, pooled_text_embed_dim=TEXT_WIDTH if pooled else None
+    )
+
+
+def tiny_clip(folder: Path, seed: int = 0) -> tuple[CLIPTextModelWithProjection, CLIPTokenizer]:
+    """A random CLIP text encoder and a character-level CLIP tokenizer written to `folder` (no network)."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in letters + [f"{c}</w>" for c in letters]:
+        vocab[token] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=TEXT_LENGTH)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=TEXT_WIDTH,
+            max_position_embeddings=TEXT_LENGTH,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+    return text_encoder, tokenizer
 
 
 def tiny_vqvae(seed: int = 0) -> MaskGITVQModel:
@@ -51,6 +96,20 @@ def tiny_pipeline(scheduler=None, **kwargs) -> ENATPipeline:
         vqvae=tiny_vqvae(),
         scheduler=scheduler or ENATScheduler(mask_token_id=CODEBOOK_SIZE),
         id2label=ID2LABEL,
+        **kwargs,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_text_pipeline(folder: Path, pooled: bool = True, **kwargs) -> ENATText2ImagePipeline:
+    text_encoder, tokenizer = tiny_clip(folder)
+    pipe = ENATText2ImagePipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=tiny_text_transformer(pooled=pooled),
+        vqvae=tiny_vqvae(),
+        scheduler=ENATScheduler(mask_token_id=CODEBOOK_SIZE),
         **kwargs,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -1,7 +1,8 @@
-from .transformer_enat import ENATReuseState, ENATTransformer2DModel, ENATTransformer2DModelOutput
+from .transformer_enat import ENAT_PRESETS, ENATReuseState, ENATTransformer2DModel, ENATTransformer2DModelOutput
 from .vq_maskgit import MaskGITVQEncoderOutput, MaskGITVQModel, MaskGITVQModelOutput
 
 __all__ = [
+    "ENAT_PRESETS",
     "ENATReuseState",
     "ENATTransformer2DModel",
     "ENATTransformer2DModelOutput",

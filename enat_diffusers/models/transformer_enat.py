@@ -108,14 +108,29 @@ class ENATAttention(nn.Module):
         batch_size, length, _ = hidden_states.shape
         return hidden_states.view(batch_size, length, self.num_heads, -1).transpose(1, 2)
 
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """`hidden_states` `(B, N, D)`, `context` `(B, M, D)` or None -> `(B, N, D)`."""
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.BoolTensor | None = None,
+    ) -> torch.Tensor:
+        """
+        `hidden_states` `(B, N, D)`, `context` `(B, M, D)` or None, `context_mask` `(B, M)` (False: ignore that
+        context token) or None -> `(B, N, D)`.
+        """
         key_values = self.to_kv(hidden_states)
+        attention_mask = None
         if context is not None:
             key_values = torch.cat([self.to_kv_context(context), key_values], dim=1)
+            if context_mask is not None:
+                own_tokens = context_mask.new_ones(hidden_states.shape[:2])
+                attention_mask = torch.cat([context_mask, own_tokens], dim=1)[:, None, None, :]
         key, value = key_values.chunk(2, dim=-1)
         attended = F.scaled_dot_product_attention(
-            self._split_heads(self.to_q(hidden_states)), self._split_heads(key), self._split_heads(value)
+            self._split_heads(self.to_q(hidden_states)),
+            self._split_heads(key),
+            self._split_heads(value),
+            attn_mask=attention_mask,
         )
         return self.to_out(attended.transpose(1, 2).flatten(2))
 
@@ -136,16 +151,23 @@ class ENATBlock(nn.Module):
         self.adaln_modulation = nn.Linear(hidden_size, 8 * hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, conditioning: torch.Tensor, context: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        conditioning: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
-        """`hidden_states` `(B, N, D)`, `conditioning` `(B, D)`, `context` `(B, M, D)` or None -> `(B, N, D)`."""
+        """
+        `hidden_states` `(B, N, D)`, `conditioning` `(B, D)`, `context` `(B, M, D)` or None, `context_mask` `(B, M)`
+        or None -> `(B, N, D)`.
+        """
         (shift, scale, shift_context, scale_context, gate_attn, shift_ff, scale_ff, gate_ff) = self.adaln_modulation(
             F.silu(conditioning)
         )[:, None].chunk(8, dim=-1)
         if context is not None:
             context = _modulate(self.norm1_context(context), shift_context, scale_context)
         attn_input = _modulate(self.norm1(hidden_states), shift, scale)
-        hidden_states = hidden_states + gate_attn * self.attn(attn_input, context)
+        hidden_states = hidden_states + gate_attn * self.attn(attn_input, context, context_mask)
         return hidden_states + gate_ff * self.ff(_modulate(self.norm2(hidden_states), shift_ff, scale_ff))
 
 
@@ -166,11 +188,35 @@ class ENATOutputHead(nn.Module):
         return F.linear(hidden_states, word_embedding.detach(), self.bias[:codebook_size])
 
 
+ENAT_PRESETS = {
+    "ENAT-S": {"hidden_size": 366, "num_attention_heads": 6, "num_encoder_layers": 15, "num_decoder_layers": 1},
+    "ENAT-B": {"hidden_size": 768, "num_attention_heads": 8, "num_encoder_layers": 15, "num_decoder_layers": 1},
+    "ENAT-L": {"hidden_size": 1024, "num_attention_heads": 16, "num_encoder_layers": 22, "num_decoder_layers": 2},
+    # The paper's MS-COCO model: ENAT-B conditioned on CLIP ViT-L/14 text (77 tokens, 768-d, 768-d pooled).
+    "ENAT-B-COCO": {
+        "hidden_size": 768,
+        "num_attention_heads": 8,
+        "num_encoder_layers": 15,
+        "num_decoder_layers": 1,
+        "num_classes": None,
+        "text_embed_dim": 768,
+        "pooled_text_embed_dim": 768,
+    },
+}
+
+
 class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """
     The ENAT transformer (Ni et al., "ENAT: Rethinking Spatial-temporal Interactions in Token-based Image
     Synthesis", NeurIPS 2024): predicts every token of a `sample_size x sample_size` grid of VQ codes from a
     partially masked grid, encoding visible tokens without the mask tokens and reusing previous-step features.
+
+    Conditioning is either a class label (`num_classes`) or text (`text_embed_dim`). Text hidden states are
+    projected to the model width once per forward and join the context keys/values of every encoder and decoder
+    block (through the context normalisation and projection, like reused features), so ENAT's split is unchanged: the
+    encoder still only runs visible tokens, and the text adds `T` keys/values per layer (`O(n_queries * T)` attention
+    and `O(T * D^2)` projection work per layer and image, e.g. 77 text tokens). The pooled text embedding, or the
+    masked mean of the projected text tokens when the encoder gives none, drives adaLN in place of the class embedding.
 
     Args:
         sample_size (`int`, defaults to 16): Side of the token grid (16 for 256 px, 32 for 512 px with an f16 VQ).
@@ -180,11 +226,14 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         num_encoder_layers (`int`, defaults to 22): Blocks that only see visible tokens.
         num_decoder_layers (`int`, defaults to 2): Blocks that update the mask tokens.
         mlp_ratio (`float`, defaults to 4.0): Hidden size of the MLPs relative to `hidden_size`.
-        num_classes (`int`, defaults to 1000): Class-conditional models; label `num_classes` is the
-            null class used for classifier-free guidance.
+        num_classes (`int`, *optional*, defaults to 1000): Class-conditional models; label `num_classes` is the
+            null class used for classifier-free guidance. `None` for text-conditioned models.
         class_dropout_prob (`float`, defaults to 0.1): In training mode, labels are replaced by the null class with
-            this probability.
+            this probability (text models get their null condition, the empty prompt, from the data instead).
         hidden_dropout_prob (`float`, defaults to 0.1): Dropout on the token embeddings in training mode.
+        text_embed_dim (`int`, *optional*): Width of the text encoder's hidden states; makes the model
+            text-conditioned.
+        pooled_text_embed_dim (`int`, *optional*): Width of the text encoder's pooled embedding, if it has one.
     """
 
     _supports_gradient_checkpointing = True
@@ -201,13 +250,27 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         num_encoder_layers: int = 22,
         num_decoder_layers: int = 2,
         mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
+        num_classes: int | None = 1000,
         class_dropout_prob: float = 0.1,
         hidden_dropout_prob: float = 0.1,
+        text_embed_dim: int | None = None,
+        pooled_text_embed_dim: int | None = None,
     ):
         super().__init__()
+        if (num_classes is None) == (text_embed_dim is None):
+            raise ValueError(
+                "set exactly one of `num_classes` (class-conditional) and `text_embed_dim` (text-conditioned), "
+                f"got num_classes={num_classes}, text_embed_dim={text_embed_dim}"
+            )
+        if pooled_text_embed_dim is not None and text_embed_dim is None:
+            raise ValueError("`pooled_text_embed_dim` needs `text_embed_dim`")
         self.embed = ENATTokenEmbedding(codebook_size + 1, sample_size**2, hidden_size, hidden_dropout_prob)
-        self.class_embedding = nn.Embedding(num_classes + 1, hidden_size)
+        if num_classes is not None:
+            self.class_embedding = nn.Embedding(num_classes + 1, hidden_size)
+        else:
+            self.context_embedder = nn.Linear(text_embed_dim, hidden_size)
+            if pooled_text_embed_dim is not None:
+                self.pooled_text_embedder = nn.Linear(pooled_text_embed_dim, hidden_size)
         self.reuse_proj = ENATReuseProjection(hidden_size, mlp_ratio)
         self.encoder_blocks = nn.ModuleList(
             [ENATBlock(hidden_size, num_attention_heads, mlp_ratio) for _ in range(num_encoder_layers)]
@@ -219,16 +282,30 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.gradient_checkpointing = False
         self._init_weights()
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ENATTransformer2DModel":
+        """A randomly initialised model of a paper configuration (`ENAT_PRESETS`), e.g. `from_preset("ENAT-B")`."""
+        if name not in ENAT_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {sorted(ENAT_PRESETS)}")
+        return cls(**{**ENAT_PRESETS[name], **overrides})
+
     def _init_weights(self) -> None:
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        for embedding in (self.embed.word_embedding, self.embed.position_embedding, self.class_embedding):
+        embeddings = [self.embed.word_embedding, self.embed.position_embedding]
+        if self.is_class_conditional:
+            embeddings.append(self.class_embedding)
+        for embedding in embeddings:
             nn.init.normal_(embedding.weight, std=0.02)
         for block in [*self.encoder_blocks, *self.decoder_blocks]:
             nn.init.zeros_(block.adaln_modulation.weight)
             nn.init.zeros_(block.adaln_modulation.bias)
+
+    @property
+    def is_class_conditional(self) -> bool:
+        return self.config.num_classes is not None
 
     @property
     def mask_token_id(self) -> int:
@@ -237,6 +314,8 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     @property
     def null_class_label(self) -> int:
         """The class label that means "no class" (the unconditional stream of classifier-free guidance)."""
+        if not self.is_class_conditional:
+            raise ValueError("text-conditioned models have no null class; use the empty prompt's encoding")
         return self.config.num_classes
 
     def forward(
@@ -246,6 +325,8 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         encoder_hidden_states: torch.Tensor | None = None,
         reuse_state: ENATReuseState | None = None,
         return_dict: bool = True,
+        encoder_attention_mask: torch.Tensor | None = None,
+        pooled_text_embeds: torch.Tensor | None = None,
     ) -> ENATTransformer2DModelOutput | tuple:
         """
         Args:
@@ -253,14 +334,18 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 Token ids in `[0, codebook_size]`; `codebook_size` marks masked tokens. Every row must have the same
                 number of masked tokens.
             class_labels (`torch.LongTensor` of shape `(batch_size,)`):
-                Labels in `[0, num_classes]`; `num_classes` is the null class.
-            encoder_hidden_states (`torch.Tensor`, *optional*):
-                Text conditioning; not available in class-conditional models.
+                Class-conditional models: labels in `[0, num_classes]`; `num_classes` is the null class.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch_size, text_length, text_embed_dim)`):
+                Text-conditioned models: the text encoder's hidden states.
             reuse_state (`ENATReuseState`, *optional*):
                 The `reuse_state` returned by the previous step of the same stream. Every token masked now must have
                 been masked then. Without it all visible tokens are encoded.
             return_dict (`bool`, defaults to `True`):
                 Return an `ENATTransformer2DModelOutput` instead of a tuple `(logits, reuse_state)`.
+            encoder_attention_mask (`torch.Tensor` of shape `(batch_size, text_length)`, *optional*):
+                1/True for text tokens to attend to, 0/False for padding.
+            pooled_text_embeds (`torch.Tensor` of shape `(batch_size, pooled_text_embed_dim)`):
+                The text encoder's pooled embedding; required when the model has `pooled_text_embed_dim`.
 
         Returns:
             `ENATTransformer2DModelOutput` with `logits` of shape `(batch_size, codebook_size, height, width)` and
@@ -268,10 +353,18 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """
         input_ids = self._flatten_input_ids(input_ids)
         masking = input_ids == self.mask_token_id
-        reused, counts = self._check_inputs(input_ids, masking, class_labels, encoder_hidden_states, reuse_state)
-        conditioning = self.class_embedding(self._drop_labels(class_labels))
+        if self.is_class_conditional:
+            self._check_class_inputs(input_ids.shape[0], class_labels, encoder_hidden_states)
+        else:
+            self._check_text_inputs(
+                input_ids.shape[0], class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds
+            )
+        reused, counts = self._check_tokens(input_ids, masking, class_labels, reuse_state)
+        conditioning, text, text_mask = self._embed_condition(
+            class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds
+        )
         tokens = self.embed(input_ids)
-        features = self._encode_decode(tokens, masking, reused, conditioning, reuse_state, counts)
+        features = self._encode_decode(tokens, masking, reused, conditioning, text, text_mask, reuse_state, counts)
         logits = self.head(features, self.embed.word_embedding.weight[: self.config.codebook_size])
         side = self.config.sample_size
         logits = logits.transpose(1, 2).reshape(logits.shape[0], -1, side, side)
@@ -280,12 +373,33 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             return logits, reuse_state
         return ENATTransformer2DModelOutput(logits=logits, reuse_state=reuse_state)
 
+    def _embed_condition(
+        self,
+        class_labels: torch.LongTensor | None,
+        encoder_hidden_states: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
+        pooled_text_embeds: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.BoolTensor | None]:
+        """Returns the adaLN conditioning `(B, D)`, the projected text tokens `(B, T, D)` and their mask `(B, T)`."""
+        if self.is_class_conditional:
+            return self.class_embedding(self._drop_labels(class_labels)), None, None
+        text = self.context_embedder(encoder_hidden_states)
+        text_mask = None if encoder_attention_mask is None else encoder_attention_mask.to(torch.bool)
+        if pooled_text_embeds is not None and self.config.pooled_text_embed_dim is not None:
+            return self.pooled_text_embedder(pooled_text_embeds), text, text_mask
+        if text_mask is None:
+            return text.mean(dim=1), text, None
+        weights = text_mask.to(text.dtype)[..., None]
+        return (text * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1), text, text_mask
+
     def _encode_decode(
         self,
         tokens: torch.Tensor,
         masking: torch.BoolTensor,
         reused: torch.BoolTensor,
         conditioning: torch.Tensor,
+        text: torch.Tensor | None,
+        text_mask: torch.BoolTensor | None,
         reuse_state: ENATReuseState | None,
         counts: tuple[int, int, int],
     ) -> torch.Tensor:
@@ -296,26 +410,32 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         _, encoded, masked = torch.gather(tokens, 1, order).split(counts, dim=1)
         num_reused, num_encoded, num_masked = counts
 
-        reused = None
+        reused_features = None
         if num_reused:
             previous = torch.gather(reuse_state.features.detach(), 1, order[:, :num_reused])
-            reused = self.reuse_proj(previous).to(tokens.dtype)
+            reused_features = self.reuse_proj(previous).to(tokens.dtype)
         if num_encoded:
+            context, context_mask = _join_context(text, text_mask, reused_features)
             for block in self.encoder_blocks:
-                encoded = self._run_block(block, encoded, conditioning, reused)
-        visible = encoded if reused is None else torch.cat([reused, encoded], dim=1)
+                encoded = self._run_block(block, encoded, conditioning, context, context_mask)
+        visible = encoded if reused_features is None else torch.cat([reused_features, encoded], dim=1)
         if num_masked:
-            context = visible if visible.shape[1] else None
+            context, context_mask = _join_context(text, text_mask, visible if visible.shape[1] else None)
             for block in self.decoder_blocks:
-                masked = self._run_block(block, masked, conditioning, context)
+                masked = self._run_block(block, masked, conditioning, context, context_mask)
         return torch.empty_like(tokens).scatter_(1, order, torch.cat([visible, masked], dim=1))
 
     def _run_block(
-        self, block: ENATBlock, hidden_states: torch.Tensor, conditioning: torch.Tensor, context: torch.Tensor | None
+        self,
+        block: ENATBlock,
+        hidden_states: torch.Tensor,
+        conditioning: torch.Tensor,
+        context: torch.Tensor | None,
+        context_mask: torch.BoolTensor | None,
     ) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, hidden_states, conditioning, context)
-        return block(hidden_states, conditioning, context)
+            return self._gradient_checkpointing_func(block, hidden_states, conditioning, context, context_mask)
+        return block(hidden_states, conditioning, context, context_mask)
 
     def _drop_labels(self, class_labels: torch.LongTensor) -> torch.LongTensor:
         class_labels = class_labels.reshape(-1)
@@ -337,25 +457,60 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             )
         return input_ids.reshape(input_ids.shape[0], -1).long()
 
-    def _check_inputs(
-        self,
-        input_ids: torch.LongTensor,
-        masking: torch.BoolTensor,
-        class_labels: torch.LongTensor | None,
-        encoder_hidden_states: torch.Tensor | None,
-        reuse_state: ENATReuseState | None,
-    ) -> tuple[torch.BoolTensor, tuple[int, int, int]]:
-        """
-        Validates the inputs with a single device sync. Returns which tokens are reused from `reuse_state`
-        `(B, L)` and the sizes of the reused/encoded/masked groups.
-        """
-        batch_size, num_tokens = input_ids.shape
+    def _check_class_inputs(
+        self, batch_size: int, class_labels: torch.LongTensor | None, encoder_hidden_states: torch.Tensor | None
+    ) -> None:
         if encoder_hidden_states is not None:
             raise ValueError("`encoder_hidden_states` was given, but this model is class-conditional")
         if class_labels is None:
             raise ValueError("`class_labels` is required: a (batch_size,) tensor of labels in [0, num_classes]")
+        if not isinstance(class_labels, torch.Tensor) or class_labels.is_floating_point():
+            raise TypeError("`class_labels` must be an integer torch.Tensor")
         if class_labels.numel() != batch_size:
             raise ValueError(f"`class_labels` must hold {batch_size} labels, got shape {tuple(class_labels.shape)}")
+
+    def _check_text_inputs(
+        self,
+        batch_size: int,
+        class_labels: torch.LongTensor | None,
+        encoder_hidden_states: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
+        pooled_text_embeds: torch.Tensor | None,
+    ) -> None:
+        if class_labels is not None:
+            raise ValueError("`class_labels` was given, but this model is text-conditioned")
+        width = self.config.text_embed_dim
+        if encoder_hidden_states is None or encoder_hidden_states.ndim != 3:
+            raise ValueError(f"`encoder_hidden_states` of shape (batch_size, text_length, {width}) is required")
+        if encoder_hidden_states.shape[0] != batch_size or encoder_hidden_states.shape[2] != width:
+            raise ValueError(
+                f"`encoder_hidden_states` must have shape ({batch_size}, text_length, {width}), "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
+        expected_mask = tuple(encoder_hidden_states.shape[:2])
+        if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != expected_mask:
+            raise ValueError(
+                f"`encoder_attention_mask` must have shape {expected_mask}, got {tuple(encoder_attention_mask.shape)}"
+            )
+        pooled_width = self.config.pooled_text_embed_dim
+        if pooled_width is not None and (
+            pooled_text_embeds is None or tuple(pooled_text_embeds.shape) != (batch_size, pooled_width)
+        ):
+            got = None if pooled_text_embeds is None else tuple(pooled_text_embeds.shape)
+            raise ValueError(f"`pooled_text_embeds` of shape ({batch_size}, {pooled_width}) is required, got {got}")
+
+    def _check_tokens(
+        self,
+        input_ids: torch.LongTensor,
+        masking: torch.BoolTensor,
+        class_labels: torch.LongTensor | None,
+        reuse_state: ENATReuseState | None,
+    ) -> tuple[torch.BoolTensor, tuple[int, int, int]]:
+        """
+        Validates token ids, labels and the reuse state with a single device sync. Returns which tokens are reused
+        from `reuse_state` `(B, L)` and the sizes of the reused/encoded/masked groups.
+        """
+        batch_size, num_tokens = input_ids.shape
         reused = torch.zeros_like(masking)
         remasked = torch.zeros_like(masking)
         if reuse_state is not None:
@@ -363,7 +518,8 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             previous_masking = reuse_state.masking.to(masking.device)
             reused = ~(masking | previous_masking)
             remasked = masking & ~previous_masking
-        statistics = [input_ids.min(), input_ids.max(), class_labels.min(), class_labels.max(), remasked.any()]
+        labels = class_labels if class_labels is not None else input_ids.new_zeros(1)
+        statistics = [input_ids.min(), input_ids.max(), labels.min(), labels.max(), remasked.any()]
         statistics += [masking.sum(1), reused.sum(1)]
         values = torch.cat([s.to(input_ids.device).reshape(-1).long() for s in statistics]).tolist()
         id_min, id_max, label_min, label_max, any_remasked = values[:5]
@@ -373,7 +529,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 f"`input_ids` must lie in [0, {self.mask_token_id}] (codebook ids, {self.mask_token_id} = mask), "
                 f"got values in [{id_min}, {id_max}]"
             )
-        if label_min < 0 or label_max > self.config.num_classes:
+        if class_labels is not None and (label_min < 0 or label_max > self.config.num_classes):
             raise ValueError(
                 f"`class_labels` must lie in [0, {self.config.num_classes}] ({self.config.num_classes} = null class), "
                 f"got values in [{label_min}, {label_max}]"
@@ -405,3 +561,17 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(
                 f"`reuse_state.masking` must be a bool tensor of shape {(batch_size, num_tokens)}, got {got}"
             )
+
+
+def _join_context(
+    text: torch.Tensor | None, text_mask: torch.BoolTensor | None, visual: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.BoolTensor | None]:
+    """Concatenates text tokens and visual context tokens `(B, *, D)`; the mask covers both or is None."""
+    if text is None:
+        return visual, None
+    if visual is None:
+        return text, text_mask
+    mask = None
+    if text_mask is not None:
+        mask = torch.cat([text_mask, text_mask.new_ones(visual.shape[:2])], dim=1)
+    return torch.cat([text, visual], dim=1), mask
