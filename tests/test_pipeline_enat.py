@@ -8,27 +8,12 @@ from diffusers import AmusedScheduler
 
 from enat_diffusers import ENATScheduler
 
-from .tiny_components import CODEBOOK_SIZE, GRID, NUM_CLASSES, tiny_pipeline
+from .tiny_components import CODEBOOK_SIZE, GRID, NUM_CLASSES, TransformerCalls, tiny_pipeline
 
 
 @pytest.fixture
 def pipe():
     return tiny_pipeline()
-
-
-class TransformerCalls:
-    """Records the batch size and whether a reuse state was passed, for every transformer call."""
-
-    def __init__(self, transformer):
-        self.calls = []
-        self._handle = transformer.register_forward_pre_hook(self._record, with_kwargs=True)
-
-    def _record(self, _module, args, kwargs):
-        input_ids = args[0] if args else kwargs["input_ids"]
-        self.calls.append((input_ids.shape[0], kwargs.get("reuse_state") is not None))
-
-    def remove(self):
-        self._handle.remove()
 
 
 def _latents(pipe, labels, seed, **kwargs):

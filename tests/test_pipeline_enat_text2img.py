@@ -8,8 +8,15 @@ from diffusers import DiffusionPipeline
 
 from enat_diffusers import ENAT_PRESETS, ENATText2ImagePipeline, ENATTransformer2DModel
 
-from .test_pipeline_enat import TransformerCalls
-from .tiny_components import CODEBOOK_SIZE, GRID, TEXT_LENGTH, TEXT_WIDTH, tiny_text_pipeline, tiny_text_transformer
+from .tiny_components import (
+    CODEBOOK_SIZE,
+    GRID,
+    TEXT_LENGTH,
+    TEXT_WIDTH,
+    TransformerCalls,
+    tiny_text_pipeline,
+    tiny_text_transformer,
+)
 
 
 @pytest.fixture

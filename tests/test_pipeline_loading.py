@@ -12,7 +12,7 @@ from diffusers import DiffusionPipeline
 
 from enat_diffusers import ENATPipeline, ENATScheduler, ENATTransformer2DModel, MaskGITVQModel
 
-from .tiny_components import public_config, tiny_pipeline
+from .tiny_components import fill_hub_cache, public_config, tiny_pipeline
 
 REPO_ID = "enat-user/enat-tiny"
 
@@ -35,18 +35,6 @@ def _assert_same_pipeline(loaded, original):
     assert public_config(loaded.scheduler.config) == public_config(original.scheduler.config)
     assert loaded.config.default_guidance_scale == original.config.default_guidance_scale
     assert loaded.labels == original.labels
-
-
-def _fill_hub_cache(folder, cache_dir, repo_id=REPO_ID):
-    """Places a saved folder where huggingface_hub caches a downloaded snapshot of `repo_id`."""
-    revision = "0" * 40
-    repo_cache = cache_dir / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo_cache / "snapshots" / revision
-    snapshot.parent.mkdir(parents=True)
-    (repo_cache / "refs").mkdir()
-    (repo_cache / "refs" / "main").write_text(revision)
-    os.symlink(folder, snapshot, target_is_directory=True)
-    return cache_dir
 
 
 def test_save_writes_the_standard_layout(saved):
@@ -99,7 +87,7 @@ def test_loaded_pipeline_generates_what_the_original_generates(saved):
 def test_hub_repo_id_resolves_through_the_cache(saved, tmp_path, loader):
     """The real snapshot resolution of huggingface_hub runs; HF_HUB_OFFLINE=1 keeps it off the network."""
     pipe, folder = saved
-    cache_dir = _fill_hub_cache(folder, tmp_path / "hub")
+    cache_dir = fill_hub_cache(folder, tmp_path / "hub", REPO_ID)
     _assert_same_pipeline(loader.from_pretrained(REPO_ID, cache_dir=cache_dir), pipe)
 
 

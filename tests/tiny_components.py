@@ -1,6 +1,7 @@
 """Tiny random ENAT components shared by the pipeline tests."""
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -119,3 +120,30 @@ def tiny_text_pipeline(folder: Path, pooled: bool = True, **kwargs) -> ENATText2
 def public_config(config) -> dict:
     """A config without diffusers' private bookkeeping entries (`_name_or_path`, `_use_default_values`, ...)."""
     return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+class TransformerCalls:
+    """Records the batch size and whether a reuse state was passed, for every transformer call."""
+
+    def __init__(self, transformer):
+        self.calls = []
+        self._handle = transformer.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, _module, args, kwargs):
+        input_ids = args[0] if args else kwargs["input_ids"]
+        self.calls.append((input_ids.shape[0], kwargs.get("reuse_state") is not None))
+
+    def remove(self):
+        self._handle.remove()
+
+
+def fill_hub_cache(folder: Path, cache_dir: Path, repo_id: str) -> Path:
+    """Places a saved folder where huggingface_hub caches a downloaded snapshot of `repo_id`."""
+    revision = "0" * 40
+    repo_cache = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo_cache / "snapshots" / revision
+    snapshot.parent.mkdir(parents=True)
+    (repo_cache / "refs").mkdir()
+    (repo_cache / "refs" / "main").write_text(revision)
+    os.symlink(folder, snapshot, target_is_directory=True)
+    return cache_dir

@@ -25,6 +25,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..hub import ENATHubMixin
+
 
 @dataclass
 class ENATReuseState(BaseOutput):
@@ -205,7 +207,7 @@ ENAT_PRESETS = {
 }
 
 
-class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class ENATTransformer2DModel(ENATHubMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     """
     The ENAT transformer (Ni et al., "ENAT: Rethinking Spatial-temporal Interactions in Token-based Image
     Synthesis", NeurIPS 2024): predicts every token of a `sample_size x sample_size` grid of VQ codes from a
@@ -238,6 +240,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["ENATBlock"]
+    _card_tags = ("transformer",)
     _skip_layerwise_casting_patterns = ["embedding", "norm"]
 
     @register_to_config
@@ -281,6 +284,13 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.head = ENATOutputHead(hidden_size, codebook_size + 1)
         self.gradient_checkpointing = False
         self._init_weights()
+
+    def _card_usage(self, repo_id: str) -> str:
+        return f"""
+from enat_diffusers import ENATTransformer2DModel
+
+transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
+"""
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ENATTransformer2DModel":

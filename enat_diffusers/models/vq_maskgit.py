@@ -25,6 +25,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
+from ..hub import ENATHubMixin
+
 __all__ = ["MaskGITVQEncoderOutput", "MaskGITVQModel", "MaskGITVQModelOutput"]
 
 
@@ -292,7 +294,7 @@ class _MaskGITVectorQuantizer(nn.Module):
         return self.embedding(token_ids).permute(0, 3, 1, 2).contiguous()
 
 
-class MaskGITVQModel(ModelMixin, ConfigMixin):
+class MaskGITVQModel(ENATHubMixin, ModelMixin, ConfigMixin):
     r"""
     The convolutional VQGAN of MaskGIT (f16, 1024 codes) that ENAT generates the tokens of.
 
@@ -325,6 +327,15 @@ class MaskGITVQModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = False
+    _card_tags = ("vqgan", "image-tokenizer")
+
+    def _card_usage(self, repo_id: str) -> str:
+        return f"""
+from enat_diffusers import MaskGITVQModel
+
+vqvae = MaskGITVQModel.from_pretrained("{repo_id}")
+token_ids = vqvae.encode(images).token_ids  # images in [-1, 1], (B, 3, H, W)
+"""
 
     @register_to_config
     def __init__(

@@ -41,6 +41,8 @@ class ENATPipeline(ENATSamplingMixin, DiffusionPipeline):
     """
 
     custom_pipeline_module = "pipeline_enat"
+    _card_pipeline_tag = "unconditional-image-generation"
+    _card_tags = ("class-conditional",)
 
     def __init__(
         self,
@@ -66,6 +68,16 @@ class ENATPipeline(ENATSamplingMixin, DiffusionPipeline):
         self._guidance_scale = default_guidance_scale
         self._num_timesteps = 0
         self._interrupt = False
+
+    def _card_usage(self, repo_id: str) -> str:
+        return f"""
+import torch
+import enat_diffusers  # registers the ENAT classes with diffusers
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{repo_id}")
+images = pipe(class_labels=[0, 1], generator=torch.manual_seed(0)).images
+"""
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Maps class names (any synonym listed in `id2label`) to class ids."""

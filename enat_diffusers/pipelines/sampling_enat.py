@@ -7,6 +7,8 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
+from ..hub import ENATHubMixin
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 GUIDANCE_SCHEDULES = ("linear", "constant")
 
@@ -18,7 +20,7 @@ from {defining_module} import {class_name}  # noqa: F401
 '''
 
 
-class ENATSamplingMixin:
+class ENATSamplingMixin(ENATHubMixin):
     """
     Shared by `ENATPipeline` and `ENATText2ImagePipeline`. Subclasses provide the conditioning of both guidance
     streams and call `_sample`.

@@ -1,0 +1,85 @@
+"""push_to_hub writes an ENAT model card; only the network calls (repo creation, upload) are faked."""
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import hub_utils
+
+from .tiny_components import fill_hub_cache, tiny_pipeline, tiny_text_pipeline
+
+
+class FakeHub:
+    """Stands in for the Hub's transport: records what would have been uploaded."""
+
+    def __init__(self, storage: Path):
+        self.storage = storage
+        self.uploads = []
+
+    def create_repo(self, repo_id, **_kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        folder = Path(folder_path)
+        files = {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
+        readme = (folder / "README.md").read_text() if (folder / "README.md").exists() else None
+        copy = self.storage / f"upload{len(self.uploads)}"
+        shutil.copytree(folder, copy)
+        self.uploads.append({"repo_id": repo_id, "files": files, "readme": readme, "copy": copy, **kwargs})
+        return "https://huggingface.co/fake-commit"
+
+
+@pytest.fixture
+def hub(tmp_path):
+    fake = FakeHub(tmp_path / "uploaded")
+    with (
+        mock.patch.object(hub_utils, "create_repo", fake.create_repo),
+        mock.patch.object(hub_utils, "upload_folder", fake.upload_folder),
+    ):
+        yield fake
+
+
+def test_pipeline_push_uploads_a_loadable_folder_and_an_enat_card(hub, tmp_path):
+    pipe = tiny_pipeline()
+    pipe.push_to_hub("someone/enat-tiny")
+    (upload,) = hub.uploads
+    assert upload["repo_id"] == "someone/enat-tiny"
+    assert {"model_index.json", "pipeline_enat.py", "README.md"} <= upload["files"]
+    assert "transformer/diffusion_pytorch_model.safetensors" in upload["files"]
+    assert "vqvae/diffusion_pytorch_model.safetensors" in upload["files"]
+    card = upload["readme"]
+    assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
+    assert "- enat" in card and 'DiffusionPipeline.from_pretrained("someone/enat-tiny")' in card
+
+
+def test_text_pipeline_card_is_text_to_image(hub, tmp_path):
+    tiny_text_pipeline(tmp_path / "clip").push_to_hub("someone/enat-text")
+    card = hub.uploads[0]["readme"]
+    assert "pipeline_tag: text-to-image" in card
+    assert {"pipeline_enat_text2img.py", "text_encoder/config.json"} <= hub.uploads[0]["files"]
+
+
+def test_model_push_writes_a_model_card(hub):
+    pipe = tiny_pipeline()
+    pipe.transformer.push_to_hub("someone/enat-transformer")
+    pipe.vqvae.push_to_hub("someone/maskgit-vq")
+    transformer_upload, vq_upload = hub.uploads
+    assert "config.json" in transformer_upload["files"]
+    assert 'ENATTransformer2DModel.from_pretrained("someone/enat-transformer")' in transformer_upload["readme"]
+    assert 'MaskGITVQModel.from_pretrained("someone/maskgit-vq")' in vq_upload["readme"]
+
+
+def test_pushed_folder_loads_back_as_the_card_says(hub, tmp_path):
+    pipe = tiny_pipeline()
+    pipe.push_to_hub("someone/enat-tiny")
+    (upload,) = hub.uploads
+    assert 'DiffusionPipeline.from_pretrained("someone/enat-tiny")' in upload["readme"]
+    cache_dir = fill_hub_cache(upload["copy"], tmp_path / "hub", repo_id="someone/enat-tiny")
+    loaded = DiffusionPipeline.from_pretrained("someone/enat-tiny", cache_dir=cache_dir)
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.transformer.parameters(), pipe.transformer.parameters(), strict=True)
+    )
