@@ -1,0 +1,1402 @@
+#!/usr/bin/env python
+"""Train an ENAT transformer (EfficientNAT, NeurIPS 2024) with accelerate: from scratch, fine-tuned, or with LoRA.
+
+The same script runs on one GPU, several GPUs or several machines: `accelerate launch` decides, the code does not
+change. Images are tokenized once with the frozen MaskGIT VQ model into a token cache (`--cache_dir`); training then
+reads only token ids. The recipe follows the paper (see SPEC.md, "Training recipe"): mask ratio ~ Beta(12, 3) (one
+per batch), cross-entropy with label smoothing 0.1 on the masked tokens only, feature-reuse training (with probability
+`--reuse_prob`, a "previous step" with more masked tokens goes through the EMA model, and the trained model gets its
+reuse state), conditions dropped to the null class (class data) or the empty prompt (text data) with probability
+`--cond_drop_prob`, AdamW with betas (0.99, 0.99) and weight decay 0.03, linear warm-up, EMA 0.9999.
+
+The paper trains with a total batch of 2048 at lr 4e-4 (ImageNet 512: batch 512, lr 1e-4). For another total batch
+size (per-device batch x processes x accumulation), scale the rate linearly, or pass `--scale_lr` to let the script
+do it (`--learning_rate` is then read as the rate for a total batch of 2048).
+
+Commands (the ImageNet layout is one subfolder per class; `maskgit-vqgan` is a converted tokenizer folder, see
+README.md; `--model_config` takes a preset name, ENAT-S / ENAT-B / ENAT-L / ENAT-B-COCO, or a json file of
+`ENATTransformer2DModel` config kwargs; sample_size, codebook_size and the conditioning widths follow from the data,
+the VQ model and the text encoder when the config leaves them out):
+
+    # 1 GPU (total batch 256 -> lr 5e-5 by linear scaling)
+    accelerate launch --num_processes 1 examples/train_enat.py \
+        --train_data_dir /data/imagenet/train --resolution 256 --random_flip \
+        --vqvae_model_name_or_path maskgit-vqgan --model_config ENAT-L \
+        --train_batch_size 256 --learning_rate 4e-4 --scale_lr --lr_warmup_steps 5000 --max_train_steps 500000 \
+        --mixed_precision bf16 --checkpointing_steps 5000 --checkpoints_total_limit 3 \
+        --validation_steps 5000 --validation_class_labels 207 360 387 974 --output_dir enat-l-256
+
+    # 8 GPUs on one machine (8 x 256 = 2048: the paper's batch and lr)
+    accelerate launch --multi_gpu --num_processes 8 examples/train_enat.py \
+        --train_data_dir /data/imagenet/train --resolution 256 --random_flip \
+        --vqvae_model_name_or_path maskgit-vqgan --model_config ENAT-L \
+        --train_batch_size 256 --learning_rate 4e-4 --lr_warmup_steps 5000 --max_train_steps 500000 \
+        --mixed_precision fp16 --checkpointing_steps 5000 --output_dir enat-l-256
+
+    # 2 machines x 8 GPUs (16 x 128 = 2048); run on each machine with its own --machine_rank (0 and 1)
+    accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \
+        --main_process_ip 10.0.0.1 --main_process_port 29500 examples/train_enat.py \
+        --train_data_dir /data/imagenet/train --resolution 256 --random_flip \
+        --vqvae_model_name_or_path maskgit-vqgan --model_config ENAT-L --cache_dir /shared/enat_tokens \
+        --train_batch_size 128 --learning_rate 4e-4 --lr_warmup_steps 5000 --max_train_steps 500000 \
+        --mixed_precision bf16 --output_dir /shared/enat-l-256
+
+    # mixed precision: --mixed_precision fp16 (loss scaling by accelerate) or --mixed_precision bf16;
+    # add --gradient_checkpointing and/or --gradient_accumulation_steps N when memory is short.
+
+    # resume: the same command plus
+        --resume_from_checkpoint latest          # or a checkpoint folder, e.g. enat-l-256/checkpoint-5000
+
+    # LoRA fine-tuning of a converted pipeline on your own classes (one subfolder per class)
+    accelerate launch examples/train_enat.py \
+        --pretrained_model_name_or_path enat-l-256 --train_data_dir my_classes --resolution 256 --random_flip \
+        --lora_rank 16 --learning_rate 1e-4 --lr_warmup_steps 100 --max_train_steps 2000 \
+        --train_batch_size 32 --mixed_precision bf16 --output_dir enat-l-256-lora
+
+    # text-to-image on COCO (one sample per caption) or on a folder of images with same-name .txt captions
+    accelerate launch --multi_gpu --num_processes 8 examples/train_enat.py \
+        --coco_captions_json annotations/captions_train2017.json --coco_images_dir train2017 \
+        --resolution 256 --random_flip --vqvae_model_name_or_path maskgit-vqgan \
+        --text_encoder_name_or_path openai/clip-vit-large-patch14 --model_config ENAT-B-COCO \
+        --train_batch_size 64 --learning_rate 2e-4 --max_train_steps 150000 --mixed_precision bf16 \
+        --validation_steps 5000 --validation_prompts "a red bus on a street" "a bowl of fruit" \
+        --output_dir enat-b-coco
+
+At the end, `--output_dir` holds a diffusers pipeline folder (EMA weights; LoRA fused into the weights) that loads
+with `DiffusionPipeline.from_pretrained(output_dir)` after `import enat_diffusers`, plus `training_log.jsonl` (loss
+and lr per optimizer step), `checkpoint-*` folders, `validation/*.png` grids and, for LoRA, the adapter alone in
+`pytorch_lora_weights.safetensors` (keys prefixed `transformer.`: `transformer.load_lora_adapter(output_dir,
+weight_name="pytorch_lora_weights.safetensors")`). LoRA runs keep no EMA: the adapter weights themselves are saved,
+and the reuse "previous step" comes from the trained model (no grad, eval mode). `--push_to_hub` writes the ENAT
+model card (README.md) and uploads the folder without the checkpoints and tracker logs.
+
+The token cache holds token ids only (int16, per image; with `--random_flip` also of the mirrored image); labels and
+captions come from the data listing, which is cheap. Its file name is a hash of the image paths, the resolution,
+`--random_flip` and the VQ model's config and weights, so a change of any of them builds a new cache. Captions are
+encoded by the frozen text encoder at every step (no grad); a dropped caption is the empty prompt.
+"""
+
+import argparse
+import contextlib
+import copy
+import csv
+import hashlib
+import importlib.util
+import inspect
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import huggingface_hub
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.utils import make_image_grid
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from enat_diffusers import (
+    ENAT_PRESETS,
+    ENATPipeline,
+    ENATScheduler,
+    ENATText2ImagePipeline,
+    ENATTransformer2DModel,
+    MaskGITVQModel,
+    encode_text,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+LORA_TARGET_MODULES = ["to_q", "to_kv", "to_kv_context", "to_out"]
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+TRAINING_LOG = "training_log.jsonl"
+PAPER_TOTAL_BATCH_SIZE = 2048
+TOKEN_CACHE_VERSION = 1
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train an ENAT transformer (class- or text-conditional).")
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Class-conditional data: a folder with one subfolder of images per class (class ids in "
+        "sorted folder-name order), or a flat image folder with --labels_file.",
+    )
+    data.add_argument(
+        "--labels_file",
+        type=str,
+        default=None,
+        help="json ({file_name: label}) or csv (file_name,label rows) with integer labels for the "
+        "images of --train_data_dir (file names relative to it).",
+    )
+    data.add_argument(
+        "--coco_captions_json",
+        type=str,
+        default=None,
+        help="Text data: a COCO captions file (e.g. captions_train2017.json); one sample per caption.",
+    )
+    data.add_argument("--coco_images_dir", type=str, default=None, help="The COCO image folder (e.g. train2017).")
+    data.add_argument(
+        "--caption_data_dir",
+        type=str,
+        default=None,
+        help="Text data: a folder of images with same-name .txt captions (one sample per non-empty line).",
+    )
+    data.add_argument(
+        "--resolution",
+        type=int,
+        default=256,
+        help="Images are resized (shorter side) and center-cropped to this size; a multiple of the VQ "
+        "downsampling factor.",
+    )
+    data.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Also tokenize horizontally flipped images and pick one of the two at random per sample.",
+    )
+    data.add_argument(
+        "--cache_dir",
+        type=str,
+        default=None,
+        help="Where the token cache is written and looked up (default: <HF_HOME>/enat_token_cache).",
+    )
+    data.add_argument("--tokenize_batch_size", type=int, default=64, help="Images per VQ encoder batch when caching.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Image-loading workers when caching.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="An ENAT pipeline (folder or Hub id) to fine-tune: its transformer, vqvae and scheduler.",
+    )
+    model.add_argument(
+        "--vqvae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A MaskGITVQModel folder/Hub id, or a pipeline with a `vqvae` subfolder (default: the "
+        "pretrained pipeline's).",
+    )
+    model.add_argument(
+        "--model_config",
+        type=str,
+        default=None,
+        help="A new transformer: a json file of ENATTransformer2DModel config kwargs, or a preset name. "
+        "sample_size, codebook_size and num_classes default to what the data and VQ model imply.",
+    )
+    model.add_argument(
+        "--text_encoder_name_or_path",
+        type=str,
+        default=None,
+        help="Text data: a CLIP text encoder + tokenizer (default: the pretrained pipeline's).",
+    )
+    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained models on the Hub.")
+
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument("--reuse_prob", type=float, default=0.5, help="Probability of a feature-reuse training step.")
+    recipe.add_argument(
+        "--cond_drop_prob",
+        type=float,
+        default=0.15,
+        help="Probability of replacing a sample's condition by the null class / empty prompt.",
+    )
+    recipe.add_argument("--label_smoothing", type=float, default=0.1)
+    recipe.add_argument(
+        "--mask_ratio_beta",
+        type=float,
+        nargs=2,
+        default=(12.0, 3.0),
+        metavar=("ALPHA", "BETA"),
+        help="The mask ratio of a batch is drawn from Beta(ALPHA, BETA).",
+    )
+    recipe.add_argument(
+        "--ema_decay",
+        type=float,
+        default=0.9999,
+        help="Decay of the EMA weights that are validated, used for reuse states and saved (not with LoRA). The EMA "
+        "starts from the initial weights, so for runs of a few thousand steps use e.g. 0.999.",
+    )
+    recipe.add_argument("--learning_rate", type=float, default=4e-4)
+    recipe.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help=f"Read --learning_rate as the rate for a total batch of {PAPER_TOTAL_BATCH_SIZE} and "
+        "scale it linearly to the actual total batch size.",
+    )
+    recipe.add_argument("--adam_beta1", type=float, default=0.99)
+    recipe.add_argument("--adam_beta2", type=float, default=0.99)
+    recipe.add_argument("--adam_weight_decay", type=float, default=0.03)
+    recipe.add_argument("--adam_epsilon", type=float, default=1e-8)
+    recipe.add_argument("--max_grad_norm", type=float, default=None, help="Gradient clipping (off by default).")
+    recipe.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant_with_warmup",
+        help='A diffusers.optimization schedule: "constant_with_warmup", "cosine", "linear", ...',
+    )
+    recipe.add_argument("--lr_warmup_steps", type=int, default=5000)
+    recipe.add_argument("--train_batch_size", type=int, default=64, help="Batch size per device.")
+    recipe.add_argument("--num_train_epochs", type=int, default=100)
+    recipe.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    recipe.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    recipe.add_argument("--gradient_checkpointing", action="store_true")
+    recipe.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Defaults to the accelerate config.",
+    )
+    recipe.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    recipe.add_argument("--seed", type=int, default=0)
+    recipe.add_argument(
+        "--lora_rank",
+        type=int,
+        default=None,
+        help="Train a LoRA adapter of this rank (alpha = rank) on the attention projections of the "
+        "pretrained transformer instead of all weights.",
+    )
+
+    validation = parser.add_argument_group("validation")
+    validation.add_argument(
+        "--validation_steps",
+        type=int,
+        default=None,
+        help="Generate validation images every N steps with the EMA weights.",
+    )
+    validation.add_argument(
+        "--validation_class_labels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Class ids to generate (class data; default: the first four classes).",
+    )
+    validation.add_argument("--validation_prompts", type=str, nargs="+", default=None, help="Prompts (text data).")
+    validation.add_argument("--num_validation_images", type=int, default=4, help="Images per class id / prompt.")
+    validation.add_argument("--validation_inference_steps", type=int, default=None)
+    validation.add_argument("--validation_guidance_scale", type=float, default=None)
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", type=str, default="enat-model")
+    output.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=1000,
+        help="Save the full training state (accelerator.save_state) every N steps.",
+    )
+    output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
+    output.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='"latest" (the newest checkpoint in --output_dir, if any) or a checkpoint folder.',
+    )
+    output.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, under --output_dir.")
+    output.add_argument("--report_to", type=str, default="none", help='"none", "tensorboard", "wandb" or "all".')
+    output.add_argument("--tracker_project_name", type=str, default="train_enat")
+    output.add_argument("--push_to_hub", action="store_true", help="Upload --output_dir to the Hub at the end.")
+    output.add_argument("--hub_model_id", type=str, default=None, help="Repo id (default: the output folder name).")
+    output.add_argument("--hub_token", type=str, default=None)
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def _data_sources(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The class-conditional and text-conditional data flags that were given."""
+    class_sources = [flag for flag in ("train_data_dir", "labels_file") if getattr(args, flag)]
+    text_sources = [
+        flag for flag in ("coco_captions_json", "coco_images_dir", "caption_data_dir") if getattr(args, flag)
+    ]
+    return class_sources, text_sources
+
+
+def _check_data_args(args: argparse.Namespace) -> None:
+    class_sources, text_sources = _data_sources(args)
+    if not class_sources and not text_sources:
+        raise ValueError(
+            "no training data: pass --train_data_dir (class-conditional, optionally with --labels_file), or "
+            "--coco_captions_json with --coco_images_dir, or --caption_data_dir (text-conditional)"
+        )
+    if class_sources and text_sources:
+        raise ValueError(
+            f"pass either class-conditional data (--train_data_dir/--labels_file) or text data, not both; got "
+            f"{', '.join('--' + flag for flag in class_sources + text_sources)}"
+        )
+    if args.labels_file and not args.train_data_dir:
+        raise ValueError("--labels_file needs --train_data_dir (the folder its file names are relative to)")
+    if bool(args.coco_captions_json) != bool(args.coco_images_dir):
+        raise ValueError("--coco_captions_json and --coco_images_dir go together")
+    if args.coco_captions_json and args.caption_data_dir:
+        raise ValueError("pass either --coco_captions_json/--coco_images_dir or --caption_data_dir, not both")
+    if args.validation_prompts and class_sources:
+        raise ValueError(
+            "--validation_prompts is for text data; class-conditional runs take --validation_class_labels"
+        )
+    if args.validation_class_labels and text_sources:
+        raise ValueError("--validation_class_labels is for class data; text runs take --validation_prompts")
+    if text_sources and args.validation_steps and not args.validation_prompts:
+        raise ValueError("--validation_steps on text data needs --validation_prompts")
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    if args.model_config and args.pretrained_model_name_or_path:
+        raise ValueError(
+            "pass either --model_config (a new transformer) or --pretrained_model_name_or_path (fine-tuning), not both"
+        )
+    if not args.model_config and not args.pretrained_model_name_or_path:
+        raise ValueError("pass --model_config (a new transformer) or --pretrained_model_name_or_path (fine-tuning)")
+    if not args.vqvae_model_name_or_path and not args.pretrained_model_name_or_path:
+        raise ValueError("pass --vqvae_model_name_or_path (or a --pretrained_model_name_or_path with a vqvae)")
+    if args.lora_rank is not None:
+        if not args.pretrained_model_name_or_path:
+            raise ValueError("--lora_rank fine-tunes a pretrained transformer: pass --pretrained_model_name_or_path")
+        if args.lora_rank < 1:
+            raise ValueError(f"--lora_rank must be a positive integer, got {args.lora_rank}")
+        if importlib.util.find_spec("peft") is None:
+            raise ValueError("--lora_rank needs peft: pip install peft")
+
+
+def _check_number_args(args: argparse.Namespace) -> None:
+    for flag in (
+        "resolution",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "tokenize_batch_size",
+        "num_train_epochs",
+        "checkpointing_steps",
+        "num_validation_images",
+    ):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    for flag in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    if args.lr_warmup_steps < 0 or args.dataloader_num_workers < 0:
+        raise ValueError("--lr_warmup_steps and --dataloader_num_workers must be >= 0")
+    if not 0 <= args.reuse_prob <= 1:
+        raise ValueError(f"--reuse_prob must be in [0, 1], got {args.reuse_prob}")
+    for flag in ("cond_drop_prob", "label_smoothing", "ema_decay"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
+    if min(args.mask_ratio_beta) <= 0:
+        raise ValueError(f"--mask_ratio_beta needs two positive numbers, got {args.mask_ratio_beta}")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
+
+
+def _check_output_args(args: argparse.Namespace) -> None:
+    report_to = args.report_to
+    needed = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": [], "none": []}
+    if report_to not in needed:
+        raise ValueError(f"--report_to must be one of {sorted(needed)}, got {report_to!r}")
+    missing = [package for package in needed[report_to] if importlib.util.find_spec(package) is None]
+    if missing:
+        raise ValueError(f"--report_to {report_to} needs {missing[0]}: pip install {missing[0]}")
+    resume = args.resume_from_checkpoint
+    if resume and resume != "latest" and _checkpoint_path(args) is None:
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks that need no file reads: which flags go together, and value ranges."""
+    _check_data_args(args)
+    _check_model_args(args)
+    _check_number_args(args)
+    _check_output_args(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data listing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    """The samples of a run. Images are listed once; several samples (captions) may share an image."""
+
+    image_paths: list[str]
+    image_index: list[int]  # per sample: its image in `image_paths`
+    conditions: list  # per sample: a class id (int) or a caption (str)
+    text: bool
+    id2label: dict[int, str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+
+
+def _require_dir(path: str, flag: str) -> Path:
+    if not os.path.isdir(path):
+        raise ValueError(f"--{flag} {path!r} is not a folder")
+    return Path(path)
+
+
+def _require_files(paths: list[Path], flag: str) -> None:
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) named by --{flag} do not exist, e.g. {missing[:3]}")
+
+
+def list_class_folders(root: Path) -> TrainingData:
+    class_dirs = sorted(path for path in root.iterdir() if path.is_dir())
+    if not class_dirs:
+        raise ValueError(
+            f"--train_data_dir {str(root)!r} has no class subfolders; give one subfolder per class or a --labels_file"
+        )
+    paths, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        files = _image_files(class_dir)
+        paths += [str(path) for path in files]
+        labels += [label] * len(files)
+    id2label = {label: class_dir.name for label, class_dir in enumerate(class_dirs)}
+    return TrainingData(paths, list(range(len(paths))), labels, text=False, id2label=id2label)
+
+
+def _read_labels_file(labels_file: str) -> dict[str, object]:
+    if labels_file.endswith(".json"):
+        with open(labels_file) as handle:
+            mapping = json.load(handle)
+        if not isinstance(mapping, dict):
+            raise ValueError(f"--labels_file {labels_file!r} must hold a json object {{file_name: label}}")
+        return mapping
+    with open(labels_file, newline="") as handle:
+        rows = [row for row in csv.reader(handle) if row]
+    if rows and not rows[0][-1].strip().lstrip("-").isdigit():
+        rows = rows[1:]  # a header row
+    if any(len(row) != 2 for row in rows):
+        raise ValueError(f"--labels_file {labels_file!r}: every csv row must be `file_name,label`")
+    return {name.strip(): label.strip() for name, label in rows}
+
+
+def list_labeled_images(root: Path, labels_file: str) -> TrainingData:
+    mapping = _read_labels_file(labels_file)
+    names = sorted(mapping)
+    try:
+        labels = [int(mapping[name]) for name in names]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--labels_file {labels_file!r}: labels must be integers ({error})") from None
+    if any(label < 0 for label in labels):
+        raise ValueError(f"--labels_file {labels_file!r}: labels must be >= 0")
+    paths = [root / name for name in names]
+    _require_files(paths, "labels_file")
+    return TrainingData([str(path) for path in paths], list(range(len(paths))), labels, text=False)
+
+
+def list_coco_captions(captions_json: str, images_dir: Path) -> TrainingData:
+    with open(captions_json) as handle:
+        coco = json.load(handle)
+    try:
+        files = {image["id"]: image["file_name"] for image in coco["images"]}
+        pairs = [(annotation["image_id"], annotation["caption"].strip()) for annotation in coco["annotations"]]
+    except (KeyError, TypeError) as error:
+        raise ValueError(
+            f"--coco_captions_json {captions_json!r} is not a COCO captions file (missing {error})"
+        ) from None
+    image_ids = sorted({image_id for image_id, _ in pairs})
+    unknown = [image_id for image_id in image_ids if image_id not in files]
+    if unknown:
+        raise ValueError(f"--coco_captions_json: captions refer to unknown image ids, e.g. {unknown[:3]}")
+    position = {image_id: index for index, image_id in enumerate(image_ids)}
+    paths = [images_dir / files[image_id] for image_id in image_ids]
+    _require_files(paths, "coco_images_dir")
+    return TrainingData(
+        [str(path) for path in paths], [position[image_id] for image_id, _ in pairs], [c for _, c in pairs], text=True
+    )
+
+
+def list_caption_folder(root: Path) -> TrainingData:
+    paths, image_index, captions = [], [], []
+    missing = []
+    for path in _image_files(root):
+        caption_file = path.with_suffix(".txt")
+        if not caption_file.is_file():
+            missing.append(str(caption_file))
+            continue
+        lines = [line.strip() for line in caption_file.read_text().splitlines() if line.strip()]
+        image_index += [len(paths)] * len(lines)
+        captions += lines
+        paths.append(str(path))
+    if missing:
+        raise ValueError(f"--caption_data_dir: {len(missing)} image(s) have no caption file, e.g. {missing[:3]}")
+    return TrainingData(paths, image_index, captions, text=True)
+
+
+def list_training_data(args: argparse.Namespace) -> TrainingData:
+    if args.labels_file:
+        data = list_labeled_images(_require_dir(args.train_data_dir, "train_data_dir"), args.labels_file)
+    elif args.train_data_dir:
+        data = list_class_folders(_require_dir(args.train_data_dir, "train_data_dir"))
+    elif args.coco_captions_json:
+        data = list_coco_captions(args.coco_captions_json, _require_dir(args.coco_images_dir, "coco_images_dir"))
+    else:
+        data = list_caption_folder(_require_dir(args.caption_data_dir, "caption_data_dir"))
+    if not len(data):
+        raise ValueError("the training data holds no samples (images with labels or captions)")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images and the token cache
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_image(path: str, resolution: int) -> torch.Tensor:
+    """RGB image, shorter side resized to `resolution`, center crop -> `(3, resolution, resolution)` in [-1, 1]."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    return (pixels / 127.5 - 1.0).permute(2, 0, 1)
+
+
+class ImageFileDataset(Dataset):
+    def __init__(self, paths: list[str], resolution: int):
+        self.paths, self.resolution = paths, resolution
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        return index, load_image(self.paths[index], self.resolution)
+
+
+def token_cache_path(args: argparse.Namespace, image_paths: list[str], vqvae: MaskGITVQModel) -> Path:
+    """The cache file: named by a hash of the image list, the resolution, flips and the VQ model (config + weights)."""
+    digest = hashlib.sha256()
+    settings = {"version": TOKEN_CACHE_VERSION, "resolution": args.resolution, "random_flip": args.random_flip}
+    settings["vq_config"] = {key: value for key, value in vqvae.config.items() if not key.startswith("_")}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path in image_paths:
+        digest.update(os.path.abspath(path).encode() + b"\0")
+    for name, tensor in vqvae.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    cache_dir = args.cache_dir or os.path.join(huggingface_hub.constants.HF_HOME, "enat_token_cache")
+    return Path(os.path.expanduser(cache_dir)) / f"enat_tokens_{digest.hexdigest()[:24]}.safetensors"
+
+
+@torch.no_grad()
+def tokenize_images(vqvae: MaskGITVQModel, image_paths: list[str], args, accelerator: Accelerator) -> dict:
+    """Encodes every image (and its mirror image with --random_flip), split across processes; every process gets
+    all token ids: `{"token_ids": (N, h, w)[, "flipped_token_ids": (N, h, w)]}` as int16 (int32 for large codebooks)."""
+    side = args.resolution // vqvae.downsample_factor
+    dtype = torch.int16 if vqvae.codebook_size <= torch.iinfo(torch.int16).max else torch.int32
+    names = ["token_ids", "flipped_token_ids"] if args.random_flip else ["token_ids"]
+    tokens = {name: torch.zeros(len(image_paths), side, side, dtype=dtype) for name in names}
+    # Padding gives every process the same number of equally sized batches, as `gather` needs.
+    with accelerator.split_between_processes(list(range(len(image_paths))), apply_padding=True) as shard:
+        dataset = Subset(ImageFileDataset(image_paths, args.resolution), shard)
+    loader = DataLoader(dataset, batch_size=args.tokenize_batch_size, num_workers=args.dataloader_num_workers)
+    for indices, images in tqdm(loader, desc="Tokenizing", disable=not accelerator.is_local_main_process):
+        images = images.to(accelerator.device)
+        variants = [images, images.flip(-1)][: len(names)]
+        encoded = [vqvae.encode(variant).token_ids for variant in variants]
+        indices, *encoded = accelerator.gather([indices.to(accelerator.device), *encoded])
+        for name, token_ids in zip(names, encoded, strict=True):
+            tokens[name][indices.cpu()] = token_ids.cpu().to(dtype)
+    return tokens
+
+
+def _exists_on_every_process(path: Path, accelerator: Accelerator) -> bool:
+    found = torch.tensor([int(path.is_file())], device=accelerator.device)
+    return bool(accelerator.gather(found).all())
+
+
+def load_or_build_token_cache(vqvae: MaskGITVQModel, data: TrainingData, args, accelerator: Accelerator) -> dict:
+    path = token_cache_path(args, data.image_paths, vqvae)
+    if _exists_on_every_process(path, accelerator):
+        logger.info(f"Using the token cache {path}")
+        return load_file(path)
+    logger.info(f"Tokenizing {len(data.image_paths)} images into {path}")
+    tokens = tokenize_images(vqvae, data.image_paths, args, accelerator)
+    if accelerator.is_local_main_process:  # one writer per machine, in case the cache folder is not shared
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{accelerator.process_index}.partial")
+        metadata = {"resolution": str(args.resolution), "num_images": str(len(data.image_paths))}
+        save_file(tokens, partial, metadata=metadata)
+        os.replace(partial, path)  # a build that stops half-way never leaves a cache behind
+    accelerator.wait_for_everyone()
+    return tokens
+
+
+class TokenDataset(Dataset):
+    """Samples from the token cache: `token_ids` `(V, h, w)` (V = 2 with flips: original, mirrored) and `condition`."""
+
+    def __init__(self, tokens: dict, data: TrainingData):
+        names = [name for name in ("token_ids", "flipped_token_ids") if name in tokens]
+        self.variants = torch.stack([tokens[name] for name in names], dim=1)
+        self.image_index, self.conditions = data.image_index, data.conditions
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"token_ids": self.variants[self.image_index[index]].long(), "condition": self.conditions[index]}
+
+
+def pick_variants(token_ids: torch.LongTensor) -> torch.LongTensor:
+    """`(B, V, h, w)` -> `(B, h*w)`: one random variant (original or mirrored) per row. Drawn in the training step,
+    not the data loader, so that the random stream is the same whether or not a run was resumed."""
+    choice = torch.randint(token_ids.shape[1], (token_ids.shape[0],)).to(token_ids.device)
+    return token_ids[torch.arange(token_ids.shape[0], device=token_ids.device), choice].flatten(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _component_source(args: argparse.Namespace, name: str | None, subfolder: str) -> tuple[str, str | None]:
+    """(name or path, subfolder) of a component: a model folder/repo of its own (`config.json` at the top), or the
+    `subfolder` of a pipeline; without `name`, the `subfolder` of --pretrained_model_name_or_path."""
+    if name is None:
+        return args.pretrained_model_name_or_path, subfolder
+    if os.path.isdir(name):
+        return name, None if os.path.isfile(os.path.join(name, "config.json")) else subfolder
+    try:
+        huggingface_hub.hf_hub_download(name, "config.json", revision=args.revision)
+        return name, None
+    except (OSError, ValueError):  # not found, offline, or not a repo id: from_pretrained reports it
+        return name, subfolder
+
+
+def _vqvae_source(args: argparse.Namespace) -> tuple[str, str | None]:
+    return _component_source(args, args.vqvae_model_name_or_path, "vqvae")
+
+
+def load_vqvae_config(args: argparse.Namespace) -> dict:
+    name, subfolder = _vqvae_source(args)
+    config = MaskGITVQModel.load_config(name, subfolder=subfolder, revision=args.revision)
+    if config.get("_class_name", "MaskGITVQModel") != "MaskGITVQModel":
+        raise ValueError(f"the VQ model at {name!r} is a {config['_class_name']}, not a MaskGITVQModel")
+    return config
+
+
+def vq_downsample_factor(vq_config: dict) -> int:
+    return 2 ** (len(vq_config["channel_multipliers"]) - 1)
+
+
+def load_vqvae(args: argparse.Namespace) -> MaskGITVQModel:
+    name, subfolder = _vqvae_source(args)
+    return (
+        MaskGITVQModel.from_pretrained(name, subfolder=subfolder, revision=args.revision).eval().requires_grad_(False)
+    )
+
+
+def load_text_encoder(
+    args: argparse.Namespace,
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """The frozen text encoder and its tokenizer: a text encoder folder/repo (a full CLIP checkpoint loads as
+    `CLIPTextModelWithProjection`) or the `text_encoder`/`tokenizer` of a pipeline."""
+    name, subfolder = _component_source(args, args.text_encoder_name_or_path, "text_encoder")
+    folder_kwargs = {"revision": args.revision, **({"subfolder": subfolder} if subfolder else {})}
+    tokenizer_kwargs = {"revision": args.revision, **({"subfolder": "tokenizer"} if subfolder else {})}
+    config = transformers.AutoConfig.from_pretrained(name, **folder_kwargs)
+    architecture = (config.architectures or ["CLIPModel"])[0]
+    model_class = getattr(transformers, architecture, None)
+    if architecture == "CLIPModel" or model_class is None:
+        model_class = transformers.CLIPTextModelWithProjection
+    text_encoder = model_class.from_pretrained(name, **folder_kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name, **tokenizer_kwargs)
+    return text_encoder.eval().requires_grad_(False), tokenizer
+
+
+def text_embedding_dims(text_encoder, tokenizer) -> tuple[int, int | None]:
+    """Widths of the text encoder's hidden states and pooled embedding (None without one)."""
+    with torch.no_grad():
+        encoded = encode_text(text_encoder, tokenizer, [""], text_encoder.device)
+    pooled = encoded["pooled_text_embeds"]
+    return encoded["encoder_hidden_states"].shape[-1], None if pooled is None else pooled.shape[-1]
+
+
+def _read_model_config(model_config: str) -> dict:
+    if os.path.isfile(model_config):
+        with open(model_config) as handle:
+            return json.load(handle)
+    if model_config in ENAT_PRESETS:
+        return dict(ENAT_PRESETS[model_config])
+    raise ValueError(
+        f"--model_config {model_config!r} must be a json file of transformer config kwargs or a preset name "
+        f"({', '.join(ENAT_PRESETS)})"
+    )
+
+
+def transformer_config(
+    args: argparse.Namespace, vq_config: dict, data: TrainingData, text_dims: tuple[int, int | None] | None
+) -> dict:
+    """The transformer config, with sample_size, codebook_size, num_classes (class data) or text_embed_dim and
+    pooled_text_embed_dim (text data) filled in from the VQ model, the data and the text encoder for a new model, and
+    checked against them."""
+    if args.pretrained_model_name_or_path:
+        config = dict(
+            ENATTransformer2DModel.load_config(
+                args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision
+            )
+        )
+    else:
+        config = _read_model_config(args.model_config)
+        accepted = set(inspect.signature(ENATTransformer2DModel.__init__).parameters) - {"self"}
+        unknown = sorted(key for key in config if key not in accepted and not key.startswith("_"))
+        if unknown:
+            raise ValueError(
+                f"--model_config has unknown keys {unknown}; ENATTransformer2DModel takes {sorted(accepted)}"
+            )
+        config.setdefault("sample_size", args.resolution // vq_downsample_factor(vq_config))
+        config.setdefault("codebook_size", vq_config["num_vq_embeddings"])
+        if data.text:
+            config.setdefault("num_classes", None)
+            config.setdefault("text_embed_dim", text_dims[0])
+            config.setdefault("pooled_text_embed_dim", text_dims[1])
+        else:
+            config.setdefault("num_classes", max(data.conditions) + 1)
+    check_transformer_config(config, args, vq_config, data)
+    if data.text:
+        check_text_dims(config, text_dims)
+    return config
+
+
+def _config_values(config: dict) -> dict:
+    """`config` with the constructor's defaults for missing keys."""
+    defaults = {name: p.default for name, p in inspect.signature(ENATTransformer2DModel.__init__).parameters.items()}
+    return {key: config.get(key, default) for key, default in defaults.items() if key != "self"}
+
+
+def check_text_dims(config: dict, text_dims: tuple[int, int | None]) -> None:
+    value = _config_values(config)
+    if value["text_embed_dim"] != text_dims[0]:
+        raise ValueError(
+            f"the transformer's text_embed_dim ({value['text_embed_dim']}) differs from the text encoder's hidden "
+            f"width ({text_dims[0]})"
+        )
+    pooled = value["pooled_text_embed_dim"]
+    if pooled is not None and pooled != text_dims[1]:
+        raise ValueError(
+            f"the transformer's pooled_text_embed_dim ({pooled}) differs from the text encoder's pooled width "
+            f"({text_dims[1]})"
+        )
+
+
+def check_transformer_config(config: dict, args: argparse.Namespace, vq_config: dict, data: TrainingData) -> None:
+    value = _config_values(config)
+    factor = vq_downsample_factor(vq_config)
+    if args.resolution // factor != value["sample_size"]:
+        raise ValueError(
+            f"--resolution {args.resolution} gives a {args.resolution // factor}x{args.resolution // factor} token grid "
+            f"with this VQ model (factor {factor}), but the transformer's sample_size is {value['sample_size']}"
+        )
+    if value["codebook_size"] != vq_config["num_vq_embeddings"]:
+        raise ValueError(
+            f"the transformer's codebook_size ({value['codebook_size']}) differs from the VQ model's "
+            f"num_vq_embeddings ({vq_config['num_vq_embeddings']})"
+        )
+    if data.text and value["text_embed_dim"] is None:
+        raise ValueError("text data needs a text-conditioned transformer (text_embed_dim set, num_classes None)")
+    if not data.text:
+        if value["num_classes"] is None or max(data.conditions) >= value["num_classes"]:
+            raise ValueError(
+                f"the data has labels up to {max(data.conditions)}, but the transformer has num_classes="
+                f"{value['num_classes']}"
+            )
+        bad = [label for label in args.validation_class_labels or [] if not 0 <= label < value["num_classes"]]
+        if bad:
+            raise ValueError(f"--validation_class_labels must be in [0, {value['num_classes'] - 1}], got {bad}")
+
+
+def build_transformer(args: argparse.Namespace, config: dict) -> ENATTransformer2DModel:
+    if args.pretrained_model_name_or_path:
+        return ENATTransformer2DModel.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision
+        )
+    return ENATTransformer2DModel.from_config(config)
+
+
+def add_lora_adapter(model: ENATTransformer2DModel, rank: int) -> None:
+    """Freezes the transformer and adds a trainable LoRA adapter (alpha = rank) on the attention projections."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+    )
+
+
+def create_ema_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy in eval mode whose weights follow the trained ones (`update_ema`); saved with checkpoints."""
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_parameters = list(ema_model.parameters())
+    parameters = [parameter.detach() for parameter in model.parameters()]
+    torch._foreach_lerp_(ema_parameters, parameters, 1.0 - decay)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conditioning
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ClassConditioning:
+    """Class labels; a dropped label becomes the null class."""
+
+    def __init__(self, null_class_label: int):
+        self.null_class_label = null_class_label
+
+    def drop(self, labels: torch.LongTensor, probability: float) -> torch.LongTensor:
+        dropped = torch.rand(labels.shape).to(labels.device) < probability
+        return labels.masked_fill(dropped, self.null_class_label)
+
+    def model_kwargs(self, labels: torch.LongTensor) -> dict:
+        return {"class_labels": labels}
+
+
+class TextConditioning:
+    """Captions, encoded on the fly by the frozen text encoder; a dropped caption becomes the empty prompt."""
+
+    def __init__(self, text_encoder, tokenizer):
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+
+    def drop(self, prompts: list[str], probability: float) -> list[str]:
+        dropped = (torch.rand(len(prompts)) < probability).tolist()
+        return ["" if drop else prompt for prompt, drop in zip(prompts, dropped, strict=True)]
+
+    @torch.no_grad()
+    def model_kwargs(self, prompts: list[str]) -> dict:
+        return encode_text(self.text_encoder, self.tokenizer, list(prompts), self.text_encoder.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Masking and loss
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sample_masking(batch_size: int, num_tokens: int, beta: tuple[float, float], device) -> torch.BoolTensor:
+    """One mask ratio ~ Beta for the batch; round(L * ratio) clamped to [1, L-1] random positions masked per row."""
+    ratio = torch.distributions.Beta(*map(float, beta)).sample().item()
+    num_masked = min(max(round(num_tokens * ratio), 1), num_tokens - 1)
+    ranks = torch.rand(batch_size, num_tokens).argsort(dim=1).to(device)  # a random permutation per row
+    return ranks < num_masked
+
+
+def sample_previous_masking(masking: torch.BoolTensor) -> torch.BoolTensor:
+    """A "previous sampling step" for reuse training: re-masks round(u * V) of the V visible tokens of every row
+    (u ~ U(0, 1), one per batch), so every token masked now was masked then."""
+    num_visible = int((~masking[0]).sum())
+    num_remasked = round(torch.rand(()).item() * num_visible)
+    scores = torch.rand(masking.shape).to(masking.device).masked_fill(masking, 2.0)  # masked tokens sort last
+    remasked = torch.zeros_like(masking).scatter_(1, scores.argsort(dim=1)[:, :num_remasked], True)
+    return masking | remasked
+
+
+def masked_token_loss(
+    logits: torch.Tensor, token_ids: torch.LongTensor, masking: torch.BoolTensor, label_smoothing: float
+) -> torch.Tensor:
+    """Cross-entropy (with label smoothing) averaged over the masked tokens only. `logits` `(B, K, h, w)`."""
+    targets = token_ids.masked_fill(~masking, IGNORE_INDEX)
+    return F.cross_entropy(
+        logits.flatten(2).float(), targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
+    )
+
+
+@torch.no_grad()
+def previous_step_state(reuse_model, input_ids, masking, condition_kwargs, mask_token_id, accelerator):
+    """Runs `reuse_model` (EMA, eval mode, no grad) on a more masked copy of `input_ids`; returns its reuse state."""
+    previous_ids = input_ids.masked_fill(sample_previous_masking(masking), mask_token_id)
+    with accelerator.autocast(), eval_mode(reuse_model):
+        return reuse_model(previous_ids, **condition_kwargs).reuse_state
+
+
+def training_loss(model, reuse_model, batch: dict, conditioning, args, accelerator) -> torch.Tensor:
+    """The loss of one micro-batch: mask, maybe build a reuse state with `reuse_model`, predict the masked tokens."""
+    token_ids = pick_variants(batch["token_ids"])
+    with accelerator.autocast():
+        condition_kwargs = conditioning.model_kwargs(conditioning.drop(batch["condition"], args.cond_drop_prob))
+    mask_token_id = accelerator.unwrap_model(model).mask_token_id
+    masking = sample_masking(*token_ids.shape, args.mask_ratio_beta, token_ids.device)
+    input_ids = token_ids.masked_fill(masking, mask_token_id)
+    reuse_state = None
+    if torch.rand(()).item() < args.reuse_prob:
+        reuse_state = previous_step_state(
+            reuse_model, input_ids, masking, condition_kwargs, mask_token_id, accelerator
+        )
+    logits = model(input_ids, **condition_kwargs, reuse_state=reuse_state).logits
+    return masked_token_loss(logits, token_ids, masking, args.label_smoothing)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class TrainingProgress:
+    """The optimizer step count, saved and restored with the accelerator state."""
+
+    def __init__(self):
+        self.global_step = 0
+
+    def state_dict(self) -> dict:
+        return {"global_step": self.global_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = int(state["global_step"])
+
+
+def list_checkpoints(output_dir: str) -> list[Path]:
+    """`checkpoint-N` folders of `output_dir`, oldest (smallest N) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = {path: path.name.removeprefix("checkpoint-") for path in Path(output_dir).glob("checkpoint-*")}
+    found = [path for path, step in steps.items() if path.is_dir() and step.isdigit()]
+    return sorted(found, key=lambda path: int(steps[path]))
+
+
+def _checkpoint_path(args: argparse.Namespace) -> Path | None:
+    """The checkpoint --resume_from_checkpoint names (None: start a new run)."""
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        return checkpoints[-1] if checkpoints else None
+    for candidate in (Path(args.resume_from_checkpoint), Path(args.output_dir) / args.resume_from_checkpoint):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int) -> None:
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        checkpoints = list_checkpoints(args.output_dir)
+        for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit + 1)]:
+            logger.info(f"Removing checkpoint {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    accelerator.save_state(save_path)
+    logger.info(f"Saved state to {save_path}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pipelines: validation and the final folder
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def pipeline_settings(args: argparse.Namespace, data: TrainingData) -> dict:
+    """Pipeline config entries: those of the pretrained pipeline, with the class names of the data."""
+    settings = {}
+    if args.pretrained_model_name_or_path:
+        index = diffusers.DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+        keys = ("default_num_inference_steps", "default_guidance_scale") + (() if data.text else ("id2label",))
+        settings = {key: index[key] for key in keys if index.get(key) is not None}
+    if data.id2label:
+        settings["id2label"] = data.id2label
+    return settings
+
+
+def load_scheduler(args: argparse.Namespace, codebook_size: int) -> ENATScheduler:
+    if args.pretrained_model_name_or_path:
+        return ENATScheduler.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
+        )
+    return ENATScheduler(mask_token_id=codebook_size)
+
+
+def make_pipeline(transformer, components: dict, settings: dict):
+    """An ENATText2ImagePipeline when `components` hold a text encoder, else an ENATPipeline."""
+    pipeline_class = ENATText2ImagePipeline if "text_encoder" in components else ENATPipeline
+    pipeline = pipeline_class(transformer=transformer, **components, **settings)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def validation_inputs(pipeline, args: argparse.Namespace) -> dict:
+    """The conditions of the validation images: prompts, or class ids (default: the first four classes)."""
+    if isinstance(pipeline, ENATText2ImagePipeline):
+        return {"prompt": args.validation_prompts, "num_images_per_prompt": args.num_validation_images}
+    labels = args.validation_class_labels or list(range(min(4, pipeline.transformer.config.num_classes)))
+    return {"class_labels": labels, "num_images_per_class": args.num_validation_images}
+
+
+def generate_validation_images(pipeline, args: argparse.Namespace, accelerator: Accelerator) -> list:
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+    with accelerator.autocast():
+        return pipeline(
+            **validation_inputs(pipeline, args),
+            num_inference_steps=args.validation_inference_steps,
+            guidance_scale=args.validation_guidance_scale,
+            generator=generator,
+        ).images
+
+
+def log_validation(pipeline, args: argparse.Namespace, accelerator: Accelerator, global_step: int) -> Path:
+    """Generates the validation images, saves them as one grid (a row per class / prompt) and logs them."""
+    with eval_mode(pipeline.transformer):
+        images = generate_validation_images(pipeline, args, accelerator)
+    columns = args.num_validation_images
+    grid = make_image_grid(images, rows=len(images) // columns, cols=columns)
+    path = Path(args.output_dir) / "validation" / f"step-{global_step}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(
+                "validation", np.stack([np.asarray(im) for im in images]), global_step, None, dataformats="NHWC"
+            )
+    logger.info(f"Saved validation images to {path}")
+    return path
+
+
+def save_lora_weights(transformer: ENATTransformer2DModel, output_dir: str) -> None:
+    from peft.utils import get_peft_model_state_dict
+
+    state_dict = {f"transformer.{key}": value for key, value in get_peft_model_state_dict(transformer).items()}
+    save_file(
+        {key: value.detach().cpu().contiguous() for key, value in state_dict.items()},
+        os.path.join(output_dir, LORA_WEIGHT_NAME),
+    )
+
+
+def final_transformer(model, ema_model, args: argparse.Namespace, accelerator: Accelerator):
+    """The weights to ship: the EMA weights, or the trained model with its LoRA adapter saved and then fused."""
+    if ema_model is not None:
+        return ema_model
+    transformer = accelerator.unwrap_model(model)
+    if args.lora_rank is not None:
+        save_lora_weights(transformer, args.output_dir)
+        transformer.fuse_lora()
+        transformer.unload_lora()
+    return transformer.eval()
+
+
+def training_summary(args: argparse.Namespace, data: TrainingData, global_step: int) -> str:
+    """The "Training" section appended to the model card."""
+    start = args.pretrained_model_name_or_path or f"a new transformer ({args.model_config})"
+    method = f"LoRA (rank {args.lora_rank}, fused into the weights)" if args.lora_rank else f"EMA {args.ema_decay}"
+    kind = "captions" if data.text else "class labels"
+    return (
+        f"\n## Training\n\nTrained with `examples/train_enat.py` of enat-diffusers from {start}: {global_step} steps, "
+        f"{len(data)} samples ({len(data.image_paths)} images, {kind}) at {args.resolution} px, learning rate "
+        f"{args.learning_rate}, {method}, reuse probability {args.reuse_prob}.\n"
+    )
+
+
+def push_to_hub(pipeline, args: argparse.Namespace, summary: str) -> None:
+    """Writes the pipeline's ENAT model card and uploads --output_dir (without checkpoints and tracker logs)."""
+    api = huggingface_hub.HfApi(token=args.hub_token)
+    repo_id = api.create_repo(args.hub_model_id or Path(args.output_dir).resolve().name, exist_ok=True).repo_id
+    (Path(args.output_dir) / "README.md").write_text(pipeline.model_card(repo_id) + summary)
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of training",
+        ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*"],
+    )
+    logger.info(f"Uploaded {args.output_dir} to {repo_id}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def create_accelerator(args: argparse.Namespace) -> Accelerator:
+    project_config = ProjectConfiguration(
+        project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+    )
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project_config,
+        # The same shuffling on every process and after a resume.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # Steps without a reuse state leave the reuse projection unused.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        diffusers.utils.logging.set_verbosity_error()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def prepare_data(args: argparse.Namespace) -> tuple[TrainingData, dict, dict]:
+    """Lists the data and reads the model configs (and, for text data, loads the text encoder), checking they fit,
+    before any heavy work. Returns the data, the transformer config and the text components (empty for class data)."""
+    vq_config = load_vqvae_config(args)
+    factor = vq_downsample_factor(vq_config)
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsampling factor {factor}")
+    data = list_training_data(args)
+    text_components, text_dims = {}, None
+    if data.text:
+        text_encoder, tokenizer = load_text_encoder(args)
+        text_components = {"text_encoder": text_encoder, "tokenizer": tokenizer}
+        text_dims = text_embedding_dims(text_encoder, tokenizer)
+    config = transformer_config(args, vq_config, data, text_dims)
+    return data, config, text_components
+
+
+def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, total_batch_size: int):
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= total_batch_size / PAPER_TOTAL_BATCH_SIZE
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    return torch.optim.AdamW(
+        parameters,
+        lr=learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def build_models(args: argparse.Namespace, config: dict, device) -> tuple[ENATTransformer2DModel, torch.nn.Module]:
+    """The transformer to train (with a LoRA adapter if asked) and its EMA copy (None with LoRA)."""
+    model = build_transformer(args, config)
+    if args.lora_rank is not None:
+        add_lora_adapter(model, args.lora_rank)
+    ema_model = create_ema_model(model).to(device) if args.lora_rank is None else None
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model.train(), ema_model
+
+
+def create_conditioning(data: TrainingData, text_components: dict, model, device):
+    if not data.text:
+        return ClassConditioning(model.null_class_label)
+    text_components["text_encoder"].to(device)
+    return TextConditioning(**text_components)
+
+
+def create_train_dataloader(tokens: dict, data: TrainingData, args: argparse.Namespace) -> DataLoader:
+    # A generator of its own keeps the loader from drawing on the global random state (see `pick_variants`).
+    generator = torch.Generator().manual_seed(args.seed)
+    return DataLoader(TokenDataset(tokens, data), batch_size=args.train_batch_size, shuffle=True, generator=generator)
+
+
+@dataclass
+class TrainingRun:
+    """Everything the training loop touches, after `accelerator.prepare`."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    model: torch.nn.Module
+    ema_model: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    dataloader: DataLoader
+    conditioning: object
+    progress: TrainingProgress
+    max_train_steps: int
+    pipeline_parts: tuple[dict, dict]  # components and settings of the validation / final pipelines
+
+    @property
+    def reuse_model(self) -> torch.nn.Module:
+        """The model that computes the "previous step" of reuse training: the EMA model, else the trained one."""
+        return self.ema_model if self.ema_model is not None else self.accelerator.unwrap_model(self.model)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.dataloader) / self.args.gradient_accumulation_steps)
+
+
+def resume(run: TrainingRun) -> None:
+    """Loads --resume_from_checkpoint (model, optimizer, lr scheduler, EMA, step count, random states), if any."""
+    args = run.args
+    checkpoint = _checkpoint_path(args) if args.resume_from_checkpoint else None
+    if args.resume_from_checkpoint and checkpoint is None:
+        logger.info("No checkpoint to resume from: starting a new training run.")
+    if checkpoint is not None:
+        logger.info(f"Resuming from checkpoint {checkpoint}")
+        run.accelerator.load_state(str(checkpoint))
+
+
+def optimization_step(run: TrainingRun, batch: dict) -> float:
+    """Forward and backward of one micro-batch (an optimizer step once gradients are accumulated); returns its loss
+    averaged over processes."""
+    args, accelerator = run.args, run.accelerator
+    with accelerator.accumulate(run.model):
+        loss = training_loss(run.model, run.reuse_model, batch, run.conditioning, args, accelerator)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm:
+            accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad()
+    return accelerator.gather(loss.detach()).mean().item()
+
+
+def after_optimizer_step(run: TrainingRun, epoch: int, loss: float, progress_bar) -> None:
+    """EMA update, step count, logs, checkpoint and validation after each optimizer step."""
+    args, accelerator = run.args, run.accelerator
+    if run.ema_model is not None:
+        update_ema(run.ema_model, accelerator.unwrap_model(run.model), args.ema_decay)
+    run.progress.global_step += 1
+    step = run.progress.global_step
+    logs = {"loss": loss, "lr": run.lr_scheduler.get_last_lr()[0]}
+    progress_bar.update(1)
+    progress_bar.set_postfix(**logs)
+    accelerator.log(logs, step=step)
+    if accelerator.is_main_process:
+        append_log(args, {"step": step, "epoch": epoch, **logs})
+    if step % args.checkpointing_steps == 0:
+        save_checkpoint(accelerator, args, step)
+    if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process:
+        log_validation(make_pipeline(run.reuse_model, *run.pipeline_parts), args, accelerator, step)
+
+
+def train(run: TrainingRun) -> None:
+    """Runs optimizer steps from the current step count to `max_train_steps`, continuing a resumed epoch where the
+    checkpoint left it."""
+    args, accelerator = run.args, run.accelerator
+    first_epoch, resumed_steps = divmod(run.progress.global_step, run.steps_per_epoch)
+    progress_bar = tqdm(
+        range(run.max_train_steps),
+        initial=run.progress.global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    for epoch in range(first_epoch, math.ceil(run.max_train_steps / run.steps_per_epoch)):
+        run.dataloader.set_epoch(epoch)
+        loader = run.dataloader
+        if epoch == first_epoch and resumed_steps:
+            loader = accelerator.skip_first_batches(loader, resumed_steps * args.gradient_accumulation_steps)
+        losses = []  # of the micro-batches of this optimizer step (fewer at the end of an epoch)
+        for batch in loader:
+            losses.append(optimization_step(run, batch))
+            if accelerator.sync_gradients:
+                after_optimizer_step(run, epoch, sum(losses) / len(losses), progress_bar)
+                losses = []
+                if run.progress.global_step >= run.max_train_steps:
+                    break
+        if run.progress.global_step >= run.max_train_steps:
+            break
+    progress_bar.close()
+
+
+def save_outputs(run: TrainingRun, data: TrainingData) -> None:
+    """Writes the pipeline folder (and the LoRA adapter) to --output_dir and pushes it if asked."""
+    args, accelerator = run.args, run.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        transformer = final_transformer(run.model, run.ema_model, args, accelerator)
+        pipeline = make_pipeline(transformer, *run.pipeline_parts)
+        pipeline.save_pretrained(args.output_dir)
+        logger.info(f"Saved the pipeline to {args.output_dir}")
+        if args.push_to_hub:
+            push_to_hub(pipeline, args, training_summary(args, data, run.progress.global_step))
+    accelerator.end_training()
+
+
+def append_log(args: argparse.Namespace, record: dict) -> None:
+    with open(os.path.join(args.output_dir, TRAINING_LOG), "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def log_run_info(run: TrainingRun, data: TrainingData, total_batch_size: int) -> None:
+    loggable = {key: value for key, value in vars(run.args).items() if isinstance(value, (int, float, str, bool))}
+    run.accelerator.init_trackers(run.args.tracker_project_name, loggable)
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(data)} ({len(data.image_paths)} images)")
+    logger.info(f"  Instantaneous batch size per device = {run.args.train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Learning rate = {run.optimizer.param_groups[0]['lr']:.3g}")
+    logger.info(f"  Total optimization steps = {run.max_train_steps}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    data, config, text_components = prepare_data(args)
+    accelerator = create_accelerator(args)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    set_seed(args.seed)  # the same initial weights on every process
+    vqvae = load_vqvae(args).to(accelerator.device)
+    tokens = load_or_build_token_cache(vqvae, data, args, accelerator)
+    model, ema_model = build_models(args, config, accelerator.device)
+    conditioning = create_conditioning(data, text_components, model, accelerator.device)
+    dataloader = create_train_dataloader(tokens, data, args)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    optimizer = create_optimizer(model, args, total_batch_size)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    progress = TrainingProgress()
+    for state in (progress, ema_model):  # saved and restored with the checkpoints
+        if state is not None:
+            accelerator.register_for_checkpointing(state)
+
+    components = {"vqvae": vqvae, "scheduler": load_scheduler(args, config["codebook_size"]), **text_components}
+    pipeline_parts = (components, pipeline_settings(args, data))
+    run = TrainingRun(
+        args=args,
+        accelerator=accelerator,
+        model=model,
+        ema_model=ema_model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        dataloader=dataloader,
+        conditioning=conditioning,
+        progress=progress,
+        max_train_steps=max_train_steps,
+        pipeline_parts=pipeline_parts,
+    )
+    log_run_info(run, data, total_batch_size)
+    set_seed(args.seed, device_specific=True)  # different masks and dropout on every process
+    resume(run)
+    train(run)
+    save_outputs(run, data)
+
+
+if __name__ == "__main__":
+    main()
