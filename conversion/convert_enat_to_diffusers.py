@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from enat_diffusers.conversion.common import DTYPES
+from enat_diffusers.conversion.common import DTYPES, save_converted
 from enat_diffusers.conversion.pipeline import convert_enat_pipeline
 
 
@@ -48,11 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("transformer", "vqvae"):
         print(f"{name}: {getattr(pipe, name).num_parameters():,} parameters")
-    pipe.save_pretrained(args.output_dir, safe_serialization=True)
-    print(f"saved the pipeline to {args.output_dir}")
-    if args.push_to_hub:
-        pipe.push_to_hub(args.push_to_hub)
-        print(f"pushed to https://huggingface.co/{args.push_to_hub}")
+    save_converted(pipe, args.output_dir, args.push_to_hub)
     return 0
 
 

@@ -11,7 +11,7 @@ map onto the model (missing, unexpected or misshaped keys raise `CheckpointMisma
 import argparse
 import sys
 
-from enat_diffusers.conversion.common import DTYPES
+from enat_diffusers.conversion.common import DTYPES, save_converted
 from enat_diffusers.conversion.vqgan import convert_vqgan
 
 __all__ = ["convert_vqgan", "main"]
@@ -29,11 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     model = convert_vqgan(args.vqgan, dtype=args.dtype, sample_size=args.sample_size)
     config = {key: value for key, value in model.config.items() if not key.startswith("_")}
     print(f"MaskGITVQModel: {model.num_parameters():,} parameters, config {config}")
-    model.save_pretrained(args.output_dir, safe_serialization=True)
-    print(f"saved to {args.output_dir}")
-    if args.push_to_hub:
-        model.push_to_hub(args.push_to_hub)
-        print(f"pushed to https://huggingface.co/{args.push_to_hub}")
+    save_converted(model, args.output_dir, args.push_to_hub)
     return 0
 
 

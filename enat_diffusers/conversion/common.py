@@ -96,3 +96,12 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"`dtype` must be one of {sorted(DTYPES)} or a floating torch.dtype, got {dtype!r}.")
     return dtype
+
+
+def save_converted(converted, output_dir: str | os.PathLike, push_to_hub: str | None = None) -> None:
+    """Saves a converted model or pipeline as safetensors and optionally pushes it to the Hub repo `push_to_hub`."""
+    converted.save_pretrained(output_dir, safe_serialization=True)
+    print(f"saved to {output_dir}")
+    if push_to_hub:
+        converted.push_to_hub(push_to_hub)
+        print(f"pushed to https://huggingface.co/{push_to_hub}")

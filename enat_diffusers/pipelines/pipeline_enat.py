@@ -42,6 +42,7 @@ class ENATPipeline(ENATSamplingMixin, DiffusionPipeline):
 
     custom_pipeline_module = "pipeline_enat"
     _card_pipeline_tag = "unconditional-image-generation"
+    _card_call = "images = pipe(class_labels=[0, 1], generator=torch.manual_seed(0)).images"
     _card_tags = ("class-conditional",)
 
     def __init__(
@@ -64,20 +65,7 @@ class ENATPipeline(ENATSamplingMixin, DiffusionPipeline):
         for class_id, names in (id2label or {}).items():
             for name in names.split(","):
                 self.labels[name.strip()] = int(class_id)
-        self._init_image_processor()
-        self._guidance_scale = default_guidance_scale
-        self._num_timesteps = 0
-        self._interrupt = False
-
-    def _card_usage(self, repo_id: str) -> str:
-        return f"""
-import torch
-import enat_diffusers  # registers the ENAT classes with diffusers
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{repo_id}")
-images = pipe(class_labels=[0, 1], generator=torch.manual_seed(0)).images
-"""
+        self._init_sampling_state()
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Maps class names (any synonym listed in `id2label`) to class ids."""

@@ -81,6 +81,7 @@ class ENATText2ImagePipeline(ENATSamplingMixin, DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vqvae"
     custom_pipeline_module = "pipeline_enat_text2img"
     _card_pipeline_tag = "text-to-image"
+    _card_call = 'image = pipe("a photo of a red bus", generator=torch.manual_seed(0)).images[0]'
     _card_tags = ("text-to-image",)
 
     def __init__(
@@ -100,20 +101,7 @@ class ENATText2ImagePipeline(ENATSamplingMixin, DiffusionPipeline):
         self.register_to_config(
             default_num_inference_steps=default_num_inference_steps, default_guidance_scale=default_guidance_scale
         )
-        self._init_image_processor()
-        self._guidance_scale = default_guidance_scale
-        self._num_timesteps = 0
-        self._interrupt = False
-
-    def _card_usage(self, repo_id: str) -> str:
-        return f"""
-import torch
-import enat_diffusers  # registers the ENAT classes with diffusers
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{repo_id}")
-image = pipe("a photo of a red bus", generator=torch.manual_seed(0)).images[0]
-"""
+        self._init_sampling_state()
 
     def encode_prompt(
         self, prompt: str | list[str], device: torch.device | None = None, num_images_per_prompt: int = 1

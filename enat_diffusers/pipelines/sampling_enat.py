@@ -19,6 +19,15 @@ _CUSTOM_PIPELINE_TEMPLATE = '''"""Lets `DiffusionPipeline.from_pretrained(..., c
 from {defining_module} import {class_name}  # noqa: F401
 '''
 
+_CARD_USAGE = """
+import torch
+import enat_diffusers  # registers the ENAT classes with diffusers
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{repo_id}")
+{call}
+"""
+
 
 class ENATSamplingMixin(ENATHubMixin):
     """
@@ -32,6 +41,7 @@ class ENATSamplingMixin(ENATHubMixin):
     model_cpu_offload_seq = "transformer->vqvae"
     _callback_tensor_inputs = ["latents"]
     custom_pipeline_module: str = None
+    _card_call: str = None
 
     @property
     def guidance_scale(self) -> float:
@@ -57,8 +67,15 @@ class ENATSamplingMixin(ENATHubMixin):
     def mask_token_id(self) -> int:
         return self.scheduler.config.mask_token_id
 
-    def _init_image_processor(self) -> None:
+    def _init_sampling_state(self) -> None:
+        """Called at the end of `__init__`, after the pipeline config is registered."""
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+        self._guidance_scale = self.config.default_guidance_scale
+        self._num_timesteps = 0
+        self._interrupt = False
+
+    def _card_usage(self, repo_id: str) -> str:
+        return _CARD_USAGE.format(repo_id=repo_id, call=self._card_call)
 
     def _resolve_defaults(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
         steps = self.config.default_num_inference_steps if num_inference_steps is None else num_inference_steps
