@@ -1,6 +1,7 @@
 """ENAT (EfficientNAT, NeurIPS 2024) token-based image generation for Hugging Face diffusers."""
 
 from ._diffusers_registry import register_with_diffusers
+from .demo import load_demo_pipeline
 from .models import (
     ENAT_PRESETS,
     ENATReuseState,
@@ -30,4 +31,5 @@ __all__ = [
     "MaskGITVQModel",
     "MaskGITVQModelOutput",
     "encode_text",
+    "load_demo_pipeline",
 ]
