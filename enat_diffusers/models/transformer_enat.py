@@ -240,6 +240,9 @@ class ENATTransformer2DModel(ENATHubMixin, ModelMixin, ConfigMixin, PeftAdapterM
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["ENATBlock"]
+    # Regional compilation: `transformer.compile_repeated_blocks(dynamic=True)` compiles each block once for all
+    # token counts of the sampling steps (compiling the whole model recompiles at every step).
+    _repeated_blocks = ["ENATBlock"]
     _card_tags = ("transformer",)
     _skip_layerwise_casting_patterns = ["embedding", "norm"]
 

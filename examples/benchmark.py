@@ -1,0 +1,890 @@
+"""Benchmark ENAT sampling: FLOPs, speed and memory, against the same network without reuse, as a plain NAT, and aMUSEd.
+
+    python examples/benchmark.py                                  # ENAT-L, 256 px (16x16 tokens), random weights
+    python examples/benchmark.py --config ENAT-L-512 --batch_sizes 1
+    python examples/benchmark.py --model path/to/enat-pipeline --rows enat amused --json out.json
+    python examples/benchmark.py --device cuda --dtype bf16 --compile
+    python examples/benchmark.py --rows enat --batch_sizes 1 --reference_dir /path/to/ENAT   # vs the reference
+
+Rows (`--rows`), all class-conditional sampling of `--steps` steps with classifier-free guidance, VQ decode excluded:
+
+* `enat`: `ENATPipeline(..., output_type="latent")`: visible tokens encoded without mask tokens, features reused.
+* `no_reuse`: the same pipeline and network, but every step re-encodes all visible tokens (no reuse state is given).
+* `plain_nat`: the same network as a plain NAT: every token, mask tokens included, through all encoder and decoder
+  blocks with plain self-attention, at every step.
+* `amused`: diffusers' `UVit2DModel` with the aMUSEd-256 transformer config (aMUSEd-512 for 32x32 grids), random
+  weights, `--amused_steps` steps with `AmusedScheduler`, conditional and unconditional rows batched as
+  `AmusedPipeline` does, random CLIP-sized text conditioning (77 x 768 hidden states, 768 pooled).
+* `enat_compiled` (with `--compile`): the `enat` row with every transformer block compiled,
+  `torch.compile(block, dynamic=True)` (what `transformer.compile_repeated_blocks(dynamic=True)` does in place). One
+  compiled graph serves all the token counts of the steps; compiling the whole transformer instead recompiles at
+  every step (the token counts become guards after the `.tolist()` sync) and exceeds dynamo's recompile limit.
+
+Columns: forward GFLOPs per image of the transformer only (`torch.utils.flop_counter.FlopCounterMode` around every
+transformer call: matmuls, convolutions and attention, both guidance streams, all steps; torch counts a
+multiply-add as 2 FLOPs), seconds per image and images per second (median of `--repeats` runs, rows alternated),
+peak memory of the sampling loop above the model weights (CUDA: `torch.cuda.max_memory_allocated`; CPU, where torch
+keeps no allocator statistics: the peak total size of tensors created during the loop, tracked op by op), and
+whether every logit and sampled id was finite/valid. `--config` also takes a json file of `ENATTransformer2DModel`
+arguments (optionally `"preset"`, and `"amused"`: `UVit2DModel` arguments) for small test configurations.
+"""
+
+import argparse
+import gc
+import json
+import resource
+import statistics
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from diffusers import AmusedScheduler, UVit2DModel
+from diffusers.utils import logging as diffusers_logging
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from enat_diffusers.conversion import convert_enat_transformer_state_dict
+from enat_diffusers.models.transformer_enat import ENAT_PRESETS, ENATTransformer2DModel, ENATTransformer2DModelOutput
+from enat_diffusers.models.vq_maskgit import MaskGITVQModel
+from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
+from enat_diffusers.schedulers.scheduling_enat import ENATScheduler
+
+ROWS = ("enat", "no_reuse", "plain_nat", "amused")
+ROW_TITLES = {
+    "enat": "ENAT, feature reuse",
+    "no_reuse": "ENAT, no reuse",
+    "plain_nat": "plain NAT (same net)",
+    "amused": "aMUSEd",
+    "enat_compiled": "ENAT, reuse, compiled",
+}
+# --config name -> (preset, token grid side)
+CONFIGS = {"ENAT-S": ("ENAT-S", 16), "ENAT-B": ("ENAT-B", 16), "ENAT-L": ("ENAT-L", 16), "ENAT-L-512": ("ENAT-L", 32)}
+# diffusers' UVit2DModel defaults are the aMUSEd transformer; the 256 px model runs on 16x16 tokens without
+# down/upsampling, the 512 px model on 32x32 tokens with them (scripts/convert_amused.py in diffusers).
+AMUSED_CONFIGS = {16: {"sample_size": 16}, 32: {"sample_size": 32, "downsample": True, "upsample": True}}
+AMUSED_TEXT_LENGTH = 77
+AMUSED_MICRO_CONDS = (256.0, 256.0, 0.0, 0.0, 6.0)  # width, height, crop top-left, aesthetic score
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+REFERENCE_SAMPLING = {"mask_temp": 1.5, "samp_temp": 6.0}
+MIB = 2**20
+
+NOTES = {
+    "gflops": "forward FLOPs of the transformer only, per image: FlopCounterMode around every transformer call "
+    "(matmul, convolution, attention; a multiply-add counts 2), both guidance streams, all steps; VQ decode excluded. "
+    "torch's counter has no formula for the CPU attention kernel; the benchmark adds one, so CPU and CUDA agree "
+    "(attention_gflops_per_image in the json: the part that a plain FlopCounterMode misses on CPU)",
+    "seconds": "wall time of the whole sampling loop (transformer, guidance, scheduler; VQ decode excluded), median "
+    "of the repeats, rows alternated",
+    "memory_cpu": "peak total size of the tensors created during the sampling loop (model weights excluded), tracked "
+    "op by op with a TorchDispatchMode; torch keeps no CPU allocator statistics",
+    "memory_cuda": "torch.cuda.max_memory_allocated during the sampling loop minus the memory allocated before it",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--config", help=f"one of {sorted(CONFIGS)} (default ENAT-L) or a json file of model arguments"
+    )
+    source.add_argument(
+        "--model", help="an ENATPipeline folder or Hub id (class-conditional) instead of random weights"
+    )
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run (default: all)")
+    parser.add_argument("--batch_sizes", nargs="+", type=positive_int, help="default: 1 8 on CPU, 1 64 on CUDA")
+    parser.add_argument("--steps", type=positive_int, default=8, help="ENAT sampling steps")
+    parser.add_argument("--amused_steps", type=positive_int, default=12, help="aMUSEd sampling steps")
+    parser.add_argument("--guidance_scale", type=float, default=2.5, help="0 disables guidance (one stream)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--compile", action="store_true", help="add the enat row with compiled blocks")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per row and batch size")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per row and batch size")
+    parser.add_argument("--vq_decode", action="store_true", help="also measure the VQ decoder, separately")
+    parser.add_argument("--reference_dir", help="checkout of LeapLabTHU/ENAT: time its sampler beside ours")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the results to this json file")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available in this torch build / machine")
+    if args.guidance_scale < 0:
+        parser.error(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
+    if args.compile and "enat" not in args.rows:
+        parser.error("--compile compares the `enat` row with its compiled twin: keep `enat` in --rows")
+    if args.batch_sizes is None:
+        args.batch_sizes = [1, 64] if args.device == "cuda" else [1, 8]
+    if args.model is None and args.config is None:
+        args.config = "ENAT-L"
+    if args.config is not None and args.config not in CONFIGS and not args.config.endswith(".json"):
+        parser.error(f"--config must be one of {sorted(CONFIGS)} or a path to a .json file, got {args.config!r}")
+    if args.reference_dir is not None and not (Path(args.reference_dir) / "libs" / "models.py").is_file():
+        parser.error(
+            f"--reference_dir must be a checkout of LeapLabTHU/ENAT (no libs/models.py in {args.reference_dir})"
+        )
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# models
+
+
+@dataclass
+class Setup:
+    """What the rows run on: the ENAT pipeline parts and the aMUSEd transformer config."""
+
+    name: str
+    transformer: ENATTransformer2DModel
+    scheduler: ENATScheduler
+    vqvae: MaskGITVQModel | None
+    amused_config: dict
+    random_weights: bool
+
+
+def randomize_modulation(transformer: ENATTransformer2DModel) -> None:
+    """adaLN is zero-initialised, which makes every block an identity map; give it trained-like random values."""
+    with torch.no_grad():
+        for block in [*transformer.encoder_blocks, *transformer.decoder_blocks]:
+            block.adaln_modulation.weight.normal_(0, 0.02)
+            block.adaln_modulation.bias.normal_(0, 0.02)
+        transformer.class_embedding.weight.normal_(0, 1.0)
+
+
+def read_json_config(path: str) -> dict:
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"--config {path}: cannot read a json object ({error})") from error
+    if not isinstance(config, dict):
+        raise SystemExit(f"--config {path}: expected a json object of ENATTransformer2DModel arguments")
+    return config
+
+
+def build_transformer_from_config(config_arg: str) -> tuple[ENATTransformer2DModel, dict]:
+    """Random-weight transformer of a named configuration or a json file; returns it and the aMUSEd overrides."""
+    if config_arg in CONFIGS:
+        preset, side = CONFIGS[config_arg]
+        return ENATTransformer2DModel.from_preset(preset, sample_size=side), {}
+    config = read_json_config(config_arg)
+    amused = config.pop("amused", {})
+    preset = config.pop("preset", None)
+    if preset is not None and preset not in ENAT_PRESETS:
+        raise SystemExit(f"--config {config_arg}: unknown preset {preset!r}; available: {sorted(ENAT_PRESETS)}")
+    try:
+        base = ENAT_PRESETS[preset] if preset else {}
+        return ENATTransformer2DModel(**{**base, **config}), amused
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"--config {config_arg}: invalid ENATTransformer2DModel arguments ({error})") from error
+
+
+def load_setup(args: argparse.Namespace) -> Setup:
+    if args.model is not None:
+        try:
+            pipe = ENATPipeline.from_pretrained(args.model)
+        except (OSError, ValueError, TypeError) as error:
+            raise SystemExit(f"--model {args.model}: cannot load an ENATPipeline ({error})") from error
+        transformer, amused_overrides, random_weights, name = pipe.transformer, {}, False, args.model
+        scheduler, vqvae = pipe.scheduler, pipe.vqvae
+    else:
+        torch.manual_seed(args.seed)
+        transformer, amused_overrides = build_transformer_from_config(args.config)
+        random_weights, name = True, args.config
+        scheduler = ENATScheduler(mask_token_id=transformer.config.codebook_size)
+        vqvae = None
+    if not transformer.is_class_conditional:
+        raise SystemExit(f"{name}: the benchmark runs class-conditional ENAT models; this one is text-conditioned")
+    if random_weights:
+        randomize_modulation(transformer)
+    side = transformer.config.sample_size
+    if args.vq_decode and vqvae is None:
+        vqvae = MaskGITVQModel(num_vq_embeddings=transformer.config.codebook_size, sample_size=16 * side)
+    amused_config = {**AMUSED_CONFIGS.get(side, {"sample_size": side}), **amused_overrides}
+    return Setup(name, transformer, scheduler, vqvae, amused_config, random_weights)
+
+
+def to_device(module: nn.Module | None, device: torch.device, dtype: torch.dtype) -> nn.Module | None:
+    """Inference copy on `device`/`dtype`. Weights stop requiring grad: under `no_grad`, slices of a weight still
+    report `requires_grad`, which trips the module tracking of `FlopCounterMode`."""
+    if module is None:
+        return None
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# measuring
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's flop counter knows the CUDA attention kernels but not the CPU one that SDPA dispatches to.
+EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
+def attention_flops(counter: FlopCounterMode) -> int:
+    return sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if "attention" in str(op))
+
+
+class Probe:
+    """While `active`, counts the forward FLOPs of each transformer call and checks its outputs."""
+
+    def __init__(self):
+        self.start(active=False)
+
+    def start(self, active: bool = True) -> None:
+        self.active = active
+        self.flops = 0
+        self.attention_flops = 0
+        self.calls = 0
+        self.finite = True
+        self.state_shapes = set()
+
+    def call(self, run: Callable[[], object]) -> object:
+        if not self.active:
+            return run()
+        with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+            output = run()
+        self.flops += counter.get_total_flops()
+        self.attention_flops += attention_flops(counter)
+        self.calls += 1
+        logits = output if isinstance(output, torch.Tensor) else output.logits
+        self.finite = self.finite and bool(torch.isfinite(logits).all())
+        state = getattr(output, "reuse_state", None)
+        if state is not None:
+            self.state_shapes.add((tuple(state.features.shape), tuple(state.masking.shape)))
+        return output
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak total bytes of the tensor storages created while active; storages in `excluded` (weights) are ignored."""
+
+    def __init__(self, excluded: set[int]):
+        super().__init__()
+        self.excluded = excluded
+        self.live = {}  # storage address -> [bytes, live tensors using it]
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        for value in tree_flatten(output)[0]:
+            if isinstance(value, torch.Tensor):
+                self._track(value)
+        return output
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        address = storage.data_ptr()
+        if address == 0 or address in self.excluded:
+            return
+        entry = self.live.get(address)
+        if entry is None:
+            entry = self.live[address] = [storage.nbytes(), 0]
+            self.current += entry[0]
+            self.peak = max(self.peak, self.current)
+        entry[1] += 1
+        weakref.finalize(tensor, self._release, address)
+
+    def _release(self, address: int) -> None:
+        entry = self.live.get(address)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[address]
+
+
+def weight_addresses(modules: list[nn.Module]) -> set[int]:
+    tensors = [t for m in modules if m is not None for t in [*m.parameters(), *m.buffers()]]
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def peak_memory(run: Callable[[], object], device: torch.device, excluded: set[int]) -> tuple[object, int]:
+    """Runs `run()`; returns its result and the peak bytes it allocated (see NOTES)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = run()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - before
+    with PeakTensorMemory(excluded) as tracker:
+        result = run()
+    return result, tracker.peak
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(run: Callable[[], object], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# rows
+
+
+def plain_nat_logits(
+    transformer: ENATTransformer2DModel, input_ids: torch.LongTensor, class_labels: torch.LongTensor
+) -> torch.Tensor:
+    """The ENAT network run as a plain NAT: all tokens through every block with self-attention only."""
+    ids = input_ids.reshape(input_ids.shape[0], -1)
+    hidden_states = transformer.embed(ids)
+    conditioning = transformer.class_embedding(class_labels.reshape(-1))
+    for block in [*transformer.encoder_blocks, *transformer.decoder_blocks]:
+        hidden_states = block(hidden_states, conditioning)
+    codebook = transformer.embed.word_embedding.weight[: transformer.config.codebook_size]
+    logits = transformer.head(hidden_states, codebook)
+    side = transformer.config.sample_size
+    return logits.transpose(1, 2).reshape(ids.shape[0], -1, side, side)
+
+
+class BenchmarkTransformer(nn.Module):
+    """
+    Stands in for `pipe.transformer`: the ENAT transformer with reuse (`"enat"`), without (`"no_reuse"`), or as a
+    plain NAT (`"plain_nat"`), optionally with other (compiled) blocks swapped in; its `probe` watches the calls.
+    """
+
+    def __init__(self, transformer: ENATTransformer2DModel, mode: str, blocks: tuple[nn.ModuleList, ...] = ()):
+        super().__init__()
+        self.transformer = transformer
+        self.mode = mode
+        self.swapped_blocks = blocks
+        self.probe = Probe()
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def null_class_label(self) -> int:
+        return self.transformer.null_class_label
+
+    def forward(self, input_ids, class_labels=None, reuse_state=None, **kwargs):
+        if not self.swapped_blocks:
+            return self.probe.call(lambda: self._forward(input_ids, class_labels, reuse_state, **kwargs))
+        original = (self.transformer.encoder_blocks, self.transformer.decoder_blocks)
+        self.transformer.encoder_blocks, self.transformer.decoder_blocks = self.swapped_blocks
+        try:
+            return self.probe.call(lambda: self._forward(input_ids, class_labels, reuse_state, **kwargs))
+        finally:
+            self.transformer.encoder_blocks, self.transformer.decoder_blocks = original
+
+    def _forward(self, input_ids, class_labels, reuse_state, **kwargs):
+        if self.mode == "plain_nat":
+            return ENATTransformer2DModelOutput(logits=plain_nat_logits(self.transformer, input_ids, class_labels))
+        if self.mode == "no_reuse":
+            reuse_state = None
+        return self.transformer(input_ids, class_labels=class_labels, reuse_state=reuse_state, **kwargs)
+
+
+def compiled_blocks(transformer: ENATTransformer2DModel) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """Compiled twins of the blocks (weights shared); dynamic shapes cover the token counts of all steps."""
+    return tuple(
+        nn.ModuleList([torch.compile(block, dynamic=True) for block in blocks])
+        for blocks in (transformer.encoder_blocks, transformer.decoder_blocks)
+    )
+
+
+@dataclass
+class Row:
+    name: str
+    sample: Callable[[int], torch.Tensor]  # batch size -> sampled token ids
+    probe: Probe
+    codebook_size: int
+    twin_of: str | None = None  # compiled rows share the FLOP count of their eager twin
+    model: nn.Module | None = None  # a model of its own (aMUSEd), besides the shared ENAT transformer
+
+
+def enat_row(name: str, setup: Setup, mode: str, args, device, blocks=()) -> Row:
+    wrapper = BenchmarkTransformer(setup.transformer, mode, blocks)
+    pipe = ENATPipeline(transformer=wrapper, vqvae=setup.vqvae, scheduler=setup.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    num_classes = setup.transformer.config.num_classes
+
+    def sample(batch_size: int) -> torch.Tensor:
+        generator = torch.Generator(device).manual_seed(args.seed)
+        labels = [index % num_classes for index in range(batch_size)]
+        output = pipe(
+            class_labels=labels,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            output_type="latent",
+            generator=generator,
+        )
+        return output.images
+
+    twin = "enat" if blocks else None
+    return Row(name, sample, wrapper.probe, setup.transformer.config.codebook_size, twin_of=twin)
+
+
+def amused_row(setup: Setup, args, device: torch.device, dtype: torch.dtype) -> Row:
+    torch.manual_seed(args.seed)
+    model = to_device(UVit2DModel(**setup.amused_config), device, dtype)
+    scheduler = AmusedScheduler(mask_token_id=model.config.vocab_size - 1)
+    probe = Probe()
+    guided = args.guidance_scale > 0
+
+    def sample(batch_size: int) -> torch.Tensor:
+        generator = torch.Generator(device).manual_seed(args.seed)
+        streams = 2 * batch_size if guided else batch_size
+        config = model.config
+        text = torch.randn(streams, AMUSED_TEXT_LENGTH, config.encoder_hidden_size, device=device, dtype=dtype)
+        pooled = torch.randn(streams, config.cond_embed_dim, device=device, dtype=dtype)
+        micro_conds = torch.tensor([AMUSED_MICRO_CONDS], device=device, dtype=dtype).expand(streams, -1)
+        side = config.sample_size
+        latents = torch.full((batch_size, side, side), scheduler.config.mask_token_id, device=device)
+        scheduler.set_timesteps(args.amused_steps, device=device)
+        for timestep in scheduler.timesteps:
+            model_input = torch.cat([latents, latents]) if guided else latents
+            logits = probe.call(lambda: model(model_input, text, pooled, micro_conds))  # noqa: B023 (called now)
+            if guided:
+                unconditional, conditional = logits.chunk(2)
+                logits = unconditional + args.guidance_scale * (conditional - unconditional)
+            latents = scheduler.step(logits.float(), timestep, latents, generator=generator).prev_sample
+        return latents
+
+    return Row("amused", sample, probe, model.config.codebook_size, model=model)
+
+
+def build_rows(setup: Setup, args, device: torch.device, dtype: torch.dtype) -> list[Row]:
+    rows = []
+    for name in args.rows:
+        if name == "amused":
+            rows.append(amused_row(setup, args, device, dtype))
+        else:
+            rows.append(enat_row(name, setup, name, args, device))
+        if name == "enat" and args.compile:
+            rows.append(enat_row("enat_compiled", setup, "enat", args, device, compiled_blocks(setup.transformer)))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# running
+
+
+def analyse(row: Row, batch_size: int, device: torch.device, excluded: set[int]) -> dict:
+    """One sampling run with FLOP counting, memory tracking and output checks (also warms the row up)."""
+    row.probe.start()
+    try:
+        ids, peak = peak_memory(lambda: row.sample(batch_size), device, excluded)
+    finally:
+        row.probe.active = False
+    ids_valid = bool(((ids >= 0) & (ids < row.codebook_size)).all())
+    result = {
+        "gflops_per_image": row.probe.flops / batch_size / 1e9,
+        "attention_gflops_per_image": row.probe.attention_flops / batch_size / 1e9,
+        "transformer_calls": row.probe.calls,
+        "peak_memory_mib": peak / MIB,
+        "peak_memory_mib_per_image": peak / MIB / batch_size,
+        "finite": row.probe.finite and ids_valid,
+    }
+    if row.probe.state_shapes:
+        result["reuse_state_shapes"] = sorted(
+            [list(features), list(masking)] for features, masking in row.probe.state_shapes
+        )
+        result["reuse_state_constant"] = len(row.probe.state_shapes) == 1
+    return result
+
+
+def first_compiled_run(row: Row, batch_size: int, device: torch.device) -> dict:
+    return {"first_call_seconds": timed(lambda: row.sample(batch_size), device)}
+
+
+def measure_batch(rows: list[Row], batch_size: int, args, device: torch.device, excluded: set[int]) -> list[dict]:
+    stats = {}
+    for row in rows:
+        if row.twin_of is None:
+            stats[row.name] = analyse(row, batch_size, device, excluded)
+        else:
+            stats[row.name] = first_compiled_run(row, batch_size, device)
+        print(f"  batch {batch_size}: {row.name} checked", file=sys.stderr, flush=True)
+    for row in rows:
+        if row.twin_of is not None and row.twin_of in stats:
+            twin = stats[row.twin_of]
+            shared = ("gflops_per_image", "attention_gflops_per_image", "transformer_calls", "finite")
+            stats[row.name].update({key: twin[key] for key in shared})
+    for _ in range(args.warmup):
+        for row in rows:
+            row.sample(batch_size)
+    times = {row.name: [] for row in rows}
+    for repeat in range(args.repeats):
+        for row in rows:  # alternate rows so that load changes hit them alike
+            times[row.name].append(timed(lambda: row.sample(batch_size), device))  # noqa: B023
+        print(f"  batch {batch_size}: repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    return [summarise(row.name, batch_size, stats[row.name], times[row.name]) for row in rows]
+
+
+def summarise(name: str, batch_size: int, stats: dict, times: list[float]) -> dict:
+    median = statistics.median(times)
+    return {
+        "row": name,
+        "title": ROW_TITLES[name],
+        "batch_size": batch_size,
+        **stats,
+        "seconds_per_image": median / batch_size,
+        "seconds_per_image_min": min(times) / batch_size,
+        "images_per_second": batch_size / median,
+        "times_seconds": times,
+    }
+
+
+def ratios(results: list[dict]) -> dict:
+    """Per batch size: FLOPs and time of each row relative to the `enat` row."""
+    output = {}
+    for batch_size in sorted({r["batch_size"] for r in results}):
+        rows = {r["row"]: r for r in results if r["batch_size"] == batch_size}
+        if "enat" not in rows:
+            continue
+        base = rows["enat"]
+        output[str(batch_size)] = {
+            name: {
+                "flops_vs_enat": row["gflops_per_image"] / base["gflops_per_image"],
+                "time_vs_enat": row["seconds_per_image"] / base["seconds_per_image"],
+            }
+            for name, row in rows.items()
+            if name != "enat"
+        }
+    return output
+
+
+def target_checks(setup: Setup, args, results: list[dict], ratio_table: dict) -> dict | None:
+    """The issue's targets, for ENAT-L at 256 px with 8 steps and guidance (reported, not asserted)."""
+    config = setup.transformer.config
+    is_enat_l = (config.hidden_size, config.num_encoder_layers, config.num_decoder_layers) == (1024, 22, 2)
+    if not (is_enat_l and config.sample_size == 16 and args.steps == 8 and args.guidance_scale > 0):
+        return None
+    enat = next((r for r in results if r["row"] == "enat"), None)
+    batch_ratios = ratio_table.get(str(enat["batch_size"]), {}) if enat else {}
+    checks = {}
+    if enat:
+        checks["enat_gflops_per_image <= 510"] = (enat["gflops_per_image"], enat["gflops_per_image"] <= 510)
+    if "plain_nat" in batch_ratios:
+        value = batch_ratios["plain_nat"]["flops_vs_enat"]
+        checks["plain_nat_flops / enat_flops >= 5"] = (value, value >= 5)
+    if "amused" in batch_ratios:
+        value = batch_ratios["amused"]["flops_vs_enat"]
+        checks["amused_flops / enat_flops >= 9"] = (value, value >= 9)
+    checks["all rows finite"] = (None, all(r["finite"] for r in results))
+    return {name: {"value": value, "met": met} for name, (value, met) in checks.items()}
+
+
+def compile_gain(results: list[dict]) -> dict:
+    gains = {}
+    for batch_size in sorted({r["batch_size"] for r in results}):
+        rows = {r["row"]: r for r in results if r["batch_size"] == batch_size}
+        if "enat" in rows and "enat_compiled" in rows:
+            gains[str(batch_size)] = {
+                "eager_seconds_per_image": rows["enat"]["seconds_per_image"],
+                "compiled_seconds_per_image": rows["enat_compiled"]["seconds_per_image"],
+                "speedup": rows["enat"]["seconds_per_image"] / rows["enat_compiled"]["seconds_per_image"],
+                "first_call_seconds": rows["enat_compiled"]["first_call_seconds"],
+            }
+    return gains
+
+
+def measure_vq_decode(vqvae: MaskGITVQModel, side: int, args, device: torch.device) -> list[dict]:
+    results = []
+    for batch_size in args.batch_sizes:
+        ids = torch.randint(0, vqvae.config.num_vq_embeddings, (batch_size, side, side), device=device)
+        with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+            vqvae.decode(ids)
+        times = [timed(lambda: vqvae.decode(ids), device) for _ in range(args.repeats)]  # noqa: B023
+        median = statistics.median(times)
+        results.append(
+            {
+                "batch_size": batch_size,
+                "gflops_per_image": counter.get_total_flops() / batch_size / 1e9,
+                "seconds_per_image": median / batch_size,
+                "times_seconds": times,
+            }
+        )
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the reference implementation, side by side
+
+
+def import_reference_modules(reference_dir: str):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conversion"))
+    from reference_import import import_reference
+
+    return import_reference(reference_dir, "libs.models", "libs.nat_misc")
+
+
+def reference_pair(models_module, config, seed: int) -> tuple[nn.Module, ENATTransformer2DModel]:
+    """The reference `DiT` with random weights and our transformer holding the same weights (our conversion)."""
+    torch.manual_seed(seed)
+    args = SimpleNamespace(enc_dec=[config.num_encoder_layers, config.num_decoder_layers])
+    reference = models_module.DiT(
+        input_size=config.sample_size,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_attention_heads,
+        mlp_ratio=config.mlp_ratio,
+        num_classes=config.num_classes,
+        codebook_size=config.codebook_size,
+        args=args,
+    ).eval()
+    with torch.no_grad():  # as `randomize_modulation`: no block is an identity map
+        for block in reference.blocks:
+            block.adaLN_modulation[1].weight.normal_(0, 0.02)
+            block.adaLN_modulation[1].bias.normal_(0, 0.02)
+        reference.y_embedder.embedding_table.weight.normal_(0, 1.0)
+    ours = ENATTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
+    shapes = {key: value.shape for key, value in ours.state_dict().items()}
+    converted = convert_enat_transformer_state_dict(reference.state_dict(), shapes, config.num_encoder_layers)
+    ours.load_state_dict(converted, strict=True)
+    return reference, ours
+
+
+def reveal(ids: torch.LongTensor, count: int, codebook_size: int, generator: torch.Generator) -> torch.LongTensor:
+    """Unmasks `count` more masked tokens per row (random positions and ids)."""
+    scores = torch.rand(ids.shape, generator=generator, device=ids.device).masked_fill(ids != codebook_size, -1.0)
+    chosen = torch.zeros_like(ids, dtype=torch.bool).scatter_(1, scores.topk(count, dim=1).indices, True)
+    values = torch.randint(0, codebook_size, ids.shape, generator=generator, device=ids.device)
+    return torch.where(chosen, values, ids)
+
+
+@torch.no_grad()
+def teacher_forced_parity(reference: nn.Module, ours: ENATTransformer2DModel, device: torch.device) -> dict:
+    """Logits of both implementations on the same three-step trajectory; the last step reuses features."""
+    config = ours.config
+    generator = torch.Generator(device).manual_seed(0)
+    labels = torch.tensor([1, config.num_classes], device=device)
+    ids = torch.full((2, config.sample_size**2), config.codebook_size, device=device)
+    reference_state = our_state = None
+    for count in (0, config.sample_size**2 // 8, config.sample_size**2 // 4):
+        ids = reveal(ids, count, config.codebook_size, generator)
+        reference_out = reference(ids, context=labels, prev_dict=reference_state, return_dict=True)
+        our_out = ours(ids, class_labels=labels, reuse_state=our_state)
+        reference_state, our_state = reference_out, our_out.reuse_state
+    expected = reference_out["logits"].transpose(1, 2).reshape(our_out.logits.shape)
+    return {
+        "max_abs_logit_diff": (our_out.logits.float() - expected.float()).abs().max().item(),
+        "max_abs_logit": expected.abs().max().item(),
+    }
+
+
+def compare_with_reference(setup: Setup, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """Times the reference sampler (`NATSchedule.generate`) and our pipeline at batch 1, alternating runs."""
+    config = setup.transformer.config
+    if config.num_classes != 1000:
+        raise SystemExit("--reference_dir: the reference sampler hard-codes class 1000 as the null class")
+    models_module, nat_misc = import_reference_modules(args.reference_dir)
+    reference, ours = reference_pair(models_module, config, args.seed)
+    reference, ours = to_device(reference, device, dtype), to_device(ours, device, dtype)
+    parity = teacher_forced_parity(reference, ours, device)
+    sampler_args = SimpleNamespace(**REFERENCE_SAMPLING, cfg_scale=args.guidance_scale)
+    schedule = nat_misc.NATSchedule(codebook_size=config.codebook_size, device=device, args=sampler_args)
+    pipe = ENATPipeline(transformer=ours, vqvae=None, scheduler=ENATScheduler(mask_token_id=config.codebook_size))
+    pipe.set_progress_bar_config(disable=True)
+    label = torch.tensor([1], device=device)
+
+    def run_reference():
+        schedule.generate(args.steps, 1, reference, lambda z: z, config.sample_size, context=label)
+
+    def run_ours():
+        pipe(
+            class_labels=[1], num_inference_steps=args.steps, guidance_scale=args.guidance_scale, output_type="latent"
+        )
+
+    times = {"reference": [], "ours": []}
+    with torch.no_grad():
+        for _ in range(max(args.warmup, 1)):
+            run_reference(), run_ours()
+        for repeat in range(args.repeats):
+            times["reference"].append(timed(run_reference, device))
+            times["ours"].append(timed(run_ours, device))
+            print(f"  reference: repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "batch_size": 1,
+        "seconds_reference": medians["reference"],
+        "seconds_ours": medians["ours"],
+        "speedup": medians["reference"] / medians["ours"],
+        # Other processes only ever add time: the ratio of the fastest runs is the least noisy estimate.
+        "speedup_of_fastest_runs": min(times["reference"]) / min(times["ours"]),
+        "target_speedup": 1.25,
+        "times_seconds": times,
+        "parity": parity,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# report
+
+
+def describe(setup: Setup, args, device: torch.device) -> dict:
+    config = setup.transformer.config
+    return {
+        "name": setup.name,
+        "random_weights": setup.random_weights,
+        "token_grid": [config.sample_size, config.sample_size],
+        "hidden_size": config.hidden_size,
+        "encoder_layers": config.num_encoder_layers,
+        "decoder_layers": config.num_decoder_layers,
+        "parameters_millions": sum(p.numel() for p in setup.transformer.parameters()) / 1e6,
+        "amused_config": setup.amused_config,
+        "settings": {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": args.dtype,
+            "steps": args.steps,
+            "amused_steps": args.amused_steps,
+            "guidance_scale": args.guidance_scale,
+            "batch_sizes": args.batch_sizes,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "compile": args.compile,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+def format_table(results: list[dict]) -> str:
+    header = "| row | batch | GFLOPs/img | s/img | img/s | peak MiB | MiB/img | finite |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        memory = r.get("peak_memory_mib")
+        memory_cells = "- | -" if memory is None else f"{memory:.1f} | {r['peak_memory_mib_per_image']:.1f}"
+        lines.append(
+            f"| {r['title']} | {r['batch_size']} | {r['gflops_per_image']:.4g} | {r['seconds_per_image']:.3f} | "
+            f"{r['images_per_second']:.2f} | {memory_cells} | {'yes' if r['finite'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def print_report(report: dict) -> None:
+    description = report["config"]
+    settings = description["settings"]
+    side = description["token_grid"][0]
+    print(
+        f"\n{description['name']} ({'random weights' if description['random_weights'] else 'trained weights'}, "
+        f"{description['parameters_millions']:.1f}M parameters), {side}x{side} tokens, {settings['steps']} steps "
+        f"(aMUSEd {settings['amused_steps']}), guidance {settings['guidance_scale']}, {settings['device_name']} "
+        f"{settings['dtype']}, torch {settings['torch']}, {settings['threads']} threads"
+    )
+    for key in ("gflops", "seconds", "memory"):
+        print(f"  {key}: {report['notes'][key]}")
+    print(format_table(report["results"]))
+    for batch_size, table in report["ratios"].items():
+        parts = [f"{n}: {v['flops_vs_enat']:.2f}x FLOPs, {v['time_vs_enat']:.2f}x time" for n, v in table.items()]
+        print(f"vs ENAT with reuse, batch {batch_size}: " + "; ".join(parts))
+    for batch_size, gain in report.get("compile", {}).items():
+        print(
+            f"compile, batch {batch_size}: {gain['speedup']:.2f}x vs eager "
+            f"(first call incl. compilation {gain['first_call_seconds']:.1f} s)"
+        )
+    for name, check in (report.get("targets") or {}).items():
+        value = "" if check["value"] is None else f" ({check['value']:.2f})"
+        print(f"target {name}{value}: {'met' if check['met'] else 'NOT met'}")
+    for r in report.get("vq_decode", []):
+        print(
+            f"VQ decode, batch {r['batch_size']}: {r['gflops_per_image']:.1f} GFLOPs/img, {r['seconds_per_image']:.3f} s/img"
+        )
+    if "reference" in report:
+        ref = report["reference"]
+        print(
+            f"reference sampler, batch 1: {ref['seconds_reference']:.3f} s, ours {ref['seconds_ours']:.3f} s: "
+            f"{ref['speedup']:.2f}x faster (fastest runs: {ref['speedup_of_fastest_runs']:.2f}x; target "
+            f"{ref['target_speedup']}x); teacher-forced reuse-step logits "
+            f"max |diff| {ref['parity']['max_abs_logit_diff']:.2e} (max |logit| {ref['parity']['max_abs_logit']:.2f})"
+        )
+
+
+def max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    setup = load_setup(args)
+    setup.transformer = to_device(setup.transformer, device, dtype)
+    setup.vqvae = to_device(setup.vqvae, device, dtype)
+    rows = build_rows(setup, args, device, dtype)
+    excluded = weight_addresses([setup.transformer, setup.vqvae, *[row.model for row in rows]])
+    results = []
+    with torch.no_grad():
+        for batch_size in args.batch_sizes:
+            results.extend(measure_batch(rows, batch_size, args, device, excluded))
+    ratio_table = ratios(results)
+    notes = {key: NOTES[key] for key in ("gflops", "seconds")}
+    notes["memory"] = NOTES["memory_cuda" if device.type == "cuda" else "memory_cpu"]
+    report = {"config": describe(setup, args, device), "notes": notes, "results": results, "ratios": ratio_table}
+    report["targets"] = target_checks(setup, args, results, ratio_table)
+    if args.compile:
+        report["compile"] = compile_gain(results)
+    if args.vq_decode:
+        with torch.no_grad():
+            report["vq_decode"] = measure_vq_decode(setup.vqvae, setup.transformer.config.sample_size, args, device)
+    del rows
+    gc.collect()
+    if args.reference_dir is not None:
+        report["reference"] = compare_with_reference(setup, args, device, dtype)
+    report["process_max_rss_mib"] = max_rss_mib()
+    return report
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    diffusers_logging.set_verbosity_error()  # casting random models with `.to(dtype)` warns once per model
+    report = run_benchmark(args)
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

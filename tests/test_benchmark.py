@@ -1,0 +1,169 @@
+"""examples/benchmark.py on a tiny configuration: runs end to end, counts FLOPs consistently, checks its rows."""
+
+import argparse
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmark.py"
+
+TINY_CONFIG = {
+    "sample_size": 4,
+    "codebook_size": 16,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_encoder_layers": 2,
+    "num_decoder_layers": 1,
+    "num_classes": 5,
+    "amused": {
+        "sample_size": 4,
+        "hidden_size": 32,
+        "cond_embed_dim": 8,
+        "micro_cond_encode_dim": 2,
+        "micro_cond_embed_dim": 10,
+        "encoder_hidden_size": 8,
+        "vocab_size": 17,
+        "codebook_size": 16,
+        "in_channels": 8,
+        "block_out_channels": 8,
+        "num_res_blocks": 1,
+        "block_num_heads": 1,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 1,
+        "intermediate_size": 16,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("enat_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    return path
+
+
+def _args(benchmark, config: Path, *extra: str) -> argparse.Namespace:
+    return benchmark.parse_args(["--config", str(config), "--batch_sizes", "2", *extra])
+
+
+def test_runs_end_to_end_and_writes_json(benchmark, tiny_config, tmp_path):
+    output = tmp_path / "result.json"
+    argv = ["--config", str(tiny_config), "--batch_sizes", "1", "2", "--warmup", "0", "--repeats", "1"]
+    benchmark.main([*argv, "--steps", "4", "--amused_steps", "3", "--json", str(output)])
+    report = json.loads(output.read_text())
+    assert {"config", "notes", "results", "ratios", "targets", "process_max_rss_mib"} <= set(report)
+    assert report["targets"] is None  # the issue's targets are for ENAT-L only
+    assert {"gflops", "seconds", "memory"} == set(report["notes"])
+    assert [(r["row"], r["batch_size"]) for r in report["results"]] == [
+        (row, batch_size) for batch_size in (1, 2) for row in benchmark.ROWS
+    ]
+    expected_keys = {"gflops_per_image", "seconds_per_image", "images_per_second", "peak_memory_mib", "finite"}
+    for result in report["results"]:
+        assert expected_keys <= set(result)
+        assert result["finite"] and result["gflops_per_image"] > 0 and result["peak_memory_mib"] > 0
+    assert set(report["ratios"]["2"]) == {"no_reuse", "plain_nat", "amused"}
+    assert report["ratios"]["2"]["plain_nat"]["flops_vs_enat"] > 1
+
+
+def test_flop_counts_are_deterministic_and_ordered(benchmark, tiny_config):
+    args = _args(benchmark, tiny_config, "--rows", "enat", "no_reuse", "plain_nat")
+    setup = benchmark.load_setup(args)
+    setup.transformer = benchmark.to_device(setup.transformer, torch.device("cpu"), torch.float32)
+    rows = benchmark.build_rows(setup, args, torch.device("cpu"), torch.float32)
+    excluded = benchmark.weight_addresses([setup.transformer])
+    with torch.no_grad():
+        first = {row.name: benchmark.analyse(row, 2, torch.device("cpu"), excluded) for row in rows}
+        second = {row.name: benchmark.analyse(row, 2, torch.device("cpu"), excluded) for row in rows}
+    flops = {name: stats["gflops_per_image"] for name, stats in first.items()}
+    assert flops == {name: stats["gflops_per_image"] for name, stats in second.items()}
+    assert 0 < flops["enat"] < flops["no_reuse"] < flops["plain_nat"]
+    for name in ("no_reuse", "plain_nat"):
+        assert first[name]["finite"], f"{name} produced non-finite logits or invalid ids"
+    # the reuse state keeps one (B, L, D) / (B, L) shape across steps: guidance doubles the batch of 2
+    assert first["enat"]["reuse_state_constant"]
+    assert first["enat"]["reuse_state_shapes"] == [[[4, 16, 32], [4, 16]]]
+
+
+def test_enat_row_samples_what_the_pipeline_samples(benchmark, tiny_config):
+    args = _args(benchmark, tiny_config, "--rows", "enat")
+    setup = benchmark.load_setup(args)
+    setup.transformer = benchmark.to_device(setup.transformer, torch.device("cpu"), torch.float32)
+    (row,) = benchmark.build_rows(setup, args, torch.device("cpu"), torch.float32)
+    pipe = ENATPipeline(transformer=setup.transformer, vqvae=None, scheduler=setup.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        class_labels=[0, 1],
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(args.seed),
+    ).images
+    assert torch.equal(row.sample(2), expected)
+
+
+def test_plain_nat_matches_the_encoder_on_a_fully_visible_grid(benchmark):
+    """Without mask tokens and decoder blocks, ENAT's forward is exactly the plain NAT forward."""
+    from enat_diffusers.models.transformer_enat import ENATTransformer2DModel
+
+    torch.manual_seed(0)
+    config = {k: v for k, v in TINY_CONFIG.items() if k != "amused"}
+    model = ENATTransformer2DModel(**{**config, "num_decoder_layers": 0}).eval()
+    benchmark.randomize_modulation(model)
+    ids = torch.randint(0, 16, (2, 4, 4))
+    labels = torch.tensor([1, 5])
+    with torch.no_grad():
+        expected = model(ids, class_labels=labels).logits
+        plain = benchmark.plain_nat_logits(model, ids, labels)
+    torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--config", "ENAT-XL"], "--config must be one of"),
+        (["--batch_sizes", "0"], "must be a positive integer"),
+        (["--guidance_scale", "-1"], "--guidance_scale must be >= 0"),
+        (["--compile", "--rows", "amused"], "keep `enat` in --rows"),
+        (["--reference_dir", "/nonexistent"], "checkout of LeapLabTHU/ENAT"),
+    ],
+)
+def test_bad_command_lines_fail_clearly(benchmark, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_bad_json_config_fails_clearly(benchmark, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"hidden_size": 32, "not_an_argument": 1}))
+    with pytest.raises(SystemExit, match="invalid ENATTransformer2DModel arguments"):
+        benchmark.load_setup(benchmark.parse_args(["--config", str(path)]))
+
+
+@pytest.mark.skipif(
+    not (Path(os.environ.get("ENAT_REFERENCE_DIR", "/nonexistent")) / "libs" / "models.py").is_file(),
+    reason="set ENAT_REFERENCE_DIR to a checkout of LeapLabTHU/ENAT",
+)
+def test_reference_pair_agrees_on_a_reuse_step(benchmark, tmp_path):
+    path = tmp_path / "tiny1000.json"
+    path.write_text(json.dumps({**{k: v for k, v in TINY_CONFIG.items() if k != "amused"}, "num_classes": 1000}))
+    args = benchmark.parse_args(["--config", str(path)])
+    setup = benchmark.load_setup(args)
+    models_module, _ = benchmark.import_reference_modules(os.environ["ENAT_REFERENCE_DIR"])
+    reference, ours = benchmark.reference_pair(models_module, setup.transformer.config, seed=0)
+    parity = benchmark.teacher_forced_parity(reference, ours, torch.device("cpu"))
+    assert parity["max_abs_logit_diff"] < 1e-4 * max(1.0, parity["max_abs_logit"])
