@@ -25,8 +25,16 @@ transformer call: matmuls, convolutions and attention, both guidance streams, al
 multiply-add as 2 FLOPs), seconds per image and images per second (median of `--repeats` runs, rows alternated),
 peak memory of the sampling loop above the model weights (CUDA: `torch.cuda.max_memory_allocated`; CPU, where torch
 keeps no allocator statistics: the peak total size of tensors created during the loop, tracked op by op), and
-whether every logit and sampled id was finite/valid. `--config` also takes a json file of `ENATTransformer2DModel`
-arguments (optionally `"preset"`, and `"amused"`: `UVit2DModel` arguments) for small test configurations.
+whether every logit and sampled id was finite/valid. The json also records the reuse-state shapes seen at every step
+(one `(B, L, D)` features and `(B, L)` mask per guidance stream: it does not grow) and, per row, the attention part of
+the FLOPs. Ratios to the `enat` row (FLOPs and time) and the issue's ENAT-L targets are computed within the run.
+`--config` also takes a json file of `ENATTransformer2DModel` arguments (optionally `"preset"`, and `"amused"`:
+`UVit2DModel` arguments) for small test configurations.
+
+`--reference_dir` also times the reference sampler (`NATSchedule.generate` with the reference `DiT`) against our
+pipeline at batch 1, alternating runs, with identical random weights (converted by our conversion code), and checks
+that both give the same logits on a teacher-forced reuse step. On a machine shared with other jobs, `--threads 1`
+gives the steadiest timings; the json keeps every run, and the reference section also the ratio of the fastest runs.
 """
 
 import argparse
@@ -712,11 +720,19 @@ def teacher_forced_parity(reference: nn.Module, ours: ENATTransformer2DModel, de
     }
 
 
-def compare_with_reference(setup: Setup, args, device: torch.device, dtype: torch.dtype) -> dict:
-    """Times the reference sampler (`NATSchedule.generate`) and our pipeline at batch 1, alternating runs."""
-    config = setup.transformer.config
+def check_reference_config(config) -> None:
     if config.num_classes != 1000:
-        raise SystemExit("--reference_dir: the reference sampler hard-codes class 1000 as the null class")
+        raise SystemExit(
+            f"--reference_dir: the reference sampler hard-codes class 1000 as the null class; this model has "
+            f"num_classes={config.num_classes}"
+        )
+
+
+def compare_with_reference(config, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """
+    Times the reference sampler (`NATSchedule.generate`) and our pipeline at batch 1, alternating runs, on an
+    architecture given by our transformer `config`, with the same random weights in both.
+    """
     models_module, nat_misc = import_reference_modules(args.reference_dir)
     reference, ours = reference_pair(models_module, config, args.seed)
     reference, ours = to_device(reference, device, dtype), to_device(ours, device, dtype)
@@ -828,7 +844,7 @@ def print_report(report: dict) -> None:
         print(f"target {name}{value}: {'met' if check['met'] else 'NOT met'}")
     for r in report.get("vq_decode", []):
         print(
-            f"VQ decode, batch {r['batch_size']}: {r['gflops_per_image']:.1f} GFLOPs/img, {r['seconds_per_image']:.3f} s/img"
+            f"VQ decode, batch {r['batch_size']}: {r['gflops_per_image']:.4g} GFLOPs/img, {r['seconds_per_image']:.3f} s/img"
         )
     if "reference" in report:
         ref = report["reference"]
@@ -844,11 +860,8 @@ def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_benchmark(args: argparse.Namespace) -> dict:
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    setup = load_setup(args)
+def measure_rows(setup: Setup, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """The table: every row at every batch size, with ratios, target checks, compile gain and VQ decode."""
     setup.transformer = to_device(setup.transformer, device, dtype)
     setup.vqvae = to_device(setup.vqvae, device, dtype)
     rows = build_rows(setup, args, device, dtype)
@@ -867,10 +880,22 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if args.vq_decode:
         with torch.no_grad():
             report["vq_decode"] = measure_vq_decode(setup.vqvae, setup.transformer.config.sample_size, args, device)
-    del rows
+    return report
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    setup = load_setup(args)
+    config = setup.transformer.config
+    if args.reference_dir is not None:
+        check_reference_config(config)  # before the long part
+    report = measure_rows(setup, args, device, dtype)
+    del setup  # the reference comparison builds its own pair of models
     gc.collect()
     if args.reference_dir is not None:
-        report["reference"] = compare_with_reference(setup, args, device, dtype)
+        report["reference"] = compare_with_reference(config, args, device, dtype)
     report["process_max_rss_mib"] = max_rss_mib()
     return report
 

@@ -131,6 +131,21 @@ def test_plain_nat_matches_the_encoder_on_a_fully_visible_grid(benchmark):
     torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_peak_tensor_memory_counts_live_storages_once(benchmark):
+    weight = torch.ones(512)
+    with benchmark.PeakTensorMemory(
+        benchmark.weight_addresses([torch.nn.Linear(2, 2)]) | {weight.data_ptr()}
+    ) as tracker:
+        first = torch.ones(1024)  # 4 KiB
+        second = torch.ones(2048)  # 8 KiB
+        views = [second[:10], second.view(2, 1024), weight[:3]]  # views and weights add nothing
+        del first
+        third = torch.ones(256)  # 1 KiB, after 4 KiB were freed
+    assert tracker.peak == 4096 + 8192
+    assert tracker.current == 8192 + 1024
+    del views, second, third
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
