@@ -4,6 +4,7 @@ from ._diffusers_registry import register_with_diffusers
 from .demo import load_demo_pipeline
 from .models import (
     ENAT_PRESETS,
+    ENATConditioning,
     ENATReuseState,
     ENATTransformer2DModel,
     ENATTransformer2DModelOutput,
@@ -21,6 +22,7 @@ register_with_diffusers()
 __all__ = [
     "ENAT_PRESETS",
     "ENATPipeline",
+    "ENATConditioning",
     "ENATReuseState",
     "ENATScheduler",
     "ENATSchedulerOutput",

@@ -59,7 +59,12 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from enat_diffusers.conversion import convert_enat_transformer_state_dict
-from enat_diffusers.models.transformer_enat import ENAT_PRESETS, ENATTransformer2DModel, ENATTransformer2DModelOutput
+from enat_diffusers.models.transformer_enat import (
+    ENAT_PRESETS,
+    ENATConditioning,
+    ENATTransformer2DModel,
+    ENATTransformer2DModelOutput,
+)
 from enat_diffusers.models.vq_maskgit import MaskGITVQModel
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
 from enat_diffusers.schedulers.scheduling_enat import ENATScheduler
@@ -371,14 +376,13 @@ def timed(run: Callable[[], object], device: torch.device) -> float:
 
 
 def plain_nat_logits(
-    transformer: ENATTransformer2DModel, input_ids: torch.LongTensor, class_labels: torch.LongTensor
+    transformer: ENATTransformer2DModel, input_ids: torch.LongTensor, conditioning: ENATConditioning
 ) -> torch.Tensor:
     """The ENAT network run as a plain NAT: all tokens through every block with self-attention only."""
     ids = input_ids.reshape(input_ids.shape[0], -1)
     hidden_states = transformer.embed(ids)
-    conditioning = transformer.class_embedding(class_labels.reshape(-1))
-    for block in [*transformer.encoder_blocks, *transformer.decoder_blocks]:
-        hidden_states = block(hidden_states, conditioning)
+    for index, block in enumerate(transformer.blocks):
+        hidden_states = block(hidden_states, conditioning.modulation[:, index])
     codebook = transformer.embed.word_embedding.weight[: transformer.config.codebook_size]
     logits = transformer.head(hidden_states, codebook)
     side = transformer.config.sample_size
@@ -426,7 +430,12 @@ class BenchmarkTransformer(nn.Module):
 
     def _forward(self, input_ids, class_labels, reuse_state, **kwargs):
         if self.mode == "plain_nat":
-            return ENATTransformer2DModelOutput(logits=plain_nat_logits(self.transformer, input_ids, class_labels))
+            conditioning = kwargs.get("conditioning")
+            if conditioning is None:  # the condition in block form, as the transformer's first call prepares it
+                conditioning = self.transformer._prepare_conditioning(class_labels.reshape(-1), None, None, None)
+            return ENATTransformer2DModelOutput(
+                logits=plain_nat_logits(self.transformer, input_ids, conditioning), conditioning=conditioning
+            )
         if self.mode == "no_reuse":
             reuse_state = None
         return self.transformer(input_ids, class_labels=class_labels, reuse_state=reuse_state, **kwargs)

@@ -57,6 +57,15 @@ def test_guidance_runs_both_streams_in_one_forward_with_reuse(pipe):
     assert pipe.num_timesteps == 5 and pipe.do_classifier_free_guidance and pipe.guidance_scale == 2.5
 
 
+def test_the_condition_is_prepared_once_per_call(pipe):
+    projections = []
+    block = pipe.transformer.encoder_blocks[0]
+    hook = block.adaln_modulation.register_forward_hook(lambda *_: projections.append(1))
+    pipe([1, 2], num_inference_steps=4, output_type="latent")
+    hook.remove()
+    assert projections == [1]
+
+
 def test_without_guidance_a_single_stream_runs(pipe):
     recorder = TransformerCalls(pipe.transformer)
     pipe([1, 2], num_inference_steps=3, guidance_scale=0.0, output_type="latent")

@@ -80,6 +80,31 @@ def test_text_model_reuse_step_runs_only_critical_tokens():
     assert calls == [3]
 
 
+def test_text_conditioning_is_projected_once_and_reused():
+    model = tiny_text_transformer()
+    text = _text()
+    mask = torch.ones(2, TEXT_LENGTH, dtype=torch.bool)
+    mask[:, 5:] = False
+    first = model(_ids(num_masked=10), **text, encoder_attention_mask=mask)
+    assert first.conditioning.text_key_values.shape == (
+        2,
+        len(model.blocks),
+        TEXT_LENGTH,
+        2 * model.config.hidden_size,
+    )
+    projected = []
+    hook = model.context_embedder.register_forward_hook(lambda *_: projected.append(1))
+    reused = model(_ids(), conditioning=first.conditioning)
+    hook.remove()
+    assert projected == []
+    assert torch.allclose(reused.logits, model(_ids(), **text, encoder_attention_mask=mask).logits, atol=1e-6)
+    class_shaped = first.conditioning.__class__(modulation=first.conditioning.modulation)
+    with pytest.raises(ValueError, match="made for a class-conditional model"):
+        model(_ids(), conditioning=class_shaped)
+    with pytest.raises(ValueError, match="conditioning.text_mask` must have shape"):
+        model(_ids(), conditioning=first.conditioning.__class__(**{**first.conditioning, "text_mask": mask[:, :3]}))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from enat_diffusers.models.transformer_enat import ENATReuseState, ENATTransformer2DModel
+from enat_diffusers.models.transformer_enat import ENATConditioning, ENATReuseState, ENATTransformer2DModel
 
 from .tiny_components import public_config
 
@@ -51,8 +51,9 @@ def test_logits_layout_and_both_input_shapes(model):
     assert torch.equal(flat.logits, grid.logits)
     assert flat.reuse_state.features.shape == (2, 16, 32)
     assert torch.equal(flat.reuse_state.masking, ids == MASK)
-    logits, state = model(ids, class_labels=labels, return_dict=False)
+    logits, state, conditioning = model(ids, class_labels=labels, return_dict=False)
     assert torch.equal(logits, flat.logits) and isinstance(state, ENATReuseState)
+    assert conditioning.modulation.shape == (2, 3, 8 * 32)
 
 
 def test_rows_are_independent(model):
@@ -121,6 +122,37 @@ def test_bad_inputs_are_rejected(model, kwargs, message):
     arguments = {"input_ids": _ids(), "class_labels": torch.tensor([1, 2]), **kwargs}
     with pytest.raises((ValueError, TypeError), match=message):
         model(**arguments)
+
+
+def test_returned_conditioning_replaces_the_labels_and_skips_the_adaln_projections(model):
+    labels = torch.tensor([1, 2])
+    first = model(_ids(num_masked=10), class_labels=labels)
+    projections = []
+    hooks = [block.adaln_modulation.register_forward_hook(lambda *_: projections.append(1)) for block in model.blocks]
+    ids = _ids(num_masked=6)
+    with_labels = model(ids, class_labels=labels)
+    assert len(projections) == len(model.blocks)
+    reused = model(ids, conditioning=first.conditioning)
+    for hook in hooks:
+        hook.remove()
+    assert len(projections) == len(model.blocks)  # none more
+    assert torch.equal(reused.logits, with_labels.logits)
+    other_class = model(ids, class_labels=torch.tensor([3, 4])).logits
+    assert not torch.allclose(other_class, with_labels.logits, atol=1e-4)
+
+
+def test_conditioning_that_does_not_fit_is_rejected(model):
+    labels = torch.tensor([1, 2])
+    conditioning = model(_ids(), class_labels=labels).conditioning
+    with pytest.raises(ValueError, match="either `conditioning` or the condition"):
+        model(_ids(), class_labels=labels, conditioning=conditioning)
+    with pytest.raises(ValueError, match=r"conditioning.modulation` must have shape \(3, 3, 256\)"):
+        model(_ids(batch_size=3), conditioning=conditioning)
+    with pytest.raises(TypeError, match="ENATConditioning of an earlier call"):
+        model(_ids(), conditioning={"modulation": conditioning.modulation})
+    text_shaped = ENATConditioning(modulation=conditioning.modulation, text_key_values=torch.zeros(2, 3, 4, 64))
+    with pytest.raises(ValueError, match="made for a text-conditioned model"):
+        model(_ids(), conditioning=text_shaped)
 
 
 def test_rows_with_different_masked_counts_are_rejected(model):

@@ -1,8 +1,15 @@
-from .transformer_enat import ENAT_PRESETS, ENATReuseState, ENATTransformer2DModel, ENATTransformer2DModelOutput
+from .transformer_enat import (
+    ENAT_PRESETS,
+    ENATConditioning,
+    ENATReuseState,
+    ENATTransformer2DModel,
+    ENATTransformer2DModelOutput,
+)
 from .vq_maskgit import MaskGITVQEncoderOutput, MaskGITVQModel, MaskGITVQModelOutput
 
 __all__ = [
     "ENAT_PRESETS",
+    "ENATConditioning",
     "ENATReuseState",
     "ENATTransformer2DModel",
     "ENATTransformer2DModelOutput",

@@ -46,6 +46,27 @@ class ENATReuseState(BaseOutput):
 
 
 @dataclass
+class ENATConditioning(BaseOutput):
+    """
+    The condition of a batch in the form every block consumes it. It does not change between sampling steps, so a
+    sampler computes it once (the first call returns it) and passes it as `conditioning=` to the later steps: that
+    saves one `(D, 8D)` adaLN projection per block and step and, for text, the key/value projection of the text.
+
+    Args:
+        modulation (`torch.Tensor` of shape `(batch_size, num_blocks, 8 * hidden_size)`):
+            adaLN shifts, scales and gates of every block (encoder blocks first).
+        text_key_values (`torch.Tensor` of shape `(batch_size, num_blocks, text_length, 2 * hidden_size)`):
+            Text-conditioned models: keys and values of the text tokens at every block.
+        text_mask (`torch.BoolTensor` of shape `(batch_size, text_length)`, *optional*):
+            False for padding text tokens.
+    """
+
+    modulation: torch.Tensor = None
+    text_key_values: torch.Tensor = None
+    text_mask: torch.BoolTensor = None
+
+
+@dataclass
 class ENATTransformer2DModelOutput(BaseOutput):
     """
     Args:
@@ -57,6 +78,7 @@ class ENATTransformer2DModelOutput(BaseOutput):
 
     logits: torch.Tensor = None
     reuse_state: ENATReuseState = None
+    conditioning: ENATConditioning = None
 
 
 def _modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -114,20 +136,24 @@ class ENATAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         context: torch.Tensor | None = None,
-        context_mask: torch.BoolTensor | None = None,
+        prefix_key_values: torch.Tensor | None = None,
+        prefix_mask: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
         """
-        `hidden_states` `(B, N, D)`, `context` `(B, M, D)` or None, `context_mask` `(B, M)` (False: ignore that
-        context token) or None -> `(B, N, D)`.
+        `hidden_states` `(B, N, D)`, `context` `(B, M, D)` or None -> `(B, N, D)`. `prefix_key_values` `(B, T, 2D)`
+        are keys/values projected beforehand (the text) that come first; `prefix_mask` `(B, T)` (False: ignore that
+        prefix token) or None.
         """
-        key_values = self.to_kv(hidden_states)
-        attention_mask = None
+        key_values = [self.to_kv(hidden_states)]
         if context is not None:
-            key_values = torch.cat([self.to_kv_context(context), key_values], dim=1)
-            if context_mask is not None:
-                own_tokens = context_mask.new_ones(hidden_states.shape[:2])
-                attention_mask = torch.cat([context_mask, own_tokens], dim=1)[:, None, None, :]
-        key, value = key_values.chunk(2, dim=-1)
+            key_values.insert(0, self.to_kv_context(context))
+        attention_mask = None
+        if prefix_key_values is not None:
+            key_values.insert(0, prefix_key_values)
+            if prefix_mask is not None:
+                rest = prefix_mask.new_ones(prefix_mask.shape[0], sum(part.shape[1] for part in key_values[1:]))
+                attention_mask = torch.cat([prefix_mask, rest], dim=1)[:, None, None, :]
+        key, value = (torch.cat(key_values, dim=1) if len(key_values) > 1 else key_values[0]).chunk(2, dim=-1)
         attended = F.scaled_dot_product_attention(
             self._split_heads(self.to_q(hidden_states)),
             self._split_heads(key),
@@ -152,24 +178,35 @@ class ENATBlock(nn.Module):
         self.ff = FeedForward(hidden_size, mult=mlp_ratio, activation_fn="gelu-approximate")
         self.adaln_modulation = nn.Linear(hidden_size, 8 * hidden_size)
 
+    def modulation(self, conditioning: torch.Tensor) -> torch.Tensor:
+        """`conditioning` `(B, D)` -> the eight modulation vectors concatenated, `(B, 8D)`."""
+        return self.adaln_modulation(F.silu(conditioning))
+
+    def context_key_values(self, context: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """Context tokens `(B, M, D)` -> their keys/values `(B, M, 2D)` (`modulation` `(B, 8D)`)."""
+        shift_context, scale_context = modulation[:, None].chunk(8, dim=-1)[2:4]
+        return self.attn.to_kv_context(_modulate(self.norm1_context(context), shift_context, scale_context))
+
     def forward(
         self,
         hidden_states: torch.Tensor,
-        conditioning: torch.Tensor,
+        modulation: torch.Tensor,
         context: torch.Tensor | None = None,
-        context_mask: torch.BoolTensor | None = None,
+        text_key_values: torch.Tensor | None = None,
+        text_mask: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
         """
-        `hidden_states` `(B, N, D)`, `conditioning` `(B, D)`, `context` `(B, M, D)` or None, `context_mask` `(B, M)`
-        or None -> `(B, N, D)`.
+        `hidden_states` `(B, N, D)`, `modulation` `(B, 8D)` (from `modulation()`), `context` `(B, M, D)` or None,
+        `text_key_values` `(B, T, 2D)` (from `context_key_values()`) or None, `text_mask` `(B, T)` or None
+        -> `(B, N, D)`.
         """
-        (shift, scale, shift_context, scale_context, gate_attn, shift_ff, scale_ff, gate_ff) = self.adaln_modulation(
-            F.silu(conditioning)
-        )[:, None].chunk(8, dim=-1)
+        (shift, scale, shift_context, scale_context, gate_attn, shift_ff, scale_ff, gate_ff) = modulation[
+            :, None
+        ].chunk(8, dim=-1)
         if context is not None:
             context = _modulate(self.norm1_context(context), shift_context, scale_context)
         attn_input = _modulate(self.norm1(hidden_states), shift, scale)
-        hidden_states = hidden_states + gate_attn * self.attn(attn_input, context, context_mask)
+        hidden_states = hidden_states + gate_attn * self.attn(attn_input, context, text_key_values, text_mask)
         return hidden_states + gate_ff * self.ff(_modulate(self.norm2(hidden_states), shift_ff, scale_ff))
 
 
@@ -340,6 +377,7 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         return_dict: bool = True,
         encoder_attention_mask: torch.Tensor | None = None,
         pooled_text_embeds: torch.Tensor | None = None,
+        conditioning: ENATConditioning | None = None,
     ) -> ENATTransformer2DModelOutput | tuple:
         """
         Args:
@@ -354,37 +392,64 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
                 The `reuse_state` returned by the previous step of the same stream. Every token masked now must have
                 been masked then. Without it all visible tokens are encoded.
             return_dict (`bool`, defaults to `True`):
-                Return an `ENATTransformer2DModelOutput` instead of a tuple `(logits, reuse_state)`.
+                Return an `ENATTransformer2DModelOutput` instead of a tuple.
             encoder_attention_mask (`torch.Tensor` of shape `(batch_size, text_length)`, *optional*):
                 1/True for text tokens to attend to, 0/False for padding.
             pooled_text_embeds (`torch.Tensor` of shape `(batch_size, pooled_text_embed_dim)`):
                 The text encoder's pooled embedding; required when the model has `pooled_text_embed_dim`.
+            conditioning (`ENATConditioning`, *optional*):
+                The `conditioning` returned by an earlier call for the same batch, in place of `class_labels` or the
+                text arguments: later sampling steps skip recomputing it.
 
         Returns:
-            `ENATTransformer2DModelOutput` with `logits` of shape `(batch_size, codebook_size, height, width)` and
-            the `reuse_state` for the next step.
+            `ENATTransformer2DModelOutput` with `logits` of shape `(batch_size, codebook_size, height, width)`, the
+            `reuse_state` for the next step and the batch's `conditioning`. As a tuple: `(logits, reuse_state,
+            conditioning)`.
         """
         input_ids = self._flatten_input_ids(input_ids)
         masking = input_ids == self.mask_token_id
-        if self.is_class_conditional:
+        condition_inputs = (class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds)
+        if conditioning is not None:
+            self._check_conditioning(input_ids.shape[0], conditioning, condition_inputs)
+        elif self.is_class_conditional:
             self._check_class_inputs(input_ids.shape[0], class_labels, encoder_hidden_states)
         else:
-            self._check_text_inputs(
-                input_ids.shape[0], class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds
-            )
+            self._check_text_inputs(input_ids.shape[0], *condition_inputs)
         reused, counts = self._check_tokens(input_ids, masking, class_labels, reuse_state)
-        conditioning, text, text_mask = self._embed_condition(
-            class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds
-        )
+        if conditioning is None:
+            conditioning = self._prepare_conditioning(*condition_inputs)
         tokens = self.embed(input_ids)
-        features = self._encode_decode(tokens, masking, reused, conditioning, text, text_mask, reuse_state, counts)
+        features = self._encode_decode(tokens, masking, reused, conditioning, reuse_state, counts)
         logits = self.head(features, self.embed.word_embedding.weight[: self.config.codebook_size])
         side = self.config.sample_size
         logits = logits.transpose(1, 2).reshape(logits.shape[0], -1, side, side)
         reuse_state = ENATReuseState(features=features, masking=masking)
         if not return_dict:
-            return logits, reuse_state
-        return ENATTransformer2DModelOutput(logits=logits, reuse_state=reuse_state)
+            return logits, reuse_state, conditioning
+        return ENATTransformer2DModelOutput(logits=logits, reuse_state=reuse_state, conditioning=conditioning)
+
+    @property
+    def blocks(self) -> list[ENATBlock]:
+        """Encoder blocks, then decoder blocks: the order of `ENATConditioning`'s block axis."""
+        return [*self.encoder_blocks, *self.decoder_blocks]
+
+    def _prepare_conditioning(
+        self,
+        class_labels: torch.LongTensor | None,
+        encoder_hidden_states: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
+        pooled_text_embeds: torch.Tensor | None,
+    ) -> ENATConditioning:
+        embedding, text, text_mask = self._embed_condition(
+            class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds
+        )
+        modulation = torch.stack([block.modulation(embedding) for block in self.blocks], dim=1)
+        text_key_values = None
+        if text is not None:
+            text_key_values = torch.stack(
+                [block.context_key_values(text, modulation[:, i]) for i, block in enumerate(self.blocks)], dim=1
+            )
+        return ENATConditioning(modulation=modulation, text_key_values=text_key_values, text_mask=text_mask)
 
     def _embed_condition(
         self,
@@ -410,9 +475,7 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         tokens: torch.Tensor,
         masking: torch.BoolTensor,
         reused: torch.BoolTensor,
-        conditioning: torch.Tensor,
-        text: torch.Tensor | None,
-        text_mask: torch.BoolTensor | None,
+        conditioning: ENATConditioning,
         reuse_state: ENATReuseState | None,
         counts: tuple[int, int, int],
     ) -> torch.Tensor:
@@ -428,27 +491,29 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
             previous = torch.gather(reuse_state.features.detach(), 1, order[:, :num_reused])
             reused_features = self.reuse_proj(previous).to(tokens.dtype)
         if num_encoded:
-            context, context_mask = _join_context(text, text_mask, reused_features)
-            for block in self.encoder_blocks:
-                encoded = self._run_block(block, encoded, conditioning, context, context_mask)
+            for index, block in enumerate(self.encoder_blocks):
+                encoded = self._run_block(block, index, encoded, conditioning, reused_features)
         visible = encoded if reused_features is None else torch.cat([reused_features, encoded], dim=1)
         if num_masked:
-            context, context_mask = _join_context(text, text_mask, visible if visible.shape[1] else None)
-            for block in self.decoder_blocks:
-                masked = self._run_block(block, masked, conditioning, context, context_mask)
+            for index, block in enumerate(self.decoder_blocks, start=len(self.encoder_blocks)):
+                masked = self._run_block(block, index, masked, conditioning, visible if visible.shape[1] else None)
         return torch.empty_like(tokens).scatter_(1, order, torch.cat([visible, masked], dim=1))
 
     def _run_block(
         self,
         block: ENATBlock,
+        index: int,
         hidden_states: torch.Tensor,
-        conditioning: torch.Tensor,
+        conditioning: ENATConditioning,
         context: torch.Tensor | None,
-        context_mask: torch.BoolTensor | None,
     ) -> torch.Tensor:
+        text_key_values = None
+        if conditioning.text_key_values is not None:
+            text_key_values = conditioning.text_key_values[:, index]
+        inputs = (hidden_states, conditioning.modulation[:, index], context, text_key_values, conditioning.text_mask)
         if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, hidden_states, conditioning, context, context_mask)
-        return block(hidden_states, conditioning, context, context_mask)
+            return self._gradient_checkpointing_func(block, *inputs)
+        return block(*inputs)
 
     def _drop_labels(self, class_labels: torch.LongTensor) -> torch.LongTensor:
         class_labels = class_labels.reshape(-1)
@@ -512,6 +577,43 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
             got = None if pooled_text_embeds is None else tuple(pooled_text_embeds.shape)
             raise ValueError(f"`pooled_text_embeds` of shape ({batch_size}, {pooled_width}) is required, got {got}")
 
+    def _check_conditioning(
+        self, batch_size: int, conditioning: ENATConditioning, condition_inputs: tuple[torch.Tensor | None, ...]
+    ) -> None:
+        if any(value is not None for value in condition_inputs):
+            raise ValueError(
+                "pass either `conditioning` or the condition it was made from (`class_labels`, "
+                "`encoder_hidden_states`, `encoder_attention_mask`, `pooled_text_embeds`), not both"
+            )
+        if not isinstance(conditioning, ENATConditioning):
+            raise TypeError(
+                f"`conditioning` must be the ENATConditioning of an earlier call, got {type(conditioning)}"
+            )
+        width = self.config.hidden_size
+        expected = (batch_size, len(self.blocks), 8 * width)
+        modulation = conditioning.modulation
+        if modulation is None or tuple(modulation.shape) != expected:
+            got = None if modulation is None else tuple(modulation.shape)
+            raise ValueError(f"`conditioning.modulation` must have shape {expected}, got {got}")
+        text_key_values = conditioning.text_key_values
+        if self.is_class_conditional != (text_key_values is None):
+            raise ValueError(
+                "`conditioning` was made for a "
+                f"{'text-conditioned' if text_key_values is not None else 'class-conditional'} model"
+            )
+        if text_key_values is not None:
+            text_length = text_key_values.shape[2] if text_key_values.ndim == 4 else None
+            expected = (batch_size, len(self.blocks), text_length, 2 * width)
+            if tuple(text_key_values.shape) != expected:
+                raise ValueError(
+                    f"`conditioning.text_key_values` must have shape {expected}, got {tuple(text_key_values.shape)}"
+                )
+            mask = conditioning.text_mask
+            if mask is not None and tuple(mask.shape) != (batch_size, text_length):
+                raise ValueError(
+                    f"`conditioning.text_mask` must have shape {(batch_size, text_length)}, got {tuple(mask.shape)}"
+                )
+
     def _check_tokens(
         self,
         input_ids: torch.LongTensor,
@@ -574,17 +676,3 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
             raise ValueError(
                 f"`reuse_state.masking` must be a bool tensor of shape {(batch_size, num_tokens)}, got {got}"
             )
-
-
-def _join_context(
-    text: torch.Tensor | None, text_mask: torch.BoolTensor | None, visual: torch.Tensor | None
-) -> tuple[torch.Tensor | None, torch.BoolTensor | None]:
-    """Concatenates text tokens and visual context tokens `(B, *, D)`; the mask covers both or is None."""
-    if text is None:
-        return visual, None
-    if visual is None:
-        return text, text_mask
-    mask = None
-    if text_mask is not None:
-        mask = torch.cat([text_mask, text_mask.new_ones(visual.shape[:2])], dim=1)
-    return torch.cat([text, visual], dim=1), mask

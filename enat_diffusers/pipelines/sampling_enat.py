@@ -171,6 +171,8 @@ class ENATSamplingMixin(ENATHubMixin):
                     continue
                 model_input = torch.cat([latents, latents]) if self.do_classifier_free_guidance else latents
                 output = self.transformer(model_input, **condition_kwargs, reuse_state=reuse_state)
+                # The condition is the same at every step: later steps take the blocks' form of it from step 0.
+                condition_kwargs = {"conditioning": output.conditioning}
                 logits = output.logits
                 if self.do_classifier_free_guidance:
                     conditional, unconditional = logits.chunk(2)
