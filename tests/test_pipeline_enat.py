@@ -200,3 +200,30 @@ def test_partially_given_latents_keep_their_visible_tokens(pipe):
     latents[0, 0, :] = torch.tensor([1, 2, 3, 4])
     result = pipe([1], latents=latents, num_inference_steps=4, output_type="latent").images
     assert torch.equal(result[0, 0], latents[0, 0]) and (result != CODEBOOK_SIZE).all()
+
+
+def test_regionally_compiled_transformer_samples_the_same_tokens_without_graph_breaks():
+    """Token counts change at every step; the compiled blocks must follow them (dynamic shapes, no fallback)."""
+    pipe = tiny_pipeline()
+    eager = pipe([1, 2], num_inference_steps=6, generator=torch.manual_seed(0), output_type="latent").images
+    torch._dynamo.reset()
+    try:
+        # aot_eager traces exactly what inductor would compile, without the C++ build (the benchmark uses inductor).
+        pipe.transformer.compile_repeated_blocks(dynamic=True, fullgraph=True, backend="aot_eager")
+        compiled = pipe([1, 2], num_inference_steps=6, generator=torch.manual_seed(0), output_type="latent").images
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sampling_keeps_every_logit_finite(dtype):
+    pipe = tiny_pipeline().to(dtype=dtype)
+    finite = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda _module, _args, output: finite.append(bool(torch.isfinite(output.logits).all()))
+    )
+    images = pipe([1, 2], num_inference_steps=6, guidance_scale=3.0, generator=torch.manual_seed(0), output_type="np")
+    hook.remove()
+    assert finite == [True] * 6
+    assert np.isfinite(images.images).all() and images.images.shape[0] == 2

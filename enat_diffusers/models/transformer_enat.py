@@ -507,10 +507,14 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         conditioning: ENATConditioning,
         context: torch.Tensor | None,
     ) -> torch.Tensor:
+        # Fresh contiguous tensors: views into the stacked conditioning or the token groups would make a compiled
+        # block (`compile_repeated_blocks`) specialise on their strides and offsets and recompile per block.
+        hidden_states = hidden_states.contiguous()
         text_key_values = None
         if conditioning.text_key_values is not None:
-            text_key_values = conditioning.text_key_values[:, index]
-        inputs = (hidden_states, conditioning.modulation[:, index], context, text_key_values, conditioning.text_mask)
+            text_key_values = conditioning.text_key_values[:, index].clone()
+        modulation = conditioning.modulation[:, index].clone()
+        inputs = (hidden_states, modulation, context, text_key_values, conditioning.text_mask)
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(block, *inputs)
         return block(*inputs)
