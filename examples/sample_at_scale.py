@@ -1,0 +1,651 @@
+#!/usr/bin/env python
+"""Generate many images with an ENAT pipeline (e.g. 50k ImageNet samples for FID) on one or several processes.
+
+    # ImageNet 256, 50 images of each of the 1000 classes, on every GPU of the machine
+    accelerate launch --multi_gpu --num_processes 8 examples/sample_at_scale.py --model enat-l-256 \\
+        --per_class 50 --batch_size 125 --output_dir samples-enat-l-256 --dtype bf16 --compile
+    # one process (GPU if there is one), or several CPU processes (gloo)
+    python examples/sample_at_scale.py --model enat-l-256 --num_images 50000 --per_class 50 --output_dir out
+    torchrun --standalone --nproc_per_node 2 examples/sample_at_scale.py --model demo:digits --per_class 10 \\
+        --output_dir digits-samples
+    # a text pipeline: one prompt per line (or a .json list), 1 image per prompt
+    accelerate launch examples/sample_at_scale.py --model enat-b-coco --prompts_file captions.txt --per_prompt 1 \\
+        --output_dir coco-samples
+
+Image `i` always gets the same class (or prompt) and its own generator, seeded from `(--seed, i)`, so the images do
+not depend on the number of processes. The images are cut into shards of `--shard_size` consecutive images, dealt
+out to the processes round-robin, and each shard is written atomically (temporary file + rename) when it is done:
+
+* `--format npz`: `shards/shard_NNNNNN.npz` with `arr_0` (uint8, N x H x W x 3, the ADM evaluation layout),
+  `indices` (the image numbers) and `labels` (class ids) or `prompt_indices` (lines of the prompts file);
+* `--format png`: `images/NNNNNN.png`, one file per image (a flat folder, as FID tools read);
+* `--format both`: both.
+
+`manifest.json` records every setting that changes the images; running again with the same output folder resumes
+(finished shards are skipped, whatever the number of processes) and different settings are refused. Only
+`--batch_size` (when `--shard_size` is given), `--compile`, `--max_shards`, the device number (not its kind: the
+random streams differ between CPU and GPU) and the process count may change between runs (a different batch size or
+compilation can change the last bits of the computation). `--max_shards` stops each process after that many shards,
+e.g. to fit a job's time limit; run the same command again to continue. When every shard is there, the main
+process writes `samples.npz` (`arr_0` and `labels` / `prompt_indices` of all images, in order) if npz is on. The
+output folder also holds `labels.npy` (class pipelines) or `prompts.json` and `prompt_indices.npy` (text pipelines),
+and `timing.json` with images per second per process and in total for the last run that generated images (model
+loading excluded, compilation included).
+
+`--model` takes a pipeline folder, a Hub id, or `demo:digits` / `demo:digits-text` (the packaged demo models).
+Sampling settings default to the model's saved configuration. With several processes, the output folder must be
+shared by all of them.
+"""
+
+import argparse
+import hashlib
+import importlib
+import inspect
+import json
+import math
+import os
+import sys
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+from diffusers import DiffusionPipeline
+from PIL import Image
+from tqdm.auto import tqdm
+
+import enat_diffusers
+from enat_diffusers.demo import DEMO_NAMES, demo_path
+
+MANIFEST = "manifest.json"
+TIMING = "timing.json"
+MERGED = "samples.npz"
+SHARD_DIR = "shards"
+IMAGE_DIR = "images"
+MANIFEST_VERSION = 1
+DEMO_PREFIX = "demo:"
+PIPELINES = {"ENATPipeline": "class", "ENATText2ImagePipeline": "text"}
+FORMATS = ("png", "npz", "both")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GUIDANCE_SCHEDULES = ("linear", "constant")
+MASK_SCHEDULES = ("cosine", "linear", "arccos", "pow")
+# flag -> scheduler config entry
+SCHEDULER_FLAGS = {
+    "mask_temperature": "mask_temperature",
+    "sample_temperature": "sample_temperature",
+    "mask_schedule": "masking_schedule",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses and checks the flags that need no model; errors exit with the flag and what it accepts."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", type=str, required=True, help="Pipeline folder, Hub id, or demo:digits / demo:digits-text."
+    )
+    parser.add_argument("--output_dir", type=str, required=True, help="Where shards, manifest and results go.")
+    parser.add_argument("--num_images", type=int, default=None, help="Images in all (default: from --per_*).")
+    parser.add_argument("--per_class", type=int, default=None, help="Images per class, classes in order.")
+    parser.add_argument("--class_labels", type=int, nargs="+", default=None, help="Class ids (default: all).")
+    parser.add_argument("--prompts_file", type=str, default=None, help="Text pipelines: .txt (a line each) or .json.")
+    parser.add_argument("--per_prompt", type=int, default=None, help="Images per prompt, prompts in order.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Images per pipeline call, per process.")
+    parser.add_argument("--shard_size", type=int, default=None, help="Images per shard (default: --batch_size).")
+    parser.add_argument("--format", type=str, default="npz", choices=FORMATS, help="Shard files to write.")
+    parser.add_argument("--seed", type=int, default=0, help="Image i is seeded from (seed, i).")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--guidance_schedule", type=str, default=None, choices=GUIDANCE_SCHEDULES)
+    parser.add_argument("--mask_temperature", type=float, default=None, help="Default: the scheduler's.")
+    parser.add_argument("--sample_temperature", type=float, default=None, help="Default: the scheduler's.")
+    parser.add_argument("--mask_schedule", type=str, default=None, choices=MASK_SCHEDULES, help="Scheduler's.")
+    parser.add_argument("--dtype", type=str, default=None, choices=tuple(DTYPES), help="Weights dtype (fp32).")
+    parser.add_argument("--compile", action="store_true", help="Compile the transformer's blocks (torch.compile).")
+    parser.add_argument("--device", type=str, default=None, help="Default: accelerate's device for the process.")
+    parser.add_argument("--max_shards", type=int, default=None, help="Stop after this many shards per process.")
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    positive = ("num_images", "per_class", "per_prompt", "batch_size", "shard_size", "num_inference_steps")
+    for flag in (*positive, "max_shards"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be a positive integer, got {value}")
+    for flag in ("guidance_scale", "mask_temperature", "sample_temperature"):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value < math.inf:
+            parser.error(f"--{flag} must be a finite number >= 0, got {value}")
+    if args.seed < 0:
+        parser.error(f"--seed must be a non-negative integer, got {args.seed}")
+    if args.model.startswith(DEMO_PREFIX) and args.model[len(DEMO_PREFIX) :] not in DEMO_NAMES:
+        demos = ", ".join(DEMO_PREFIX + name for name in DEMO_NAMES)
+        parser.error(f"--model {args.model!r} is not a packaged demo; available: {demos}")
+    class_flags = [flag for flag in ("per_class", "class_labels") if getattr(args, flag) is not None]
+    text_flags = [flag for flag in ("prompts_file", "per_prompt") if getattr(args, flag) is not None]
+    if class_flags and text_flags:
+        parser.error(f"--{class_flags[0]} (class-conditional) cannot be combined with --{text_flags[0]} (text)")
+    if args.per_prompt is not None and args.prompts_file is None:
+        parser.error("--per_prompt needs --prompts_file")
+    if args.num_images is None and args.per_class is None and args.per_prompt is None:
+        parser.error("pass --num_images, or --per_class / --per_prompt to generate that many per class / prompt")
+    if args.class_labels is not None:
+        negative = [label for label in args.class_labels if label < 0]
+        if negative:
+            parser.error(f"--class_labels must be class ids >= 0, got {negative}")
+        if len(set(args.class_labels)) != len(args.class_labels):
+            parser.error(f"--class_labels must not repeat a class, got {args.class_labels}")
+    if args.prompts_file is not None:
+        try:
+            args.prompts = read_prompts(args.prompts_file)
+        except (OSError, ValueError) as error:
+            parser.error(f"--prompts_file: {error}")
+    else:
+        args.prompts = None
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output_dir {args.output_dir} exists and is not a folder")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device must be a torch device such as cpu, cuda or cuda:1, got {args.device!r}")
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts of a `.json` file (a list of strings) or a text file (one per line, blank lines skipped)."""
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid json ({error})") from error
+        if not isinstance(prompts, list) or not all(isinstance(prompt, str) for prompt in prompts):
+            raise ValueError(f"{path} must hold a json list of strings")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what to generate (from the model's configs only: nothing heavy is loaded)
+
+
+@dataclass
+class ModelInfo:
+    """What the pipeline's config files say: its kind, defaults, scheduler and transformer configuration."""
+
+    pipeline_class: type
+    kind: str  # "class" or "text"
+    pipeline_config: dict
+    scheduler_class: type
+    scheduler_config: dict
+    transformer_config: dict
+
+
+@dataclass
+class Plan:
+    """The resolved run: per-image conditions and every setting that changes the images."""
+
+    conditions: np.ndarray  # class id or prompt index of every image
+    settings: dict
+    prompts: list[str] | None = None
+    scheduler_overrides: dict = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.conditions)
+
+    @property
+    def shard_size(self) -> int:
+        return self.settings["shard_size"]
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_images / self.shard_size)
+
+    @property
+    def condition_key(self) -> str:
+        return "labels" if self.prompts is None else "prompt_indices"
+
+    def shard_range(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images))
+
+
+def model_location(model: str) -> str:
+    """A local folder or Hub id for `--model` (`demo:NAME` is the packaged demo)."""
+    if model.startswith(DEMO_PREFIX):
+        return str(demo_path(model[len(DEMO_PREFIX) :]))
+    return model
+
+
+def _import_class(module: str, name: str) -> type:
+    return getattr(importlib.import_module(module), name)
+
+
+def describe_model(model: str) -> ModelInfo:
+    """Reads the pipeline, scheduler and transformer configs of `model` (json files only)."""
+    location = model_location(model)
+    try:
+        pipeline_config = DiffusionPipeline.load_config(location)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--model {model!r}: no diffusers pipeline found there ({error})") from error
+    class_name = pipeline_config.get("_class_name")
+    if class_name not in PIPELINES:
+        raise SystemExit(f"--model {model!r} is a {class_name}; this script runs {' and '.join(PIPELINES)}")
+    scheduler_class = _import_class(*pipeline_config["scheduler"])
+    transformer_class = _import_class(*pipeline_config["transformer"])
+    return ModelInfo(
+        pipeline_class=getattr(enat_diffusers, class_name),
+        kind=PIPELINES[class_name],
+        pipeline_config=pipeline_config,
+        scheduler_class=scheduler_class,
+        scheduler_config=scheduler_class.load_config(location, subfolder="scheduler"),
+        transformer_config=transformer_class.load_config(location, subfolder="transformer"),
+    )
+
+
+def image_conditions(values: int, per_value: int | None, num_images: int | None, flags: tuple[str, str]) -> np.ndarray:
+    """Index into `values` things (classes or prompts) of every image: `per_value` each in order, or cycling."""
+    per_flag, what = flags
+    if per_value is not None:
+        expected = per_value * values
+        if num_images is not None and num_images != expected:
+            raise SystemExit(
+                f"--num_images {num_images} must equal --{per_flag} {per_value} x {values} {what} = {expected} "
+                f"(or leave out --{per_flag} to cycle through the {what})"
+            )
+        return np.repeat(np.arange(values), per_value)
+    return np.arange(num_images) % values
+
+
+def _init_default(function, name: str):
+    return inspect.signature(function).parameters[name].default
+
+
+def resolve_scheduler(info: ModelInfo, args: argparse.Namespace) -> tuple[dict, dict]:
+    """The scheduler overrides given by flags and the resulting public scheduler config."""
+    overrides = {key: getattr(args, flag) for flag, key in SCHEDULER_FLAGS.items() if getattr(args, flag) is not None}
+    accepted = inspect.signature(info.scheduler_class.__init__).parameters
+    unknown = [flag for flag, key in SCHEDULER_FLAGS.items() if key in overrides and key not in accepted]
+    if unknown:
+        raise SystemExit(
+            f"--{unknown[0]}: the model's scheduler {info.scheduler_class.__name__} has no such setting "
+            f"(it takes {', '.join(name for name in accepted if name != 'self')})"
+        )
+    scheduler = info.scheduler_class.from_config(info.scheduler_config, **overrides)
+    config = {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
+    return overrides, config
+
+
+def make_plan(args: argparse.Namespace, info: ModelInfo, device: torch.device) -> Plan:
+    """Checks the flags against the model and resolves every setting; exits with a clear message otherwise."""
+    if info.kind == "class":
+        if args.prompts_file is not None:
+            raise SystemExit(f"--model {args.model!r} is class-conditional: use --per_class / --class_labels")
+        num_classes = info.transformer_config["num_classes"]
+        classes = args.class_labels if args.class_labels is not None else list(range(num_classes))
+        out_of_range = [label for label in classes if label >= num_classes]
+        if out_of_range:
+            raise SystemExit(f"--class_labels must be class ids in [0, {num_classes - 1}], got {out_of_range}")
+        indices = image_conditions(len(classes), args.per_class, args.num_images, ("per_class", "classes"))
+        conditions = np.asarray(classes, dtype=np.int64)[indices]
+        condition_settings = {"class_labels": list(classes), "per_class": args.per_class}
+    else:
+        if args.prompts_file is None:
+            wrong = " (--per_class and --class_labels are for class-conditional pipelines)"
+            wrong = wrong if args.per_class is not None or args.class_labels is not None else ""
+            raise SystemExit(f"--model {args.model!r} is a text-to-image pipeline: pass --prompts_file{wrong}")
+        conditions = image_conditions(len(args.prompts), args.per_prompt, args.num_images, ("per_prompt", "prompts"))
+        prompts_hash = hashlib.sha256(json.dumps(args.prompts).encode()).hexdigest()
+        condition_settings = {"num_prompts": len(args.prompts), "prompts_sha256": prompts_hash}
+        condition_settings["per_prompt"] = args.per_prompt
+    num_tokens = info.transformer_config["sample_size"] ** 2
+    steps = args.num_inference_steps or info.pipeline_config.get(
+        "default_num_inference_steps", _init_default(info.pipeline_class.__init__, "default_num_inference_steps")
+    )
+    if steps > num_tokens:
+        raise SystemExit(f"--num_inference_steps must be at most the {num_tokens} tokens of an image, got {steps}")
+    guidance_scale = args.guidance_scale
+    if guidance_scale is None:
+        default_scale = _init_default(info.pipeline_class.__init__, "default_guidance_scale")
+        guidance_scale = info.pipeline_config.get("default_guidance_scale", default_scale)
+    overrides, scheduler_config = resolve_scheduler(info, args)
+    settings = {
+        "model": args.model,
+        "pipeline": info.pipeline_class.__name__,
+        "num_images": int(len(conditions)),
+        **condition_settings,
+        "seed": args.seed,
+        "shard_size": args.shard_size or args.batch_size,
+        "format": args.format,
+        "num_inference_steps": int(steps),
+        "guidance_scale": float(guidance_scale),
+        "guidance_schedule": args.guidance_schedule
+        or _init_default(info.pipeline_class.__call__, "guidance_schedule"),
+        "scheduler": {"class": info.scheduler_class.__name__, **scheduler_config},
+        "dtype": args.dtype or "fp32",
+        "generator_device": device.type,
+    }
+    return Plan(conditions=conditions, settings=settings, prompts=args.prompts, scheduler_overrides=overrides)
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of image `index`: mixed from `(seed, index)`, so runs with other seeds do not overlap."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the output folder
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Calls `write(file_object)` on a hidden temporary file next to `path`, then renames it to `path`."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data) -> None:
+    _atomic_write(path, lambda handle: handle.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def image_name(plan: Plan, index: int) -> str:
+    width = max(6, len(str(plan.num_images - 1)))
+    return f"{index:0{width}d}.png"
+
+
+def shard_path(output_dir: Path, shard: int) -> Path:
+    return output_dir / SHARD_DIR / f"shard_{shard:06d}.npz"
+
+
+def write_run_files(output_dir: Path, plan: Plan) -> None:
+    """Main process, first run: the manifest and the per-image conditions."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if (output_dir / MANIFEST).exists():
+        return
+    if plan.prompts is None:
+        _atomic_write(output_dir / "labels.npy", lambda handle: np.save(handle, plan.conditions))
+    else:
+        _write_json(output_dir / "prompts.json", plan.prompts)
+        _atomic_write(output_dir / "prompt_indices.npy", lambda handle: np.save(handle, plan.conditions))
+    manifest = {"version": MANIFEST_VERSION, "script": "examples/sample_at_scale.py", "settings": plan.settings}
+    _write_json(output_dir / MANIFEST, manifest)
+
+
+def check_manifest(output_dir: Path, plan: Plan) -> None:
+    """Refuses to continue an output folder made with other settings, naming every difference."""
+    manifest = json.loads((output_dir / MANIFEST).read_text())
+    recorded = manifest.get("settings", {})
+    current = json.loads(json.dumps(plan.settings))
+    differences = [
+        f"  {key}: {json.dumps(recorded.get(key))} in the manifest, {json.dumps(current.get(key))} now"
+        for key in sorted(set(recorded) | set(current))
+        if recorded.get(key) != current.get(key)
+    ]
+    if differences:
+        raise SystemExit(
+            f"{output_dir} holds samples made with other settings ({output_dir / MANIFEST}):\n"
+            + "\n".join(differences)
+            + "\nrerun with the recorded settings to resume, or choose another --output_dir"
+        )
+
+
+def remove_temporary_files(output_dir: Path) -> None:
+    """Main process, before any work: leftovers of interrupted writes."""
+    for folder in (output_dir, output_dir / SHARD_DIR, output_dir / IMAGE_DIR):
+        if folder.is_dir():
+            for leftover in folder.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
+
+
+def finished_shards(output_dir: Path, plan: Plan) -> list[bool]:
+    """Whether every file of each shard is there (files only appear complete, by rename)."""
+    fmt = plan.settings["format"]
+    pngs = set(os.listdir(output_dir / IMAGE_DIR)) if (output_dir / IMAGE_DIR).is_dir() else set()
+    finished = []
+    for shard in range(plan.num_shards):
+        done = True
+        if fmt in ("npz", "both"):
+            done = shard_path(output_dir, shard).is_file()
+        if fmt in ("png", "both"):
+            done = done and all(image_name(plan, index) in pngs for index in plan.shard_range(shard))
+        finished.append(done)
+    return finished
+
+
+def write_shard(output_dir: Path, plan: Plan, shard: int, images: np.ndarray) -> None:
+    indices = np.asarray(plan.shard_range(shard), dtype=np.int64)
+    if plan.settings["format"] in ("png", "both"):
+        (output_dir / IMAGE_DIR).mkdir(exist_ok=True)
+        for index, image in zip(indices, images, strict=True):
+            pil = Image.fromarray(image)
+            _atomic_write(output_dir / IMAGE_DIR / image_name(plan, index), lambda h, pil=pil: pil.save(h, "PNG"))
+    if plan.settings["format"] in ("npz", "both"):
+        (output_dir / SHARD_DIR).mkdir(exist_ok=True)
+        arrays = {"arr_0": images, "indices": indices, plan.condition_key: plan.conditions[indices]}
+        _atomic_write(shard_path(output_dir, shard), lambda handle: np.savez(handle, **arrays))
+
+
+def merge_shards(output_dir: Path, plan: Plan) -> Path:
+    """Streams every shard's images, in order, into `samples.npz` (`arr_0` + conditions) without holding them all."""
+    path = output_dir / MERGED
+
+    def write(handle) -> None:
+        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+                for shard in range(plan.num_shards):
+                    images = _read_shard(output_dir, plan, shard)
+                    if shard == 0:
+                        header = np.lib.format.header_data_from_array_1_0(images)
+                        header["shape"] = (plan.num_images, *images.shape[1:])
+                        np.lib.format.write_array_header_1_0(member, header)
+                    member.write(np.ascontiguousarray(images).tobytes())
+            with archive.open(f"{plan.condition_key}.npy", "w") as member:
+                np.lib.format.write_array(member, plan.conditions)
+
+    _atomic_write(path, write)
+    return path
+
+
+def _read_shard(output_dir: Path, plan: Plan, shard: int) -> np.ndarray:
+    with np.load(shard_path(output_dir, shard)) as data:
+        if not np.array_equal(data["indices"], np.asarray(plan.shard_range(shard))):
+            raise SystemExit(f"{shard_path(output_dir, shard)} holds other images than expected; delete it and rerun")
+        return data["arr_0"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generation
+
+
+def load_pipeline(args: argparse.Namespace, plan: Plan, info: ModelInfo, device: torch.device):
+    """The pipeline on `device` in the requested dtype, with the scheduler overrides and optional compilation."""
+    if args.model.startswith(DEMO_PREFIX):
+        pipe = enat_diffusers.load_demo_pipeline(args.model[len(DEMO_PREFIX) :])
+    else:
+        pipe = DiffusionPipeline.from_pretrained(args.model)
+    dtype = DTYPES[plan.settings["dtype"]]
+    modules = [module for module in pipe.components.values() if isinstance(module, torch.nn.Module)]
+    # Cast only when needed: diffusers warns about every cast with `to(dtype)`.
+    pipe.to(device=device, dtype=dtype if any(module.dtype != dtype for module in modules) else None)
+    if plan.scheduler_overrides:
+        pipe.scheduler = info.scheduler_class.from_config(pipe.scheduler.config, **plan.scheduler_overrides)
+    pipe.set_progress_bar_config(disable=True)
+    if args.compile:
+        compile_transformer(pipe.transformer)
+    return pipe
+
+
+def compile_transformer(transformer) -> str:
+    """Compiles each repeated block once for all token counts if the model supports it, else the whole model."""
+    if getattr(transformer, "_repeated_blocks", None) and hasattr(transformer, "compile_repeated_blocks"):
+        transformer.compile_repeated_blocks(dynamic=True)
+        return "regional"
+    transformer.compile(dynamic=True)
+    return "full"
+
+
+def generate_batch(pipe, plan: Plan, indices: list[int], device: torch.device) -> np.ndarray:
+    """uint8 images (N, H, W, 3) of images `indices`, each from its own generator."""
+    settings = plan.settings
+    generators = [torch.Generator(device=device).manual_seed(image_seed(settings["seed"], i)) for i in indices]
+    conditions = plan.conditions[indices].tolist()
+    if plan.prompts is None:
+        inputs = {"class_labels": conditions}
+    else:
+        inputs = {"prompt": [plan.prompts[j] for j in conditions]}
+    images = pipe(
+        **inputs,
+        num_inference_steps=settings["num_inference_steps"],
+        guidance_scale=settings["guidance_scale"],
+        guidance_schedule=settings["guidance_schedule"],
+        generator=generators,
+        output_type="np",
+    ).images
+    return (images * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _batches(indices: range, batch_size: int) -> Iterator[list[int]]:
+    for start in range(0, len(indices), batch_size):
+        yield list(indices[start : start + batch_size])
+
+
+def generate_shards(pipe, plan: Plan, shards: list[int], args, output_dir: Path, accelerator, device) -> dict:
+    """Generates and writes `shards`; returns this process's count of images, seconds and shard numbers."""
+    total = sum(len(plan.shard_range(shard)) for shard in shards)
+    progress = tqdm(total=total, unit="img", desc="Sampling", disable=not accelerator.is_main_process)
+    start = time.perf_counter()
+    for shard in shards:
+        batches = [
+            generate_batch(pipe, plan, batch, device) for batch in _batches(plan.shard_range(shard), args.batch_size)
+        ]
+        write_shard(output_dir, plan, shard, np.concatenate(batches))
+        progress.update(len(plan.shard_range(shard)))
+    progress.close()
+    return {"images": total, "seconds": time.perf_counter() - start, "shards": shards}
+
+
+def report_timing(output_dir: Path, mine: dict, args, accelerator, device) -> dict | None:
+    """Gathers every process's counts; the main process prints images/s and writes `timing.json`."""
+    per_process = gather_object([{"process": accelerator.process_index, **mine}])
+    if not accelerator.is_main_process:
+        return None
+    per_process = sorted(per_process, key=lambda entry: entry["process"])
+    for entry in per_process:
+        entry["images_per_second"] = entry["images"] / entry["seconds"] if entry["seconds"] > 0 else None
+    images = sum(entry["images"] for entry in per_process)
+    seconds = max(entry["seconds"] for entry in per_process)
+    timing = {
+        "num_processes": accelerator.num_processes,
+        "device": device.type,
+        "batch_size": args.batch_size,
+        "compile": args.compile,
+        "images": images,
+        "seconds": seconds,
+        "images_per_second": images / seconds if seconds > 0 else None,
+        "per_process": per_process,
+    }
+    for entry in per_process:
+        rate = entry["images_per_second"]
+        rate_text = f"{rate:.2f} images/s" if rate else "nothing to do"
+        print(f"process {entry['process']}: {entry['images']} images in {entry['seconds']:.1f} s ({rate_text})")
+    if images:  # a run with nothing left to do keeps the timing of the run that did the work
+        print(
+            f"total: {images} images in {seconds:.1f} s on {accelerator.num_processes} process(es): "
+            f"{timing['images_per_second']:.2f} images/s"
+        )
+        _write_json(output_dir / TIMING, timing)
+    return timing
+
+
+def finish(output_dir: Path, plan: Plan, args) -> dict:
+    """Main process, after every process is done: checks that no image is missing and merges the npz shards."""
+    missing = [shard for shard, done in enumerate(finished_shards(output_dir, plan)) if not done]
+    if missing:
+        message = f"{len(missing)} of {plan.num_shards} shards are still to do; run the same command again"
+        if args.max_shards is None:
+            raise SystemExit(f"{message} (missing shards: {missing[:20]})")
+        print(message)
+        return {"complete": False, "missing_shards": missing}
+    merged = None
+    if plan.settings["format"] in ("npz", "both"):
+        merged = output_dir / MERGED
+        if not merged.is_file():
+            merge_shards(output_dir, plan)
+    print(f"all {plan.num_images} images are in {output_dir}" + (f" ({MERGED} holds them all)" if merged else ""))
+    return {"complete": True, "missing_shards": [], "merged": str(merged) if merged else None}
+
+
+def _has_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def create_accelerator(args: argparse.Namespace) -> tuple[Accelerator, torch.device]:
+    """accelerate's state for this process and the device to sample on (`--device` if given)."""
+    requested = torch.device(args.device) if args.device is not None else None
+    cpu = requested.type == "cpu" if requested is not None else not _has_accelerator()
+    accelerator = Accelerator(cpu=cpu)
+    device = accelerator.device
+    if requested is not None and not (requested.type == device.type and requested.index is None):
+        device = requested
+    return accelerator, device
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    info = describe_model(args.model)
+    accelerator, device = create_accelerator(args)
+    plan = make_plan(args, info, device)
+    output_dir = Path(args.output_dir)
+
+    if accelerator.is_main_process:
+        write_run_files(output_dir, plan)
+    accelerator.wait_for_everyone()
+    check_manifest(output_dir, plan)  # on every process, so that all of them stop on a mismatch
+    pending = None
+    if accelerator.is_main_process:
+        remove_temporary_files(output_dir)
+        pending = [shard for shard, done in enumerate(finished_shards(output_dir, plan)) if not done]
+    pending = broadcast_object_list([pending])[0]
+    mine = pending[accelerator.process_index :: accelerator.num_processes][: args.max_shards]
+    if accelerator.is_main_process:
+        print(
+            f"{plan.num_shards - len(pending)} of {plan.num_shards} shards done already; "
+            f"{len(pending)} to do on {accelerator.num_processes} process(es)"
+        )
+
+    result = {"images": 0, "seconds": 0.0, "shards": []}
+    if mine:
+        pipe = load_pipeline(args, plan, info, device)
+        result = generate_shards(pipe, plan, mine, args, output_dir, accelerator, device)
+    accelerator.wait_for_everyone()
+    timing = report_timing(output_dir, result, args, accelerator, device)
+    summary = {"generated_shards": result["shards"], "timing": timing}
+    if accelerator.is_main_process:
+        summary.update(finish(output_dir, plan, args))
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
