@@ -1,7 +1,6 @@
 """examples/benchmark.py on a tiny configuration: runs end to end, counts FLOPs consistently, checks its rows."""
 
 import argparse
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmark.py"
+from .example_scripts import load_example
 
 TINY_CONFIG = {
     "sample_size": 4,
@@ -43,10 +42,7 @@ TINY_CONFIG = {
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("enat_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("benchmark")
 
 
 @pytest.fixture

@@ -1,10 +1,7 @@
 """The packaged handwritten-digit demo pipelines: loading, recognisable samples, the generate script, and the
 reproducibility of the demo training (examples/train_demo_digits.py)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,20 +12,13 @@ from PIL import Image
 from enat_diffusers import ENATPipeline, ENATText2ImagePipeline, load_demo_pipeline
 from enat_diffusers.demo import DEMO_NAMES, demo_path
 
+from .example_scripts import load_example
+
 pytest.importorskip("sklearn", reason="the demo checks classify digits with scikit-learn")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SAMPLES_PER_CLASS = 10
 MIN_ACCURACY = 0.9
 MAX_DEMO_MEGABYTES = 15
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

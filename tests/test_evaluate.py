@@ -1,7 +1,6 @@
 """examples/evaluate.py: torchmetrics' FID against the closed form, reference statistics (mu/sigma) round trip,
 clear errors before any image is read, and the digits check (trained demo vs an untrained transformer)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,18 +10,15 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .example_scripts import load_example
+
 pytest.importorskip("torchmetrics", reason="examples/evaluate.py computes the metrics with torchmetrics")
 scipy_linalg = pytest.importorskip("scipy.linalg")
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
 
 
 @pytest.fixture(scope="module")
 def evaluate():
-    spec = importlib.util.spec_from_file_location("enat_evaluate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("evaluate")
 
 
 class AffineFeatures(nn.Module):

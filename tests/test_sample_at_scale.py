@@ -1,9 +1,7 @@
 """examples/sample_at_scale.py on the packaged demo models: shards, determinism across process counts, resuming."""
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +12,8 @@ from accelerate import debug_launcher
 from accelerate.state import AcceleratorState
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "sample_at_scale.py"
+from .example_scripts import load_example
+
 NUM_CLASSES = 10
 PER_CLASS = 2
 NUM_IMAGES = NUM_CLASSES * PER_CLASS
@@ -23,15 +22,7 @@ RUN_ARGS = ["--model", "demo:digits", "--per_class", str(PER_CLASS), "--batch_si
 NUM_SHARDS = 7
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("sample_at_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sample_at_scale"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sample_at_scale = _load_script()
+sample_at_scale = load_example("sample_at_scale")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,10 +1,8 @@
 """examples/train_enat.py, run in-process on tiny data, a tiny VQ model and a tiny transformer (CPU, offline)."""
 
 import copy
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -20,22 +18,14 @@ from safetensors.torch import load_file
 
 from enat_diffusers import ENATPipeline, ENATText2ImagePipeline, ENATTransformer2DModel, MaskGITVQModel
 
+from .example_scripts import load_example
 from .tiny_components import NUM_CLASSES, tiny_clip, tiny_pipeline, tiny_text_pipeline, tiny_vqvae
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_enat.py"
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230)}
 IMAGES_PER_CLASS = 4  # 12 images, batch 4: 3 steps per epoch
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_enat", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_enat"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-train_enat = _load_script()
+train_enat = load_example("train_enat")
 
 
 @pytest.fixture(autouse=True)
