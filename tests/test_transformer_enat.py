@@ -141,6 +141,17 @@ def test_returned_conditioning_replaces_the_labels_and_skips_the_adaln_projectio
     assert not torch.allclose(other_class, with_labels.logits, atol=1e-4)
 
 
+def test_step_states_survive_accelerate_device_moves(model):
+    """Offloading hooks rebuild the outputs passed back as inputs (`send_to_device`): they must keep their type."""
+    from accelerate.utils import send_to_device
+
+    output = model(_ids(), class_labels=torch.tensor([1, 2]))
+    for state in (output.reuse_state, output.conditioning):
+        moved = send_to_device(state, "cpu")
+        assert type(moved) is type(state) and moved.keys() == state.keys()
+        assert all(torch.equal(moved[key], state[key]) for key in state)
+
+
 def test_conditioning_that_does_not_fit_is_rejected(model):
     labels = torch.tensor([1, 2])
     conditioning = model(_ids(), class_labels=labels).conditioning
