@@ -19,6 +19,16 @@ def load_fixture(name: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]
     return tensors, metadata
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny models: one thread is as fast, much faster when other processes share the cores, and
+    results do not depend on the thread count of the machine. Use with `pytest.mark.usefixtures("single_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     torch.manual_seed(0)

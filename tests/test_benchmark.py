@@ -11,15 +11,10 @@ import torch
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
 
 from .example_scripts import load_example
+from .tiny_components import TINY_TRANSFORMER_CONFIG
 
 TINY_CONFIG = {
-    "sample_size": 4,
-    "codebook_size": 16,
-    "hidden_size": 32,
-    "num_attention_heads": 4,
-    "num_encoder_layers": 2,
-    "num_decoder_layers": 1,
-    "num_classes": 5,
+    **TINY_TRANSFORMER_CONFIG,
     "amused": {
         "sample_size": 4,
         "hidden_size": 32,

@@ -25,13 +25,7 @@ NUM_SHARDS = 7
 sample_at_scale = load_example("sample_at_scale")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: one thread is as fast, and results do not depend on the thread count of the run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _run(output_dir: Path, *args: str, base: list[str] = RUN_ARGS) -> dict:

@@ -35,13 +35,7 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: one thread is as fast, and much faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _square(color, rng, size=8) -> Image.Image:

@@ -5,17 +5,9 @@ import torch
 
 from enat_diffusers.models.transformer_enat import ENATConditioning, ENATReuseState, ENATTransformer2DModel
 
+from .tiny_components import TINY_TRANSFORMER_CONFIG as TINY
 from .tiny_components import public_config
 
-TINY = {
-    "sample_size": 4,
-    "codebook_size": 16,
-    "hidden_size": 32,
-    "num_attention_heads": 4,
-    "num_encoder_layers": 2,
-    "num_decoder_layers": 1,
-    "num_classes": 5,
-}
 MASK = TINY["codebook_size"]
 
 

@@ -23,18 +23,21 @@ TEXT_WIDTH = 8
 TEXT_LENGTH = 8
 
 
+# The tiny class-conditional transformer every test builds on.
+TINY_TRANSFORMER_CONFIG = {
+    "sample_size": GRID,
+    "codebook_size": CODEBOOK_SIZE,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_encoder_layers": 2,
+    "num_decoder_layers": 1,
+    "num_classes": NUM_CLASSES,
+}
+
+
 def tiny_transformer(seed: int = 0, **config) -> ENATTransformer2DModel:
     torch.manual_seed(seed)
-    config = {"num_classes": NUM_CLASSES, **config}
-    model = ENATTransformer2DModel(
-        sample_size=GRID,
-        codebook_size=CODEBOOK_SIZE,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_encoder_layers=2,
-        num_decoder_layers=1,
-        **config,
-    )
+    model = ENATTransformer2DModel(**{**TINY_TRANSFORMER_CONFIG, **config})
     with torch.no_grad():  # as after training: no block is an identity map
         for block in [*model.encoder_blocks, *model.decoder_blocks]:
             block.adaln_modulation.weight.normal_(0, 0.2)
