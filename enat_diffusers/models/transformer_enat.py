@@ -135,24 +135,20 @@ class ENATAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        context: torch.Tensor | None = None,
-        prefix_key_values: torch.Tensor | None = None,
-        prefix_mask: torch.BoolTensor | None = None,
+        context_key_values: tuple[torch.Tensor, ...] = (),
+        context_mask: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
         """
-        `hidden_states` `(B, N, D)`, `context` `(B, M, D)` or None -> `(B, N, D)`. `prefix_key_values` `(B, T, 2D)`
-        are keys/values projected beforehand (the text) that come first; `prefix_mask` `(B, T)` (False: ignore that
-        prefix token) or None.
+        `hidden_states` `(B, N, D)` -> `(B, N, D)`. `context_key_values`: keys/values `(B, M_i, 2D)` of context
+        tokens (from `ENATBlock.context_key_values`), attended before the own tokens; `context_mask` `(B, T)` covers
+        the first `T` of them (False: ignore that token) or is None.
         """
-        key_values = [self.to_kv(hidden_states)]
-        if context is not None:
-            key_values.insert(0, self.to_kv_context(context))
+        key_values = [*context_key_values, self.to_kv(hidden_states)]
         attention_mask = None
-        if prefix_key_values is not None:
-            key_values.insert(0, prefix_key_values)
-            if prefix_mask is not None:
-                rest = prefix_mask.new_ones(prefix_mask.shape[0], sum(part.shape[1] for part in key_values[1:]))
-                attention_mask = torch.cat([prefix_mask, rest], dim=1)[:, None, None, :]
+        if context_mask is not None:
+            unmasked = sum(part.shape[1] for part in key_values) - context_mask.shape[1]
+            rest = context_mask.new_ones(context_mask.shape[0], unmasked)
+            attention_mask = torch.cat([context_mask, rest], dim=1)[:, None, None, :]
         key, value = (torch.cat(key_values, dim=1) if len(key_values) > 1 else key_values[0]).chunk(2, dim=-1)
         attended = F.scaled_dot_product_attention(
             self._split_heads(self.to_q(hidden_states)),
@@ -200,13 +196,12 @@ class ENATBlock(nn.Module):
         `text_key_values` `(B, T, 2D)` (from `context_key_values()`) or None, `text_mask` `(B, T)` or None
         -> `(B, N, D)`.
         """
-        (shift, scale, shift_context, scale_context, gate_attn, shift_ff, scale_ff, gate_ff) = modulation[
-            :, None
-        ].chunk(8, dim=-1)
+        shift, scale, _, _, gate_attn, shift_ff, scale_ff, gate_ff = modulation[:, None].chunk(8, dim=-1)
+        context_key_values = () if text_key_values is None else (text_key_values,)
         if context is not None:
-            context = _modulate(self.norm1_context(context), shift_context, scale_context)
+            context_key_values += (self.context_key_values(context, modulation),)
         attn_input = _modulate(self.norm1(hidden_states), shift, scale)
-        hidden_states = hidden_states + gate_attn * self.attn(attn_input, context, text_key_values, text_mask)
+        hidden_states = hidden_states + gate_attn * self.attn(attn_input, context_key_values, text_mask)
         return hidden_states + gate_ff * self.ff(_modulate(self.norm2(hidden_states), shift_ff, scale_ff))
 
 
