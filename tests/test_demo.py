@@ -163,3 +163,12 @@ def test_digit_images_round_trip_to_the_classifier_pixels(demo_script):
     torch.testing.assert_close(
         torch.from_numpy(demo_script.images_to_digits(images)), torch.from_numpy(pixels[:20].reshape(20, -1))
     )
+
+
+def test_demo_prefix_resolves_to_the_packaged_folder_and_leaves_other_names_alone():
+    from enat_diffusers.demo import demo_path, resolve_pretrained_location
+
+    assert resolve_pretrained_location("demo:digits-text") == str(demo_path("digits-text"))
+    assert resolve_pretrained_location("org/enat-l-256") == "org/enat-l-256"
+    with pytest.raises(ValueError, match="available: digits, digits-text"):
+        resolve_pretrained_location("demo:cats")

@@ -23,6 +23,18 @@ def demo_path(name: str = "digits") -> Path:
     return folder
 
 
+DEMO_PREFIX = "demo:"
+
+
+def resolve_pretrained_location(name_or_path: str | Path) -> str:
+    """What every script's model argument (`--model`, `--pretrained_model_name_or_path`, ...) goes through: `demo:NAME`
+    becomes the folder of the packaged demo `NAME`; a local folder or a Hub id is returned unchanged."""
+    name_or_path = str(name_or_path)
+    if name_or_path.startswith(DEMO_PREFIX):
+        return str(demo_path(name_or_path[len(DEMO_PREFIX) :]))
+    return name_or_path
+
+
 def load_demo_pipeline(name: str = "digits", **kwargs):
     """`DiffusionPipeline.from_pretrained` of a packaged demo pipeline (`"digits"` or `"digits-text"`); `kwargs` go
     to `from_pretrained`. No network access is needed."""
@@ -31,4 +43,4 @@ def load_demo_pipeline(name: str = "digits", **kwargs):
     return DiffusionPipeline.from_pretrained(demo_path(name), **kwargs)
 
 
-__all__ = ["DEMO_NAMES", "DEMO_ROOT", "demo_path", "load_demo_pipeline"]
+__all__ = ["DEMO_NAMES", "DEMO_PREFIX", "DEMO_ROOT", "demo_path", "load_demo_pipeline", "resolve_pretrained_location"]
