@@ -158,13 +158,6 @@ def test_conditioning_that_does_not_fit_is_rejected(model):
         model(_ids(), conditioning=text_shaped)
 
 
-def test_rows_with_different_masked_counts_are_rejected(model):
-    ids = _ids()
-    ids[0, (ids[0] != MASK).nonzero()[0]] = MASK
-    with pytest.raises(ValueError, match="same number of masked tokens"):
-        model(ids, class_labels=torch.tensor([1, 2]))
-
-
 def test_reuse_state_that_does_not_fit_is_rejected(model):
     labels = torch.tensor([1, 2])
     ids = _ids(num_masked=6)
