@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.attention import FeedForward
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
@@ -184,25 +185,64 @@ class ENATReuseProjection(nn.Module):
         return features + self.ff(self.norm(features))
 
 
-class ENATAttention(nn.Module):
+class ENATAttnProcessor:
     """
-    Multi-head attention whose keys/values come from two sources with separate projections: the block's own tokens
-    (`to_kv`) and optional context tokens (`to_kv_context`). Queries come from the block's own tokens only.
+    Attention of [`ENATAttention`] through diffusers' attention dispatch (`dispatch_attention_fn`), so
+    `transformer.set_attention_backend(...)` chooses the kernel (torch's SDPA by default; flash, cuDNN, sage, ...
+    where installed). Batches with an attention mask (ragged rows, padded text) need a backend that takes a mask.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: "ENATAttention",
+        hidden_states: torch.Tensor,
+        context_key_values: tuple[torch.Tensor, ...] = (),
+        attention_mask: torch.BoolTensor | None = None,
+    ) -> torch.Tensor:
+        key_values = [*context_key_values, attn.to_kv(hidden_states)]
+        key, value = (torch.cat(key_values, dim=1) if len(key_values) > 1 else key_values[0]).chunk(2, dim=-1)
+        # The dispatcher takes (batch, tokens, heads, head_dim).
+        query, key, value = (x.unflatten(-1, (attn.heads, -1)) for x in (attn.to_q(hidden_states), key, value))
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, None, None, :]
+        attended = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        return attn.to_out(attended.flatten(2).to(query.dtype))
+
+
+class ENATAttention(nn.Module, AttentionModuleMixin):
+    """
+    Multi-head attention whose keys/values come from two sources with separate projections: the block's own tokens
+    (`to_kv`) and optional context tokens (`to_kv_context`). Queries come from the block's own tokens only. The
+    attention itself runs in the processor ([`ENATAttnProcessor`]).
+    """
+
+    _default_processor_cls = ENATAttnProcessor
+    _available_processors = [ENATAttnProcessor]
+    _supports_qkv_fusion = False  # keys and values come from two projections; nothing to fuse with the queries
+
+    def __init__(self, hidden_size: int, num_heads: int, processor: ENATAttnProcessor | None = None):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` ({num_heads})")
-        self.num_heads = num_heads
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or hidden_size % num_heads:
+            raise ValueError(
+                f"`num_attention_heads` must be a positive integer that divides `hidden_size` ({hidden_size}), "
+                f"got {num_heads!r}"
+            )
+        self.heads = num_heads
         self.to_q = nn.Linear(hidden_size, hidden_size)
         self.to_kv = nn.Linear(hidden_size, 2 * hidden_size)
         self.to_kv_context = nn.Linear(hidden_size, 2 * hidden_size)
         self.to_out = nn.Linear(hidden_size, hidden_size)
-
-    def _split_heads(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch_size, length, _ = hidden_states.shape
-        return hidden_states.view(batch_size, length, self.num_heads, -1).transpose(1, 2)
+        self.set_processor(processor or self._default_processor_cls())
 
     def forward(
         self,
@@ -215,17 +255,7 @@ class ENATAttention(nn.Module):
         tokens (from `ENATBlock.context_key_values`), attended before the own tokens; `attention_mask` `(B, K)`
         covers all `K` keys, context first (False: ignore that key), or is None.
         """
-        key_values = [*context_key_values, self.to_kv(hidden_states)]
-        if attention_mask is not None:
-            attention_mask = attention_mask[:, None, None, :]
-        key, value = (torch.cat(key_values, dim=1) if len(key_values) > 1 else key_values[0]).chunk(2, dim=-1)
-        attended = F.scaled_dot_product_attention(
-            self._split_heads(self.to_q(hidden_states)),
-            self._split_heads(key),
-            self._split_heads(value),
-            attn_mask=attention_mask,
-        )
-        return self.to_out(attended.transpose(1, 2).flatten(2))
+        return self.processor(self, hidden_states, context_key_values, attention_mask)
 
 
 class ENATBlock(nn.Module):
@@ -308,7 +338,7 @@ ENAT_PRESETS = {
 }
 
 
-class ENATTransformer2DModel(ENATHubMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class ENATTransformer2DModel(ENATHubMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     """
     The ENAT transformer (Ni et al., "ENAT: Rethinking Spatial-temporal Interactions in Token-based Image
     Synthesis", NeurIPS 2024): predicts every token of a `sample_size x sample_size` grid of VQ codes from a
