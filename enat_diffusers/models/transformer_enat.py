@@ -19,6 +19,7 @@ are those of the row run alone. A batch whose rows have equal group sizes (plain
 attention mask: the computation is the same as without ragged support.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +56,9 @@ class ENATReuseState(BaseOutput):
 class ENATConditioning(BaseOutput):
     """
     The condition of a batch in the form every block consumes it. It does not change between sampling steps, so a
-    sampler computes it once (the first call returns it) and passes it as `conditioning=` to the later steps: that
-    saves one `(D, 8D)` adaLN projection per block and step and, for text, the key/value projection of the text.
+    sampler computes it once (the first call returns it, or `ENATTransformer2DModel.prepare_conditioning`) and passes
+    it as `conditioning=` to the later steps: that saves one `(D, 8D)` adaLN projection per block and step and, for
+    text, the key/value projection of the text.
 
     Args:
         modulation (`torch.Tensor` of shape `(batch_size, num_blocks, 8 * hidden_size)`):
@@ -427,6 +429,33 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
 """
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, **kwargs):
+        """
+        [`ModelMixin.from_pretrained`], stricter: weights that do not fit the config are a load error. A folder whose
+        config asks for tensors its weights lack (a missing tensor, more layers than were saved) or whose weights
+        hold tensors the config has no place for (fewer layers, another kind of model) is refused, naming the
+        tensors, instead of loading with a warning and failing at the first call or silently running a different
+        model. (The head count does not show in the weights: a count that does not divide `hidden_size` is refused
+        by the config check; another divisor cannot be detected.) `output_loading_info=True` works as usual.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, output_loading_info=True, **kwargs
+        )
+        problems = []
+        for key, what in (("missing_keys", "missing from the weights"), ("unexpected_keys", "not used by the config")):
+            names = sorted(loading_info.get(key) or [])
+            if names:
+                shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+                problems.append(f"{what}: {shown}")
+        if problems:
+            raise ValueError(
+                f"the weights in {pretrained_model_name_or_path} do not match its {cls.__name__} config "
+                f"({'; '.join(problems)}); check that config.json belongs to these weights"
+            )
+        return (model, loading_info) if output_loading_info else model
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "ENATTransformer2DModel":
         """A randomly initialised model of a paper configuration (`ENAT_PRESETS`), e.g. `from_preset("ENAT-B")`."""
         if name not in ENAT_PRESETS:
@@ -515,7 +544,7 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         masked_counts, reused_counts = self._check_tokens(input_ids, masking, reused, class_labels, reuse_state)
         groups = ENATTokenGroups.from_masks(masking, reused, masked_counts, reused_counts)
         if conditioning is None:
-            conditioning = self._prepare_conditioning(*condition_inputs)
+            conditioning = self._build_conditioning(*condition_inputs)
         tokens = self.embed(input_ids)
         features = self._encode_decode(tokens, groups, conditioning, reuse_state)
         logits = self.head(features, self.embed.word_embedding.weight[: self.config.codebook_size])
@@ -531,13 +560,59 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         """Encoder blocks, then decoder blocks: the order of `ENATConditioning`'s block axis."""
         return [*self.encoder_blocks, *self.decoder_blocks]
 
-    def _prepare_conditioning(
+    def prepare_conditioning(
+        self,
+        class_labels: torch.LongTensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        pooled_text_embeds: torch.Tensor | None = None,
+    ) -> ENATConditioning:
+        """
+        The condition of a batch in the form every block consumes it: the adaLN modulation of every block and, for
+        text models, the text keys/values of every block. It does not depend on the tokens, so it can be computed
+        once and passed as `conditioning=` to every forward call on the same batch (every sampling step; or, in a
+        script, the conditional and unconditional streams prepared up front). A forward call with the condition
+        arguments computes the same thing and returns it as `output.conditioning`.
+
+        Args:
+            class_labels (`torch.LongTensor` of shape `(batch_size,)`):
+                Class-conditional models: labels in `[0, num_classes]`; `num_classes` is the null class.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch_size, text_length, text_embed_dim)`):
+                Text-conditioned models: the text encoder's hidden states.
+            encoder_attention_mask (`torch.Tensor` of shape `(batch_size, text_length)`, *optional*):
+                1/True for text tokens to attend to, 0/False for padding.
+            pooled_text_embeds (`torch.Tensor` of shape `(batch_size, pooled_text_embed_dim)`):
+                The text encoder's pooled embedding; required when the model has `pooled_text_embed_dim`.
+
+        Returns:
+            [`ENATConditioning`] for `batch_size` rows.
+        """
+        inputs = (class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds)
+        if self.is_class_conditional:
+            batch_size = class_labels.numel() if isinstance(class_labels, torch.Tensor) else 0
+            self._check_class_inputs(batch_size, class_labels, encoder_hidden_states)
+            label_min, label_max = torch.stack([class_labels.min(), class_labels.max()]).tolist()
+            if label_min < 0 or label_max > self.config.num_classes:
+                raise ValueError(
+                    f"`class_labels` must lie in [0, {self.config.num_classes}] ({self.config.num_classes} = null "
+                    f"class), got values in [{label_min}, {label_max}]"
+                )
+        else:
+            batch_size = encoder_hidden_states.shape[0] if isinstance(encoder_hidden_states, torch.Tensor) else 0
+            self._check_text_inputs(batch_size, *inputs)
+        return self._build_conditioning(*inputs)
+
+    # examples/benchmark.py still calls the former private name.
+    _prepare_conditioning = prepare_conditioning
+
+    def _build_conditioning(
         self,
         class_labels: torch.LongTensor | None,
         encoder_hidden_states: torch.Tensor | None,
         encoder_attention_mask: torch.Tensor | None,
         pooled_text_embeds: torch.Tensor | None,
     ) -> ENATConditioning:
+        """`prepare_conditioning` without the input checks (`forward` has made them)."""
         embedding, text, text_mask = self._embed_condition(
             class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds
         )
