@@ -138,10 +138,12 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
       whole grid, which is the region `add_noise` masks from.
 
     A run from a fully masked grid (`n = L`) with the default cosine schedule is exactly the sampler of the ENAT
-    reference code; guidance itself (weight `cfg * k / T` in the reference) is the pipeline's job. The scheduler is a drop-in replacement for diffusers'
-    [`AmusedScheduler`] (same `set_timesteps` / `step` / `add_noise` calling conventions and `mask_token_id`), and
-    `AmusedScheduler.from_config(enat_scheduler.config)` works the other way round; `step` accepts aMUSEd's
-    `starting_mask_ratio`, so the scheduler also runs inside [`AmusedImg2ImgPipeline`] and [`AmusedInpaintPipeline`].
+    reference code; guidance itself (weight `cfg * k / T` in the reference) is the pipeline's job.
+
+    The scheduler is a drop-in replacement for diffusers' [`AmusedScheduler`] (same `set_timesteps` / `step` /
+    `add_noise` calling conventions and `mask_token_id`), and `AmusedScheduler.from_config(enat_scheduler.config)`
+    works the other way round; `step` accepts aMUSEd's `starting_mask_ratio`, so the scheduler also runs inside
+    [`AmusedImg2ImgPipeline`] and [`AmusedInpaintPipeline`].
 
     This scheduler inherits from [`SchedulerMixin`] and [`ConfigMixin`]; see the superclass documentation for the
     generic methods (loading, saving, `from_config`).
