@@ -76,6 +76,7 @@ from tqdm.auto import tqdm
 
 import enat_diffusers
 from enat_diffusers.demo import DEMO_NAMES, DEMO_PREFIX, resolve_pretrained_location
+from enat_diffusers.image_utils import to_uint8
 from enat_diffusers.script_utils import add_deprecated_flag
 
 MANIFEST = "manifest.json"
@@ -698,7 +699,7 @@ def generate_batch(pipe, plan: Plan, indices: list[int], device: torch.device) -
         generator=generators,
         output_type="np",
     ).images
-    return (images * 255).round().clip(0, 255).astype(np.uint8)
+    return to_uint8(images)
 
 
 def _batches(indices: range, batch_size: int) -> Iterator[list[int]]:
