@@ -135,10 +135,13 @@ def test_generate_script_writes_a_labelled_grid(tmp_path, capsys):
 def test_generate_script_with_prompts_and_class_ids(tmp_path):
     generate = load_example("generate")
     output = tmp_path / "text.png"
-    generate.main(["--prompt", "the digit 3", "--images_per_class", "2", "--upscale", "2", "--output", str(output)])
+    argv = ["--prompt", "the digit 3", "--num_images_per_prompt", "2", "--upscale", "2", "--output", str(output)]
+    generate.main(argv)
     with Image.open(output) as grid:
         assert grid.size == (32, 2 * (32 + generate.LABEL_HEIGHT))
-    generate.main(["--class_ids", "1", "4", "--upscale", "1", "--steps", "4", "--output", str(output)])
+    generate.main(
+        ["--class_labels", "1", "4", "--upscale", "1", "--num_inference_steps", "4", "--output", str(output)]
+    )
     with Image.open(output) as grid:
         assert grid.size == (2 * 16, 16 + generate.LABEL_HEIGHT)
     with pytest.raises(ValueError, match="class-conditional"):
