@@ -5,8 +5,9 @@
 
 The folder (model_index.json, transformer/, vqvae/, scheduler/, safetensors weights) loads with
 `ENATPipeline.from_pretrained` or, after `import enat_diffusers`, `DiffusionPipeline.from_pretrained`. The scheduler
-and pipeline configs carry the reference's sampling settings for the resolution (256 px: guidance 2.5, sample
-temperature 6; 512 px: guidance 3.5, sample temperature 4; both 8 steps, mask temperature 1.5).
+and pipeline configs carry the reference's sampling settings for the resolution (256 px: guidance_scale 3.5, sample
+temperature 6; 512 px: guidance_scale 4.5, sample temperature 4; both 8 steps, mask temperature 1.5); guidance_scale
+has diffusers' meaning, the reference's `cfg` 2.5 / 3.5 plus 1.
 
 The model's configuration is read from the checkpoint: its width and number of blocks identify ENAT-S, -B or -L,
 which fixes the head count and the encoder/decoder split (not recorded in the weights); `--num_attention_heads` and

@@ -12,7 +12,6 @@ folder is created if missing; its extension picks the image format (checked befo
 """
 
 import argparse
-import inspect
 import textwrap
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guidance_scale",
         type=float,
         default=None,
-        help="Classifier-free guidance scale as the pipeline defines it (default: the pipeline's).",
+        help="Classifier-free guidance scale, diffusers' meaning: on above 1 (default: the pipeline's).",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--upscale", type=int, default=None, help="Nearest-neighbour factor (default 8 for demos).")
@@ -103,16 +102,9 @@ def load_pipeline(args: argparse.Namespace):
     return pipeline
 
 
-def per_condition_argument(pipeline) -> str:
-    """The pipeline's name for images per class label or prompt: `num_images_per_prompt` (diffusers' name, both
-    pipelines after the renaming) or `num_images_per_class` (the class pipeline before it)."""
-    parameters = inspect.signature(pipeline.__call__).parameters
-    return "num_images_per_prompt" if "num_images_per_prompt" in parameters else "num_images_per_class"
-
-
 def conditions(pipeline, args: argparse.Namespace) -> tuple[dict, list[str]]:
     """The pipeline inputs and one caption per column."""
-    per_condition = {per_condition_argument(pipeline): args.num_images_per_prompt}
+    per_condition = {"num_images_per_prompt": args.num_images_per_prompt}
     if isinstance(pipeline, ENATText2ImagePipeline):
         if not args.prompt:
             raise ValueError(f"{args.model} is a text-to-image pipeline: pass --prompt")

@@ -127,7 +127,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", type=str, default="npz", choices=FORMATS, help="Shard files to write.")
     parser.add_argument("--seed", type=int, default=0, help="Image i is seeded from (seed, i).")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the pipeline's.")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="diffusers' meaning (guidance on above 1; the paper's cfg + 1). Default: the pipeline's.",
+    )
     parser.add_argument("--guidance_schedule", type=str, default=None, choices=GUIDANCE_SCHEDULES)
     parser.add_argument("--mask_temperature", type=float, default=None, help="Default: the scheduler's.")
     parser.add_argument("--sample_temperature", type=float, default=None, help="Default: the scheduler's.")

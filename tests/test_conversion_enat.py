@@ -58,7 +58,7 @@ def test_script_writes_a_complete_folder_with_reference_defaults(converted_folde
     assert isinstance(pipe, ENATPipeline)
     assert pipe.scheduler.config.sample_temperature == 6.0 and pipe.scheduler.config.mask_temperature == 1.5
     assert pipe.scheduler.config.mask_token_id == 16
-    assert pipe.config.default_guidance_scale == 2.5 and pipe.config.default_num_inference_steps == 8
+    assert pipe.config.default_guidance_scale == 3.5 and pipe.config.default_num_inference_steps == 8
     assert pipe.transformer.config.sample_size == 16 and pipe.transformer.config.num_encoder_layers == 1
 
 

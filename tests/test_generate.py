@@ -54,14 +54,3 @@ def test_old_flag_names_warn_and_still_work(tmp_path):
     assert (args.class_labels, args.num_images_per_prompt, args.num_inference_steps) == ([1, "seven"], 3, 4)
     replaced = {str(warning.message).rsplit("use ", 1)[1] for warning in warned}
     assert replaced == {"--class_labels", "--num_images_per_prompt", "--num_inference_steps"}
-
-
-def test_images_per_condition_use_the_pipelines_argument_name():
-    class Renamed:
-        def __call__(self, class_labels, num_images_per_prompt=1): ...
-
-    class Current:
-        def __call__(self, class_labels, num_images_per_class=1): ...
-
-    assert generate.per_condition_argument(Renamed()) == "num_images_per_prompt"
-    assert generate.per_condition_argument(Current()) == "num_images_per_class"

@@ -91,7 +91,7 @@ def test_single_process_run_writes_every_image_once(reference):
     assert not list(reference.rglob("*.tmp"))
 
     settings = json.loads((reference / "manifest.json").read_text())["settings"]
-    assert settings["num_inference_steps"] == 8 and settings["guidance_scale"] == 2.5  # the demo's saved defaults
+    assert settings["num_inference_steps"] == 8 and settings["guidance_scale"] == 3.5  # the demo's saved defaults
     assert settings["scheduler"]["masking_schedule"] == "cosine" and settings["shard_size"] == 3
     timing = json.loads((reference / "timing.json").read_text())
     assert timing["num_processes"] == 1 and timing["images"] == NUM_IMAGES
@@ -137,7 +137,7 @@ def test_resume_regenerates_only_incomplete_shards(reference, tmp_path):
     np.testing.assert_array_equal(_pngs(output_dir), _pngs(reference))
 
     timing = (output_dir / "timing.json").read_text()
-    nothing_to_do = _run(output_dir, "--format", "both", "--num_inference_steps", "8", "--guidance_scale", "2.5")
+    nothing_to_do = _run(output_dir, "--format", "both", "--num_inference_steps", "8", "--guidance_scale", "3.5")
     assert nothing_to_do["complete"] and nothing_to_do["generated_shards"] == []  # explicit defaults: same settings
     assert json.loads(timing)["images"] == 6 and (output_dir / "timing.json").read_text() == timing
 
@@ -422,7 +422,7 @@ def test_each_image_gets_its_own_generator_condition_and_settings(tmp_path):
         "output_type": "np",
         "class_labels": [1, 1, 2],
         "num_inference_steps": 8,
-        "guidance_scale": 2.5,
+        "guidance_scale": 3.5,
         "guidance_schedule": "linear",
     }
 

@@ -13,10 +13,11 @@ from .common import check_finite, load_reference_checkpoint, resolve_dtype
 from .transformer import convert_enat_transformer_state_dict, transformer_config_from_state_dict
 from .vqgan import convert_vqgan
 
-# The reference's evaluation settings per resolution (README of LeapLabTHU/ENAT).
+# The reference's evaluation settings per resolution (README of LeapLabTHU/ENAT). `guidance_scale` has diffusers'
+# meaning: the reference's `cfg` 2.5 / 3.5 is `guidance_scale - 1`.
 SAMPLING_DEFAULTS = {
-    256: {"guidance_scale": 2.5, "mask_temperature": 1.5, "sample_temperature": 6.0, "num_inference_steps": 8},
-    512: {"guidance_scale": 3.5, "mask_temperature": 1.5, "sample_temperature": 4.0, "num_inference_steps": 8},
+    256: {"guidance_scale": 3.5, "mask_temperature": 1.5, "sample_temperature": 6.0, "num_inference_steps": 8},
+    512: {"guidance_scale": 4.5, "mask_temperature": 1.5, "sample_temperature": 4.0, "num_inference_steps": 8},
 }
 VQ_DOWNSAMPLING = 16
 IMAGENET_ID2LABEL = Path(__file__).resolve().parent / "imagenet1k_id2label.json"
