@@ -120,7 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Images per class label (classes in order) or per prompt (prompts in order).",
     )
-    parser.add_argument("--class_labels", type=int, nargs="+", default=None, help="Class ids (default: all).")
+    parser.add_argument(
+        "--class_labels", type=class_label, nargs="+", default=None, help="Class ids or names (default: all)."
+    )
     parser.add_argument("--prompts_file", type=str, default=None, help="Text pipelines: .txt (a line each) or .json.")
     parser.add_argument("--batch_size", type=int, default=32, help="Images per pipeline call, per process.")
     parser.add_argument("--shard_size", type=int, default=None, help="Images per shard (default: --batch_size).")
@@ -171,12 +173,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--class_labels (class-conditional) cannot be combined with --prompts_file (text)")
     if args.num_images is None and args.num_images_per_prompt is None:
         parser.error("pass --num_images, or --num_images_per_prompt to generate that many per class / prompt")
-    if args.class_labels is not None:
-        negative = [label for label in args.class_labels if label < 0]
-        if negative:
-            parser.error(f"--class_labels must be class ids >= 0, got {negative}")
-        if len(set(args.class_labels)) != len(args.class_labels):
-            parser.error(f"--class_labels must not repeat a class, got {args.class_labels}")
+
     if args.prompts_file is not None:
         try:
             args.prompts = read_prompts(args.prompts_file)
@@ -255,6 +252,28 @@ class Plan:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images))
 
 
+def class_label(text: str) -> int | str:
+    """A class id (digits only) or a class name."""
+    return int(text) if text.strip().isdigit() else text
+
+
+def class_ids(labels: list[int | str], info: ModelInfo) -> list[int]:
+    """Class ids for `--class_labels`: names are looked up in the pipeline config's `id2label` (any synonym); a
+    class may be named once."""
+    names = {}
+    for class_id, synonyms in (info.pipeline_config.get("id2label") or {}).items():
+        for name in synonyms.split(","):
+            names[name.strip()] = int(class_id)
+    unknown = [label for label in labels if isinstance(label, str) and label not in names]
+    if unknown:
+        known = "no class names" if not names else f"names such as {', '.join(list(names)[:5])}"
+        raise SystemExit(f"--class_labels: unknown class name(s) {unknown}; the model has {known}")
+    ids = [names[label] if isinstance(label, str) else label for label in labels]
+    if len(set(ids)) != len(ids):
+        raise SystemExit(f"--class_labels must not repeat a class, got {labels} (class ids {ids})")
+    return ids
+
+
 def model_location(model: str) -> str:
     """A local folder or Hub id for `--model` (`demo:NAME` is the packaged demo)."""
     return resolve_pretrained_location(model)
@@ -324,7 +343,7 @@ def make_plan(args: argparse.Namespace, info: ModelInfo, device: torch.device) -
         if args.prompts_file is not None:
             raise SystemExit(f"--model {args.model!r} is class-conditional: use --class_labels")
         num_classes = info.transformer_config["num_classes"]
-        classes = args.class_labels if args.class_labels is not None else list(range(num_classes))
+        classes = class_ids(args.class_labels, info) if args.class_labels is not None else list(range(num_classes))
         out_of_range = [label for label in classes if label >= num_classes]
         if out_of_range:
             raise SystemExit(f"--class_labels must be class ids in [0, {num_classes - 1}], got {out_of_range}")

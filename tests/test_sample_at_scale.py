@@ -101,7 +101,7 @@ def test_single_process_run_writes_every_image_once(reference):
 def test_class_subset_cycles_and_sampling_flags_reach_the_scheduler(tmp_path, capsys):
     summary = _run(
         tmp_path / "out",
-        "--class_labels", "3", "7", "--num_images", "5", "--batch_size", "5", "--num_inference_steps", "4",
+        "--class_labels", "3", "seven", "--num_images", "5", "--batch_size", "5", "--num_inference_steps", "4",
         "--masking_schedule", "linear", "--sample_temperature", "2", "--guidance_scale", "0",
         base=["--model", "demo:digits"],
     )  # fmt: skip
@@ -378,6 +378,8 @@ def test_bad_flags_fail_clearly_before_loading_the_model(tmp_path, capsys, nothi
         (["--model", str(tmp_path / "nowhere"), "--num_images", "4"], "no diffusers pipeline found there"),
         ([*digits, "--num_images", "7", "--num_images_per_prompt", "2"], "must equal --num_images_per_prompt 2 x 10"),
         ([*digits, "--class_labels", "3", "12", "--num_images_per_prompt", "1"], "class ids in [0, 9], got [12]"),
+        ([*digits, "--class_labels", "3", "three", "--num_images", "2"], "must not repeat a class, got [3, 'three']"),
+        ([*digits, "--class_labels", "sevn", "--num_images", "2"], "unknown class name(s) ['sevn']; the model has"),
         ([*digits, "--num_images", "4", "--num_inference_steps", "17"], "at most the 16 tokens of an image, got 17"),
         ([*digits, "--prompts_file", str(prompts), "--num_images", "2"], "is class-conditional"),
         ([*text, "--class_labels", "2", "--num_images", "2"], "text-to-image pipeline: pass --prompts_file (--class"),
