@@ -11,9 +11,8 @@
     # save the statistics of reference images (`mu`, `sigma`) for later runs
     python examples/evaluate.py --reference_images REAL_FOLDER --save_reference_stats real_stats.npz \\
         --inception_weights weights-inception-2015-12-05-6726825d.pth
-    # a self-contained check on the packaged digits demo (no downloads): a small digit classifier's features
-    # replace Inception; prints the distance of the trained and of an untrained model to real digits
-    python examples/evaluate.py --digits_demo
+    # the same metrics on the packaged digits demo, with a small digit classifier in place of Inception (no
+    # downloads): examples/evaluate_demo_digits.py
 
 How the numbers are computed:
 
@@ -44,6 +43,7 @@ name). No download happens here: the weights path must be given.
 
 import argparse
 import json
+import os
 import sys
 import warnings
 import zipfile
@@ -52,8 +52,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from enat_diffusers.script_utils import require_optional
 
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -65,13 +66,9 @@ SAMPLES_KEY = "arr_0"
 STATS_NUM_SAMPLES = 2
 KID_SUBSET_SIZE = 1000
 KID_SUBSETS = 100
-
-# The digits check: feature extractor trained on one part of scikit-learn's digits, reference on another,
-# a real-vs-real baseline on the rest.
-DIGIT_FEATURES = 16
-DIGIT_SPLIT_SEED = 0
-DIGIT_REFERENCE_FRACTION = 0.3
-DIGIT_BASELINE_FRACTION = 0.2
+# Reference covariances are checked for symmetry and positive semi-definiteness up to this relative tolerance (of
+# the largest absolute entry / eigenvalue): float32 statistics files carry rounding of that order.
+STATS_TOLERANCE = 1e-4
 
 
 class EvaluationError(ValueError):
@@ -174,7 +171,10 @@ class NpzImages(ImageSource):
             _read_npy_header(member)
             for start in range(0, num_images, batch_size):
                 count = min(batch_size, num_images - start)
-                data = bytearray(member.read(count * image_bytes))  # writable, for torch.from_numpy
+                try:
+                    data = bytearray(member.read(count * image_bytes))  # writable, for torch.from_numpy
+                except (zipfile.BadZipFile, OSError, EOFError) as error:  # e.g. a failing CRC, a cut-off file
+                    raise EvaluationError(f"{self.path} is damaged after {start} images ({error})") from None
                 if len(data) != count * image_bytes:
                     raise EvaluationError(f"`{SAMPLES_KEY}` of {self.path} is truncated after {start} images")
                 yield _to_tensor(np.frombuffer(data, dtype=np.uint8).reshape(count, height, width, channels))
@@ -202,8 +202,11 @@ class FolderImages(ImageSource):
         for start in range(0, len(self.files), batch_size):
             arrays = []
             for file in self.files[start : start + batch_size]:
-                with Image.open(file) as image:
-                    array = np.asarray(image.convert("RGB"))
+                try:
+                    with Image.open(file) as image:
+                        array = np.asarray(image.convert("RGB"))
+                except (OSError, SyntaxError, ValueError) as error:  # PIL: truncated or not an image
+                    raise EvaluationError(f"{file} cannot be read as an image ({error})") from None
                 if size is None:
                     size = array.shape
                 elif array.shape != size:
@@ -256,9 +259,54 @@ def load_reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         )
     if not (np.issubdtype(mu.dtype, np.floating) and np.issubdtype(sigma.dtype, np.floating)):
         raise EvaluationError(f"{path}: `mu` and `sigma` must be floating point, got {mu.dtype} and {sigma.dtype}")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    check_statistics(mu, sigma, str(path))
+    return mu, sigma
+
+
+def check_statistics(mu: np.ndarray, sigma: np.ndarray, where: str = "the reference statistics") -> None:
+    """Refuses statistics that no set of images has: non-finite values, or a `sigma` that is not a covariance
+    (asymmetric, or with a negative eigenvalue), which would give a meaningless (even negative) FID."""
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise EvaluationError(f"{path}: `mu` or `sigma` holds NaN or infinite values")
-    return mu.astype(np.float64), sigma.astype(np.float64)
+        raise EvaluationError(f"{where}: `mu` or `sigma` holds NaN or infinite values")
+    scale = float(np.abs(sigma).max()) or 1.0
+    asymmetry = float(np.abs(sigma - sigma.T).max())
+    if asymmetry > STATS_TOLERANCE * scale:
+        raise EvaluationError(
+            f"{where}: `sigma` is not symmetric (largest |sigma - sigma^T| {asymmetry:.3g}, entries up to "
+            f"{scale:.3g}), so it is no covariance matrix"
+        )
+    eigenvalues = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if eigenvalues[0] < -STATS_TOLERANCE * max(float(eigenvalues[-1]), scale):
+        raise EvaluationError(
+            f"{where}: `sigma` is not positive semi-definite (smallest eigenvalue {eigenvalues[0]:.3g}, largest "
+            f"{eigenvalues[-1]:.3g}), so it is no covariance matrix"
+        )
+
+
+def output_file_problem(path: str | Path) -> str | None:
+    """Why a result file cannot be written at `path` (a folder there, a file in the way of its folder, no write
+    permission), in one sentence, or `None`; checked before any feature is computed."""
+    path = Path(path).absolute()
+    if path.is_dir():
+        return f"{path} is a folder"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create a folder for {path}: {parent} is a file"
+    if (path.exists() and not os.access(path, os.W_OK)) or not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write {path}: no write permission"
+    return None
+
+
+def check_split_count(num_samples: int, splits: int) -> None:
+    """The Inception Score needs at least 2 images per split (one image per split gives exactly 1.0)."""
+    if splits * 2 > num_samples:
+        raise EvaluationError(
+            f"--splits {splits} needs at least {2 * splits} samples (2 per split; a split of one image gives an "
+            f"Inception Score of exactly 1), got {num_samples}: lower --splits to at most {max(1, num_samples // 2)}"
+        )
 
 
 def save_reference_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, num_samples: int) -> Path:
@@ -338,6 +386,7 @@ class InceptionFeatures(nn.Module):
     torchmetrics' InceptionScore uses)."""
 
     num_features = 2048
+    returns_logits = True
 
     def __init__(self, weights_path: str | Path, antialias: bool = False):
         super().__init__()
@@ -387,22 +436,21 @@ def extract(extractor: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _torchmetrics():
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.inception import InceptionScore
-        from torchmetrics.image.kid import KernelInceptionDistance
-    except ImportError as error:
-        raise EvaluationError(
-            f'the metrics need torchmetrics: pip install torchmetrics (or pip install -e ".[eval]") [{error}]'
-        ) from None
-    return FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
+    purpose = "FID, IS and KID (torchmetrics' metrics)"
+    fid = require_optional("torchmetrics.image.fid", "eval", purpose)
+    inception = require_optional("torchmetrics.image.inception", "eval", purpose)
+    kid = require_optional("torchmetrics.image.kid", "eval", purpose)
+    return fid.FrechetInceptionDistance, inception.InceptionScore, kid.KernelInceptionDistance
 
 
 class FeatureMetrics:
     """torchmetrics' FID, Inception Score and (optionally) KID fed with precomputed features."""
 
-    def __init__(self, device: torch.device | str = "cpu", splits: int = 10, kid: bool = False):
+    def __init__(
+        self, device: torch.device | str = "cpu", splits: int = 10, kid: bool = False, num_samples: int | None = None
+    ):
         self.device = torch.device(device)
+        self.expected_samples = num_samples
         self.splits = splits
         self.kid_enabled = kid
         self.num_features = None
@@ -435,6 +483,8 @@ class FeatureMetrics:
             self.kid.update(features, real=real)
         if not real and logits is not None:
             if self.inception_score is None:
+                if self.expected_samples is not None:  # for extractors not known to give logits until now
+                    check_split_count(self.expected_samples, self.splits)
                 _, is_class, _ = _torchmetrics()
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
@@ -473,11 +523,26 @@ def _feed(metrics: FeatureMetrics, source: ImageSource, extractor: nn.Module, re
         metrics.update(features, logits, real=real)
 
 
+def check_inputs(samples: ImageSource | None, reference_images: ImageSource | None, splits: int | None = None) -> None:
+    """Image counts that give no meaningful statistics, refused before any feature is computed (`splits`: the
+    Inception Score's, when the extractor is known to give logits)."""
+    if reference_images is not None and len(reference_images) < 2:
+        raise EvaluationError(
+            f"{reference_images.description}: a covariance needs at least 2 reference images, got {len(reference_images)}"
+        )
+    if samples is not None:
+        if len(samples) < 2:
+            raise EvaluationError(f"{samples.description}: FID needs at least 2 samples, got {len(samples)}")
+        if splits is not None:
+            check_split_count(len(samples), splits)
+
+
 @torch.no_grad()
 def compute_reference_stats(
     source: ImageSource, extractor: nn.Module, batch_size: int = 100, device: str | torch.device = "cpu"
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(mu, sigma, number of images) of the features of `source`, as the FID metric accumulates them."""
+    check_inputs(None, source)
     extractor.eval()
     metrics = FeatureMetrics(device)
     _feed(metrics, source, extractor, True, batch_size)
@@ -504,8 +569,11 @@ def compute_metrics(
         raise EvaluationError("give either reference statistics or reference images")
     if (kid or save_stats_to is not None) and reference_images is None:
         raise EvaluationError("KID and saving reference statistics need reference images")
+    if reference_stats is not None:
+        check_statistics(*reference_stats)
+    check_inputs(samples, reference_images, splits if getattr(extractor, "returns_logits", False) else None)
     extractor.eval()
-    metrics = FeatureMetrics(device, splits=splits, kid=kid)
+    metrics = FeatureMetrics(device, splits=splits, kid=kid, num_samples=len(samples))
     if reference_stats is not None:
         metrics.set_reference_statistics(*reference_stats)
     else:
@@ -514,181 +582,6 @@ def compute_metrics(
             save_reference_stats(save_stats_to, *real_statistics(metrics.fid))
     _feed(metrics, samples, extractor, False, batch_size)
     return metrics.compute(seed)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The digits check
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class DigitFeatures(nn.Module):
-    """A small digit classifier standing in for Inception: uint8 `(B, 3, H, W)` images (16x16 demo images or 8x8)
-    -> grey 8x8 pixels (channel mean, average pooling, as the demo's SVC check) -> MLP. Returns the penultimate
-    layer (`DIGIT_FEATURES` features) and the 10 class logits."""
-
-    num_features = DIGIT_FEATURES
-
-    def __init__(self, hidden: int = 64):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, DIGIT_FEATURES), nn.Tanh())
-        self.head = nn.Linear(DIGIT_FEATURES, 10)
-
-    @staticmethod
-    def pixels(images: torch.Tensor) -> torch.Tensor:
-        grey = images.float().mean(dim=1, keepdim=True) / 255.0
-        return F.adaptive_avg_pool2d(grey, (8, 8)).flatten(1)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.body(self.pixels(images))
-        return features, self.head(features)
-
-
-def real_digit_images(pixels: np.ndarray, size: int = 16) -> np.ndarray:
-    """scikit-learn digits `(N, 8, 8)` in [0, 16] -> uint8 `(N, size, size, 3)` grey RGB (nearest-neighbour), the
-    images the demo was trained on."""
-    grey = np.round(pixels.astype(np.float64) * (255.0 / 16.0)).astype(np.uint8)
-    factor = size // pixels.shape[1]
-    grey = grey.repeat(factor, axis=1).repeat(factor, axis=2)
-    return np.repeat(grey[..., None], 3, axis=-1)
-
-
-def train_digit_features(
-    images: np.ndarray, labels: np.ndarray, steps: int = 400, seed: int = DIGIT_SPLIT_SEED
-) -> DigitFeatures:
-    """`DigitFeatures` trained (full-batch Adam, cross-entropy) on uint8 NHWC digit images."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DigitFeatures()
-    inputs = model.pixels(_to_tensor(images))
-    targets = torch.from_numpy(labels).long()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: on a busy machine, a thread pool costs more than it gains
-    try:
-        for _ in range(steps):
-            loss = F.cross_entropy(model.head(model.body(inputs)), targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Pipeline output (`output_type="np"`, floats in [0, 1]) -> uint8."""
-    return np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
-
-
-def generate_digits(pipeline, samples_per_class: int, seed: int) -> np.ndarray:
-    """`samples_per_class` images of each digit, image `i` from generator seed `seed + i`, as uint8 NHWC."""
-    labels = np.repeat(np.arange(10), samples_per_class).tolist()
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(labels))]
-    return to_uint8(pipeline(class_labels=labels, generator=generators, output_type="np").images)
-
-
-def untrained_digits_pipeline(trained, seed: int):
-    """The demo pipeline with a randomly initialised transformer of the same config (same VQ and scheduler)."""
-    from enat_diffusers import ENATPipeline, ENATTransformer2DModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = ENATTransformer2DModel.from_config(trained.transformer.config).eval()
-    pipeline = ENATPipeline(
-        transformer=transformer.to(trained.device),
-        vqvae=trained.vqvae,
-        scheduler=trained.scheduler,
-        id2label=trained.config.get("id2label"),
-        default_num_inference_steps=trained.config["default_num_inference_steps"],
-        default_guidance_scale=trained.config["default_guidance_scale"],
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def run_digits_demo(
-    samples_per_class: int = 20,
-    seed: int = 0,
-    batch_size: int = 100,
-    device: str | torch.device = "cpu",
-    splits: int = 10,
-) -> dict:
-    """Feature-space FID (and digit-classifier IS) to held-out real digits of the packaged `digits` demo, of the
-    same pipeline with an untrained transformer, and of real digits (the finite-sample floor)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    from enat_diffusers import load_demo_pipeline
-
-    digits = load_digits()
-    images, labels = real_digit_images(digits.images), digits.target
-    indices = np.arange(len(labels))
-    train, rest = train_test_split(
-        indices,
-        test_size=DIGIT_REFERENCE_FRACTION + DIGIT_BASELINE_FRACTION,
-        random_state=DIGIT_SPLIT_SEED,
-        stratify=labels,
-    )
-    reference, baseline = train_test_split(
-        rest,
-        test_size=DIGIT_BASELINE_FRACTION / (DIGIT_REFERENCE_FRACTION + DIGIT_BASELINE_FRACTION),
-        random_state=DIGIT_SPLIT_SEED,
-        stratify=labels[rest],
-    )
-    extractor = train_digit_features(images[train], labels[train]).to(device)
-    with torch.no_grad():
-        _, logits = extractor(_to_tensor(images[reference]).to(device))
-    accuracy = float((logits.argmax(dim=1).cpu().numpy() == labels[reference]).mean())
-    mu, sigma, num_reference = compute_reference_stats(
-        ArrayImages(images[reference], "real digits"), extractor, batch_size, device
-    )
-
-    trained = load_demo_pipeline("digits").to(device)
-    trained.set_progress_bar_config(disable=True)
-    num_samples = 10 * samples_per_class
-    # the real-vs-real floor: as many held-out real digits as generated samples (at most the baseline split)
-    baseline = baseline[np.random.default_rng(seed).permutation(len(baseline))[:num_samples]]
-    sets = {
-        "trained": generate_digits(trained, samples_per_class, seed),
-        "untrained": generate_digits(untrained_digits_pipeline(trained, seed), samples_per_class, seed),
-        "real_held_out": images[baseline],
-    }
-    results = {
-        name: compute_metrics(
-            ArrayImages(array, name),
-            extractor,
-            reference_stats=(mu, sigma),
-            batch_size=batch_size,
-            device=device,
-            splits=splits,
-            seed=seed,
-        )
-        for name, array in sets.items()
-    }
-    return {
-        "feature_extractor": (
-            f"MLP digit classifier (64-64-{DIGIT_FEATURES}-10) trained on {len(train)} real digits; "
-            f"features: its {DIGIT_FEATURES}-d penultimate layer, logits for the IS"
-        ),
-        "classifier_accuracy_on_reference": accuracy,
-        "num_reference": num_reference,
-        "samples_per_class": samples_per_class,
-        "num_inference_steps": trained.config["default_num_inference_steps"],
-        "results": results,
-    }
-
-
-def format_digits_report(report: dict) -> str:
-    lines = [
-        f"digits check: {report['feature_extractor']}",
-        f"reference: {report['num_reference']} held-out real digits "
-        f"(classifier accuracy on them {report['classifier_accuracy_on_reference']:.3f})",
-        f"{'images':<16}{'count':>6}{'FID (digit features)':>22}{'IS (digit classes)':>22}",
-    ]
-    for name, result in report["results"].items():
-        score = _format_score(result)
-        lines.append(f"{name:<16}{result['num_samples']:>6}{result['fid']:>22.3f}{score:>22}")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -720,18 +613,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kid", action="store_true", help="Also the Kernel Inception Distance (--reference_images).")
     parser.add_argument("--seed", type=int, default=0, help="Shuffling for the IS splits and KID subsets.")
     parser.add_argument("--json", type=Path, help="Also write the results to this json file.")
-    parser.add_argument("--digits_demo", action="store_true", help="Run the digits check (no other inputs).")
-    parser.add_argument("--samples_per_class", type=int, default=20, help="Digits check: samples per digit.")
+    parser.add_argument("--digits_demo", action="store_true", help=argparse.SUPPRESS)  # moved: see below
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "splits", "samples_per_class"):
+    if args.digits_demo:
+        parser.error("the digits check moved to its own script: python examples/evaluate_demo_digits.py")
+    for flag in ("batch_size", "splits"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be a positive integer")
-    inputs = ("samples", "reference_stats", "reference_images", "save_reference_stats", "inception_weights")
-    if args.digits_demo:
-        given = [f"--{name}" for name in inputs if getattr(args, name) is not None]
-        if given or args.kid:
-            parser.error(f"--digits_demo takes no {', '.join(given) or '--kid'}: it generates and evaluates by itself")
-        return args
+    for flag in ("json", "save_reference_stats"):
+        if getattr(args, flag) is not None and (problem := output_file_problem(getattr(args, flag))):
+            parser.error(f"--{flag}: {problem}")
     if args.reference_stats is not None and args.reference_images is not None:
         parser.error("pass either --reference_stats or --reference_images, not both")
     if args.samples is None and args.save_reference_stats is None:
@@ -773,15 +664,13 @@ def _default_device() -> str:
 
 def run(args: argparse.Namespace, feature_extractor: nn.Module | None = None) -> dict:
     device = torch.device(args.device or _default_device())
-    if args.digits_demo:
-        report = run_digits_demo(args.samples_per_class, args.seed, args.batch_size, device, args.splits)
-        print(format_digits_report(report))
-        return report
     # Everything that can fail is checked before any image is read: the Inception setup, then the inputs.
     weights = check_inception_setup(args.inception_weights) if feature_extractor is None else None
     reference_stats = load_reference_stats(args.reference_stats) if args.reference_stats is not None else None
     reference_images = open_images(args.reference_images) if args.reference_images is not None else None
     samples = open_images(args.samples) if args.samples is not None else None
+    if reference_stats is not None:
+        check_statistics(*reference_stats, str(args.reference_stats))
     if feature_extractor is None:
         feature_extractor = InceptionFeatures(weights, antialias=args.antialias)
         extractor_name = f"Inception-v3 ({weights.name}), {'antialiased' if args.antialias else 'TF1'} resize"
@@ -792,6 +681,9 @@ def run(args: argparse.Namespace, feature_extractor: nn.Module | None = None) ->
         raise EvaluationError(
             f"{args.reference_stats} has {len(reference_stats[0])} features, {extractor_name} gives {num_features}"
         )
+    check_inputs(
+        samples, reference_images, args.splits if getattr(feature_extractor, "returns_logits", False) else None
+    )
     feature_extractor = feature_extractor.to(device)
     if samples is None:
         mu, sigma, count = compute_reference_stats(reference_images, feature_extractor, args.batch_size, device)

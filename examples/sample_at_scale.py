@@ -3,34 +3,48 @@
 
     # ImageNet 256, 50 images of each of the 1000 classes, on every GPU of the machine
     accelerate launch --multi_gpu --num_processes 8 examples/sample_at_scale.py --model enat-l-256 \\
-        --per_class 50 --batch_size 125 --output_dir samples-enat-l-256 --dtype bf16 --compile
+        --num_images_per_prompt 50 --batch_size 125 --output_dir samples-enat-l-256 --dtype bf16 --compile
     # one process (GPU if there is one), or several CPU processes (gloo)
-    python examples/sample_at_scale.py --model enat-l-256 --num_images 50000 --per_class 50 --output_dir out
-    torchrun --standalone --nproc_per_node 2 examples/sample_at_scale.py --model demo:digits --per_class 10 \\
-        --output_dir digits-samples
+    python examples/sample_at_scale.py --model enat-l-256 --num_images_per_prompt 50 --output_dir out
+    torchrun --standalone --nproc_per_node 2 examples/sample_at_scale.py --model demo:digits \\
+        --num_images_per_prompt 10 --output_dir digits-samples
     # a text pipeline: one prompt per line (or a .json list), 1 image per prompt
-    accelerate launch examples/sample_at_scale.py --model enat-b-coco --prompts_file captions.txt --per_prompt 1 \\
-        --output_dir coco-samples
+    accelerate launch examples/sample_at_scale.py --model enat-b-coco --prompts_file captions.txt \\
+        --num_images_per_prompt 1 --output_dir coco-samples
 
 Image `i` always gets the same class (or prompt) and its own generator, seeded from `(--seed, i)`, so the images do
 not depend on the number of processes. The images are cut into shards of `--shard_size` consecutive images, dealt
-out to the processes round-robin, and each shard is written atomically (temporary file + rename) when it is done:
+out to the processes round-robin, and each shard's files are written atomically (temporary file + rename):
 
 * `--format npz`: `shards/shard_NNNNNN.npz` with `arr_0` (uint8, N x H x W x 3, the ADM evaluation layout),
   `indices` (the image numbers) and `labels` (class ids) or `prompt_indices` (lines of the prompts file);
 * `--format png`: `images/NNNNNN.png`, one file per image (a flat folder, as FID tools read);
 * `--format both`: both.
 
-`manifest.json` records every setting that changes the images; running again with the same output folder resumes
-(finished shards are skipped, whatever the number of processes) and different settings are refused. Only
-`--batch_size` (when `--shard_size` is given), `--compile`, `--max_shards`, the device number (not its kind: the
-random streams differ between CPU and GPU) and the process count may change between runs (a different batch size or
-compilation can change the last bits of the computation). `--max_shards` stops each process after that many shards,
-e.g. to fit a job's time limit; run the same command again to continue. When every shard is there, the main
-process writes `samples.npz` (`arr_0` and `labels` / `prompt_indices` of all images, in order) if npz is on. The
-output folder also holds `labels.npy` (class pipelines) or `prompts.json` and `prompt_indices.npy` (text pipelines),
-and `timing.json` with images per second per process and in total for the last run that generated images (model
-loading excluded, compilation included).
+Then `shards/shard_NNNNNN.json` records the sha256 of each of the shard's files (and the seconds it took): a shard
+counts as done only with this record, and only while its files match it.
+
+`manifest.json` records every setting that changes the images and the sha256 of the model's files (`model_index.json`
+and every file of its component folders); running again with the same output folder resumes (finished shards are
+skipped, whatever the number of processes) and different settings or model files are refused, naming each
+difference. Only `--batch_size` (when `--shard_size` is given), `--compile`, `--max_shards`, the device number (not
+its kind: the random streams differ between CPU and GPU) and the process count may change between runs (a different
+batch size or compilation can change the last bits of the computation). `--max_shards` stops each process after that
+many shards, e.g. to fit a job's time limit; run the same command again to continue. When every shard is there, the
+main process writes `samples.npz` (`arr_0` and `labels` / `prompt_indices` of all images, in order) if npz is on, and
+its checksum in `samples.json`. The output folder also holds `labels.npy` (class pipelines) or `prompts.json` and
+`prompt_indices.npy` (text pipelines), and `timing.json` with images per second per process and in total for the last
+run that generated images (model loading excluded, compilation included).
+
+After a crash or a kill at any point, running the same command again:
+
+* keeps every shard whose files match their record (each is checked again: checksums, image shape and dtype, image
+  numbers and their conditions) and generates the others; a damaged shard (changed, truncated, unreadable) is named,
+  removed and generated again;
+* merges `samples.npz` again if it is missing, truncated or changed since it was written;
+* rebuilds a missing `timing.json` from the shard records;
+* refuses a folder whose shards exist but whose `manifest.json` is gone (nothing says what made them), and a model
+  whose files changed since the manifest was written.
 
 `--model` takes a pipeline folder, a Hub id, or `demo:digits` / `demo:digits-text` (the packaged demo models).
 Sampling settings default to the model's saved configuration. With several processes, the output folder must be
@@ -61,15 +75,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import enat_diffusers
-from enat_diffusers.demo import DEMO_NAMES, demo_path
+from enat_diffusers.demo import DEMO_NAMES, DEMO_PREFIX, resolve_pretrained_location
+from enat_diffusers.image_utils import to_uint8
+from enat_diffusers.script_utils import add_deprecated_flag
 
 MANIFEST = "manifest.json"
 TIMING = "timing.json"
 MERGED = "samples.npz"
 SHARD_DIR = "shards"
 IMAGE_DIR = "images"
-MANIFEST_VERSION = 1
-DEMO_PREFIX = "demo:"
+MERGED_RECORD = "samples.json"
+MANIFEST_VERSION = 2
+HASH_CHUNK = 1 << 24
 PIPELINES = {"ENATPipeline": "class", "ENATText2ImagePipeline": "text"}
 FORMATS = ("png", "npz", "both")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -79,7 +96,7 @@ MASK_SCHEDULES = ("cosine", "linear", "arccos", "pow")
 SCHEDULER_FLAGS = {
     "mask_temperature": "mask_temperature",
     "sample_temperature": "sample_temperature",
-    "mask_schedule": "masking_schedule",
+    "masking_schedule": "masking_schedule",
 }
 
 
@@ -94,32 +111,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", type=str, required=True, help="Pipeline folder, Hub id, or demo:digits / demo:digits-text."
     )
     parser.add_argument("--output_dir", type=str, required=True, help="Where shards, manifest and results go.")
-    parser.add_argument("--num_images", type=int, default=None, help="Images in all (default: from --per_*).")
-    parser.add_argument("--per_class", type=int, default=None, help="Images per class, classes in order.")
-    parser.add_argument("--class_labels", type=int, nargs="+", default=None, help="Class ids (default: all).")
+    parser.add_argument(
+        "--num_images", type=int, default=None, help="Images in all (default: from --num_images_per_prompt)."
+    )
+    parser.add_argument(
+        "--num_images_per_prompt",
+        type=int,
+        default=None,
+        help="Images per class label (classes in order) or per prompt (prompts in order).",
+    )
+    parser.add_argument(
+        "--class_labels", type=class_label, nargs="+", default=None, help="Class ids or names (default: all)."
+    )
     parser.add_argument("--prompts_file", type=str, default=None, help="Text pipelines: .txt (a line each) or .json.")
-    parser.add_argument("--per_prompt", type=int, default=None, help="Images per prompt, prompts in order.")
     parser.add_argument("--batch_size", type=int, default=32, help="Images per pipeline call, per process.")
     parser.add_argument("--shard_size", type=int, default=None, help="Images per shard (default: --batch_size).")
     parser.add_argument("--format", type=str, default="npz", choices=FORMATS, help="Shard files to write.")
     parser.add_argument("--seed", type=int, default=0, help="Image i is seeded from (seed, i).")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the pipeline's.")
-    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="diffusers' meaning (guidance on above 1; the paper's cfg + 1). Default: the pipeline's.",
+    )
     parser.add_argument("--guidance_schedule", type=str, default=None, choices=GUIDANCE_SCHEDULES)
     parser.add_argument("--mask_temperature", type=float, default=None, help="Default: the scheduler's.")
     parser.add_argument("--sample_temperature", type=float, default=None, help="Default: the scheduler's.")
-    parser.add_argument("--mask_schedule", type=str, default=None, choices=MASK_SCHEDULES, help="Scheduler's.")
+    parser.add_argument("--masking_schedule", type=str, default=None, choices=MASK_SCHEDULES, help="Scheduler's.")
     parser.add_argument("--dtype", type=str, default=None, choices=tuple(DTYPES), help="Weights dtype (fp32).")
     parser.add_argument("--compile", action="store_true", help="Compile the transformer's blocks (torch.compile).")
     parser.add_argument("--device", type=str, default=None, help="Default: accelerate's device for the process.")
     parser.add_argument("--max_shards", type=int, default=None, help="Stop after this many shards per process.")
+    for old, new in (
+        ("--per_class", "--num_images_per_prompt"),
+        ("--per_prompt", "--num_images_per_prompt"),
+        ("--mask_schedule", "--masking_schedule"),
+    ):
+        add_deprecated_flag(parser, old, new, removed_in="0.3.0")
     args = parser.parse_args(argv)
     _check_args(parser, args)
     return args
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    positive = ("num_images", "per_class", "per_prompt", "batch_size", "shard_size", "num_inference_steps")
+    positive = ("num_images", "num_images_per_prompt", "batch_size", "shard_size", "num_inference_steps")
     for flag in (*positive, "max_shards"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -133,20 +169,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.model.startswith(DEMO_PREFIX) and args.model[len(DEMO_PREFIX) :] not in DEMO_NAMES:
         demos = ", ".join(DEMO_PREFIX + name for name in DEMO_NAMES)
         parser.error(f"--model {args.model!r} is not a packaged demo; available: {demos}")
-    class_flags = [flag for flag in ("per_class", "class_labels") if getattr(args, flag) is not None]
-    text_flags = [flag for flag in ("prompts_file", "per_prompt") if getattr(args, flag) is not None]
-    if class_flags and text_flags:
-        parser.error(f"--{class_flags[0]} (class-conditional) cannot be combined with --{text_flags[0]} (text)")
-    if args.per_prompt is not None and args.prompts_file is None:
-        parser.error("--per_prompt needs --prompts_file")
-    if args.num_images is None and args.per_class is None and args.per_prompt is None:
-        parser.error("pass --num_images, or --per_class / --per_prompt to generate that many per class / prompt")
-    if args.class_labels is not None:
-        negative = [label for label in args.class_labels if label < 0]
-        if negative:
-            parser.error(f"--class_labels must be class ids >= 0, got {negative}")
-        if len(set(args.class_labels)) != len(args.class_labels):
-            parser.error(f"--class_labels must not repeat a class, got {args.class_labels}")
+    if args.class_labels is not None and args.prompts_file is not None:
+        parser.error("--class_labels (class-conditional) cannot be combined with --prompts_file (text)")
+    if args.num_images is None and args.num_images_per_prompt is None:
+        parser.error("pass --num_images, or --num_images_per_prompt to generate that many per class / prompt")
+
     if args.prompts_file is not None:
         try:
             args.prompts = read_prompts(args.prompts_file)
@@ -225,11 +252,31 @@ class Plan:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images))
 
 
+def class_label(text: str) -> int | str:
+    """A class id (digits only) or a class name."""
+    return int(text) if text.strip().isdigit() else text
+
+
+def class_ids(labels: list[int | str], info: ModelInfo) -> list[int]:
+    """Class ids for `--class_labels`: names are looked up in the pipeline config's `id2label` (any synonym); a
+    class may be named once."""
+    names = {}
+    for class_id, synonyms in (info.pipeline_config.get("id2label") or {}).items():
+        for name in synonyms.split(","):
+            names[name.strip()] = int(class_id)
+    unknown = [label for label in labels if isinstance(label, str) and label not in names]
+    if unknown:
+        known = "no class names" if not names else f"names such as {', '.join(list(names)[:5])}"
+        raise SystemExit(f"--class_labels: unknown class name(s) {unknown}; the model has {known}")
+    ids = [names[label] if isinstance(label, str) else label for label in labels]
+    if len(set(ids)) != len(ids):
+        raise SystemExit(f"--class_labels must not repeat a class, got {labels} (class ids {ids})")
+    return ids
+
+
 def model_location(model: str) -> str:
     """A local folder or Hub id for `--model` (`demo:NAME` is the packaged demo)."""
-    if model.startswith(DEMO_PREFIX):
-        return str(demo_path(model[len(DEMO_PREFIX) :]))
-    return model
+    return resolve_pretrained_location(model)
 
 
 def _import_class(module: str, name: str) -> type:
@@ -258,15 +305,14 @@ def describe_model(model: str) -> ModelInfo:
     )
 
 
-def image_conditions(values: int, per_value: int | None, num_images: int | None, flags: tuple[str, str]) -> np.ndarray:
+def image_conditions(values: int, per_value: int | None, num_images: int | None, what: str) -> np.ndarray:
     """Index into `values` things (classes or prompts) of every image: `per_value` each in order, or cycling."""
-    per_flag, what = flags
     if per_value is not None:
         expected = per_value * values
         if num_images is not None and num_images != expected:
             raise SystemExit(
-                f"--num_images {num_images} must equal --{per_flag} {per_value} x {values} {what} = {expected} "
-                f"(or leave out --{per_flag} to cycle through the {what})"
+                f"--num_images {num_images} must equal --num_images_per_prompt {per_value} x {values} {what} = "
+                f"{expected} (or leave out --num_images_per_prompt to cycle through the {what})"
             )
         return np.repeat(np.arange(values), per_value)
     return np.arange(num_images) % values
@@ -295,24 +341,23 @@ def make_plan(args: argparse.Namespace, info: ModelInfo, device: torch.device) -
     """Checks the flags against the model and resolves every setting; exits with a clear message otherwise."""
     if info.kind == "class":
         if args.prompts_file is not None:
-            raise SystemExit(f"--model {args.model!r} is class-conditional: use --per_class / --class_labels")
+            raise SystemExit(f"--model {args.model!r} is class-conditional: use --class_labels")
         num_classes = info.transformer_config["num_classes"]
-        classes = args.class_labels if args.class_labels is not None else list(range(num_classes))
+        classes = class_ids(args.class_labels, info) if args.class_labels is not None else list(range(num_classes))
         out_of_range = [label for label in classes if label >= num_classes]
         if out_of_range:
             raise SystemExit(f"--class_labels must be class ids in [0, {num_classes - 1}], got {out_of_range}")
-        indices = image_conditions(len(classes), args.per_class, args.num_images, ("per_class", "classes"))
+        indices = image_conditions(len(classes), args.num_images_per_prompt, args.num_images, "classes")
         conditions = np.asarray(classes, dtype=np.int64)[indices]
-        condition_settings = {"class_labels": list(classes), "per_class": args.per_class}
+        condition_settings = {"class_labels": list(classes), "num_images_per_prompt": args.num_images_per_prompt}
     else:
         if args.prompts_file is None:
-            wrong = " (--per_class and --class_labels are for class-conditional pipelines)"
-            wrong = wrong if args.per_class is not None or args.class_labels is not None else ""
+            wrong = " (--class_labels is for class-conditional pipelines)" if args.class_labels is not None else ""
             raise SystemExit(f"--model {args.model!r} is a text-to-image pipeline: pass --prompts_file{wrong}")
-        conditions = image_conditions(len(args.prompts), args.per_prompt, args.num_images, ("per_prompt", "prompts"))
+        conditions = image_conditions(len(args.prompts), args.num_images_per_prompt, args.num_images, "prompts")
         prompts_hash = hashlib.sha256(json.dumps(args.prompts).encode()).hexdigest()
         condition_settings = {"num_prompts": len(args.prompts), "prompts_sha256": prompts_hash}
-        condition_settings["per_prompt"] = args.per_prompt
+        condition_settings["num_images_per_prompt"] = args.num_images_per_prompt
     num_tokens = info.transformer_config["sample_size"] ** 2
     steps = args.num_inference_steps or info.pipeline_config.get(
         "default_num_inference_steps", _init_default(info.pipeline_class.__init__, "default_num_inference_steps")
@@ -376,7 +421,47 @@ def shard_path(output_dir: Path, shard: int) -> Path:
     return output_dir / SHARD_DIR / f"shard_{shard:06d}.npz"
 
 
-def write_run_files(output_dir: Path, plan: Plan) -> None:
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_fingerprint(location: str) -> dict[str, str]:
+    """sha256 of `model_index.json` and of every file of the component folders (configs, weights, tokenizer), by
+    relative path: what identifies the model, so that other weights behind the same `--model` are noticed. A Hub id
+    is resolved to its local snapshot (downloaded once; loading the pipeline needs it anyway)."""
+    folder = Path(location)
+    if not folder.is_dir():
+        folder = Path(DiffusionPipeline.download(location))
+    files = [folder / "model_index.json"]
+    for component in sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith(".")):
+        files += sorted(path for path in component.rglob("*") if path.is_file() and not path.name.startswith("."))
+    return {path.relative_to(folder).as_posix(): file_sha256(path) for path in files}
+
+
+def _has_samples(output_dir: Path) -> bool:
+    return (
+        any((output_dir / SHARD_DIR).glob("shard_*"))
+        or any((output_dir / IMAGE_DIR).glob("*.png"))
+        or (output_dir / MERGED).exists()
+    )
+
+
+def check_orphaned_samples(output_dir: Path) -> None:
+    """Refuses a folder that holds samples but no manifest: nothing says which model and settings made them.
+
+    Every process checks this before the main process writes a manifest, which it never does in such a folder."""
+    if not (output_dir / MANIFEST).exists() and _has_samples(output_dir):
+        raise SystemExit(
+            f"{output_dir} holds samples but no {MANIFEST}, so nothing says which model and settings made them; "
+            "delete the folder (or its shards/, images/ and samples.npz) or choose another --output_dir"
+        )
+
+
+def write_run_files(output_dir: Path, plan: Plan, model_files: dict[str, str]) -> None:
     """Main process, first run: the manifest and the per-image conditions."""
     output_dir.mkdir(parents=True, exist_ok=True)
     if (output_dir / MANIFEST).exists():
@@ -386,13 +471,27 @@ def write_run_files(output_dir: Path, plan: Plan) -> None:
     else:
         _write_json(output_dir / "prompts.json", plan.prompts)
         _atomic_write(output_dir / "prompt_indices.npy", lambda handle: np.save(handle, plan.conditions))
-    manifest = {"version": MANIFEST_VERSION, "script": "examples/sample_at_scale.py", "settings": plan.settings}
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "script": "examples/sample_at_scale.py",
+        "settings": plan.settings,
+        "model_files": model_files,
+    }
     _write_json(output_dir / MANIFEST, manifest)
 
 
-def check_manifest(output_dir: Path, plan: Plan) -> None:
-    """Refuses to continue an output folder made with other settings, naming every difference."""
-    manifest = json.loads((output_dir / MANIFEST).read_text())
+def check_manifest(output_dir: Path, plan: Plan, model_files: dict[str, str]) -> None:
+    """Refuses to continue an output folder made with other settings or another model, naming every difference."""
+    path = output_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"{path} cannot be read ({error}); choose another --output_dir") from None
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise SystemExit(
+            f"{path} was written by another version of this script (manifest version {manifest.get('version')}, "
+            f"this one writes {MANIFEST_VERSION}); choose another --output_dir"
+        )
     recorded = manifest.get("settings", {})
     current = json.loads(json.dumps(plan.settings))
     differences = [
@@ -400,11 +499,17 @@ def check_manifest(output_dir: Path, plan: Plan) -> None:
         for key in sorted(set(recorded) | set(current))
         if recorded.get(key) != current.get(key)
     ]
+    recorded_files = manifest.get("model_files", {})
+    changed = sorted(
+        name for name in set(recorded_files) | set(model_files) if recorded_files.get(name) != model_files.get(name)
+    )
+    if changed:
+        differences.append(f"  model files changed, added or removed since the manifest: {', '.join(changed)}")
     if differences:
         raise SystemExit(
-            f"{output_dir} holds samples made with other settings ({output_dir / MANIFEST}):\n"
+            f"{output_dir} holds samples made with other settings ({path}):\n"
             + "\n".join(differences)
-            + "\nrerun with the recorded settings to resume, or choose another --output_dir"
+            + "\nrerun with the recorded settings and model to resume, or choose another --output_dir"
         )
 
 
@@ -416,37 +521,122 @@ def remove_temporary_files(output_dir: Path) -> None:
                 leftover.unlink(missing_ok=True)
 
 
-def finished_shards(output_dir: Path, plan: Plan) -> list[bool]:
-    """Whether every file of each shard is there (files only appear complete, by rename)."""
-    fmt = plan.settings["format"]
-    pngs = set(os.listdir(output_dir / IMAGE_DIR)) if (output_dir / IMAGE_DIR).is_dir() else set()
-    finished = []
+def record_path(output_dir: Path, shard: int) -> Path:
+    """The shard's record: written last, so a shard without one is not finished."""
+    return output_dir / SHARD_DIR / f"shard_{shard:06d}.json"
+
+
+class BadShard(Exception):
+    """A shard whose files are not what was recorded when it was written."""
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
+
+
+def check_shard(output_dir: Path, plan: Plan, shard: int, image_shape: tuple | None = None) -> dict:
+    """The shard's record if its files are complete and unchanged since they were written: the checksum recorded for
+    each file, and for the npz the image shape and dtype, the image numbers and their conditions. `None` when the
+    shard was never finished; `BadShard` naming the file and the fault otherwise."""
+    path = record_path(output_dir, shard)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        files = record["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise BadShard(f"{path} is unreadable ({error})") from None
+    expected = np.asarray(plan.shard_range(shard), dtype=np.int64)
+    wanted = []
+    if plan.settings["format"] in ("npz", "both"):
+        wanted.append(shard_path(output_dir, shard).relative_to(output_dir).as_posix())
+    if plan.settings["format"] in ("png", "both"):
+        wanted += [f"{IMAGE_DIR}/{image_name(plan, index)}" for index in expected]
+    if sorted(files) != sorted(wanted):
+        raise BadShard(f"{path} records other files than shard {shard} has")
+    for name in wanted:
+        file = output_dir / name
+        if not file.is_file():
+            raise BadShard(f"{file} is missing")
+        if file_sha256(file) != files[name]:
+            raise BadShard(f"{file} is not the file that was written (its checksum differs from {path.name}'s)")
+    if plan.settings["format"] in ("npz", "both"):
+        file = shard_path(output_dir, shard)
+        try:
+            data = _load_npz(file)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+            raise BadShard(f"{file} cannot be read ({error})") from None
+        images = data.get("arr_0")
+        if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise BadShard(f"{file} holds no uint8 N x H x W x 3 images")
+        if len(images) != len(expected) or (image_shape is not None and images.shape[1:] != image_shape):
+            raise BadShard(f"{file} holds images of shape {images.shape}, expected {len(expected)} images")
+        if not np.array_equal(data.get("indices"), expected):
+            raise BadShard(f"{file} holds other images than {expected[0]}..{expected[-1]}")
+        if not np.array_equal(data.get(plan.condition_key), plan.conditions[expected]):
+            raise BadShard(f"{file} records other {plan.condition_key} than this run's")
+        record["image_shape"], record["images"] = images.shape[1:], images
+    return record
+
+
+def _remove_shard(output_dir: Path, plan: Plan, shard: int) -> None:
+    record_path(output_dir, shard).unlink(missing_ok=True)
+    shard_path(output_dir, shard).unlink(missing_ok=True)
+    for index in plan.shard_range(shard):
+        (output_dir / IMAGE_DIR / image_name(plan, index)).unlink(missing_ok=True)
+
+
+def finished_shards(output_dir: Path, plan: Plan, verify: bool = True) -> list[bool]:
+    """Whether each shard is finished. With `verify`, every file is checked against the record written with it
+    (checksums, shapes, image numbers); a shard that fails is named, removed and counted as not finished, so that
+    it is generated again. Without, only the records are looked for (for shards written during this run)."""
+    finished, image_shape = [], None
     for shard in range(plan.num_shards):
-        done = True
-        if fmt in ("npz", "both"):
-            done = shard_path(output_dir, shard).is_file()
-        if fmt in ("png", "both"):
-            done = done and all(image_name(plan, index) in pngs for index in plan.shard_range(shard))
-        finished.append(done)
+        if not verify:
+            finished.append(record_path(output_dir, shard).is_file())
+            continue
+        try:
+            record = check_shard(output_dir, plan, shard, image_shape)
+        except BadShard as fault:
+            print(f"shard {shard} is damaged and will be generated again: {fault}")
+            _remove_shard(output_dir, plan, shard)
+            record = None
+        if record is not None and "image_shape" in record:
+            image_shape = record["image_shape"]
+        finished.append(record is not None)
     return finished
 
 
-def write_shard(output_dir: Path, plan: Plan, shard: int, images: np.ndarray) -> None:
+def write_shard(output_dir: Path, plan: Plan, shard: int, images: np.ndarray, timing: dict) -> None:
+    """Writes the shard's files, each atomically, then its record (checksums and timing) that marks it finished."""
     indices = np.asarray(plan.shard_range(shard), dtype=np.int64)
+    files = []
     if plan.settings["format"] in ("png", "both"):
         (output_dir / IMAGE_DIR).mkdir(exist_ok=True)
         for index, image in zip(indices, images, strict=True):
             pil = Image.fromarray(image)
-            _atomic_write(output_dir / IMAGE_DIR / image_name(plan, index), lambda h, pil=pil: pil.save(h, "PNG"))
+            path = output_dir / IMAGE_DIR / image_name(plan, index)
+            _atomic_write(path, lambda h, pil=pil: pil.save(h, "PNG"))
+            files.append(path)
+    (output_dir / SHARD_DIR).mkdir(exist_ok=True)
     if plan.settings["format"] in ("npz", "both"):
-        (output_dir / SHARD_DIR).mkdir(exist_ok=True)
         arrays = {"arr_0": images, "indices": indices, plan.condition_key: plan.conditions[indices]}
         _atomic_write(shard_path(output_dir, shard), lambda handle: np.savez(handle, **arrays))
+        files.append(shard_path(output_dir, shard))
+    record = {
+        "shard": shard,
+        "files": {path.relative_to(output_dir).as_posix(): file_sha256(path) for path in files},
+        **timing,
+    }
+    _write_json(record_path(output_dir, shard), record)
 
 
 def merge_shards(output_dir: Path, plan: Plan) -> Path:
-    """Streams every shard's images, in order, into `samples.npz` (`arr_0` + conditions) without holding them all."""
+    """Streams every shard's images, in order, into `samples.npz` (`arr_0` + conditions) without holding them all,
+    then records its checksum in `samples.json` (a merged file without a matching record is rebuilt)."""
     path = output_dir / MERGED
+    (output_dir / MERGED_RECORD).unlink(missing_ok=True)
 
     def write(handle) -> None:
         with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
@@ -462,14 +652,30 @@ def merge_shards(output_dir: Path, plan: Plan) -> Path:
                 np.lib.format.write_array(member, plan.conditions)
 
     _atomic_write(path, write)
+    _write_json(output_dir / MERGED_RECORD, {"num_images": plan.num_images, "sha256": file_sha256(path)})
     return path
 
 
+def merged_is_intact(output_dir: Path) -> bool:
+    """Whether `samples.npz` is the file the last merge wrote (its checksum matches `samples.json`)."""
+    path, record = output_dir / MERGED, output_dir / MERGED_RECORD
+    if not path.is_file() or not record.is_file():
+        return False
+    try:
+        return json.loads(record.read_text()).get("sha256") == file_sha256(path)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _read_shard(output_dir: Path, plan: Plan, shard: int) -> np.ndarray:
-    with np.load(shard_path(output_dir, shard)) as data:
-        if not np.array_equal(data["indices"], np.asarray(plan.shard_range(shard))):
-            raise SystemExit(f"{shard_path(output_dir, shard)} holds other images than expected; delete it and rerun")
-        return data["arr_0"]
+    try:
+        record = check_shard(output_dir, plan, shard)
+    except BadShard as fault:
+        _remove_shard(output_dir, plan, shard)
+        raise SystemExit(f"{fault}; removed it: run the same command again to generate shard {shard} again") from None
+    if record is None:
+        raise SystemExit(f"shard {shard} is not finished; run the same command again")
+    return record["images"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -478,10 +684,7 @@ def _read_shard(output_dir: Path, plan: Plan, shard: int) -> np.ndarray:
 
 def load_pipeline(args: argparse.Namespace, plan: Plan, info: ModelInfo, device: torch.device):
     """The pipeline on `device` in the requested dtype, with the scheduler overrides and optional compilation."""
-    if args.model.startswith(DEMO_PREFIX):
-        pipe = enat_diffusers.load_demo_pipeline(args.model[len(DEMO_PREFIX) :])
-    else:
-        pipe = DiffusionPipeline.from_pretrained(args.model)
+    pipe = DiffusionPipeline.from_pretrained(model_location(args.model))
     dtype = DTYPES[plan.settings["dtype"]]
     modules = [module for module in pipe.components.values() if isinstance(module, torch.nn.Module)]
     # Cast only when needed: diffusers warns about every cast with `to(dtype)`.
@@ -520,7 +723,7 @@ def generate_batch(pipe, plan: Plan, indices: list[int], device: torch.device) -
         generator=generators,
         output_type="np",
     ).images
-    return (images * 255).round().clip(0, 255).astype(np.uint8)
+    return to_uint8(images)
 
 
 def _batches(indices: range, batch_size: int) -> Iterator[list[int]]:
@@ -534,10 +737,19 @@ def generate_shards(pipe, plan: Plan, shards: list[int], args, output_dir: Path,
     progress = tqdm(total=total, unit="img", desc="Sampling", disable=not accelerator.is_main_process)
     start = time.perf_counter()
     for shard in shards:
+        shard_start = time.perf_counter()
         batches = [
             generate_batch(pipe, plan, batch, device) for batch in _batches(plan.shard_range(shard), args.batch_size)
         ]
-        write_shard(output_dir, plan, shard, np.concatenate(batches))
+        timing = {
+            "seconds": time.perf_counter() - shard_start,
+            "process": accelerator.process_index,
+            "num_processes": accelerator.num_processes,
+            "device": device.type,
+            "batch_size": args.batch_size,
+            "compile": args.compile,
+        }
+        write_shard(output_dir, plan, shard, np.concatenate(batches), timing)
         progress.update(len(plan.shard_range(shard)))
     progress.close()
     return {"images": total, "seconds": time.perf_counter() - start, "shards": shards}
@@ -576,9 +788,38 @@ def report_timing(output_dir: Path, mine: dict, args, accelerator, device) -> di
     return timing
 
 
+def timing_from_records(output_dir: Path, plan: Plan) -> dict:
+    """A `timing.json` rebuilt from the shard records (each holds the seconds its images took and which process of
+    which run made them), for a folder whose `timing.json` was lost: per process, the sum over its shards."""
+    records = [json.loads(record_path(output_dir, shard).read_text()) for shard in range(plan.num_shards)]
+    per_process: dict[int, dict] = {}
+    for record in records:
+        entry = per_process.setdefault(record["process"], {"process": record["process"], "images": 0, "seconds": 0.0})
+        entry["images"] += len(plan.shard_range(record["shard"]))
+        entry["seconds"] += record["seconds"]
+        entry.setdefault("shards", []).append(record["shard"])
+    per_process_list = [per_process[key] for key in sorted(per_process)]
+    for entry in per_process_list:
+        entry["images_per_second"] = entry["images"] / entry["seconds"] if entry["seconds"] > 0 else None
+    seconds = max(entry["seconds"] for entry in per_process_list)
+    last = records[-1]
+    return {
+        "num_processes": max(record["num_processes"] for record in records),
+        "device": last["device"],
+        "batch_size": last["batch_size"],
+        "compile": last["compile"],
+        "images": plan.num_images,
+        "seconds": seconds,
+        "images_per_second": plan.num_images / seconds if seconds > 0 else None,
+        "per_process": per_process_list,
+        "rebuilt_from": "shard records (timing.json was missing; model loading and gaps between runs excluded)",
+    }
+
+
 def finish(output_dir: Path, plan: Plan, args) -> dict:
     """Main process, after every process is done: checks that no image is missing and merges the npz shards."""
-    missing = [shard for shard, done in enumerate(finished_shards(output_dir, plan)) if not done]
+    # Shards found finished at the start were verified then; the merge verifies each one again as it reads it.
+    missing = [shard for shard, done in enumerate(finished_shards(output_dir, plan, verify=False)) if not done]
     if missing:
         message = f"{len(missing)} of {plan.num_shards} shards are still to do; run the same command again"
         if args.max_shards is None:
@@ -588,8 +829,13 @@ def finish(output_dir: Path, plan: Plan, args) -> dict:
     merged = None
     if plan.settings["format"] in ("npz", "both"):
         merged = output_dir / MERGED
-        if not merged.is_file():
+        if not merged_is_intact(output_dir):
+            if merged.exists():
+                print(f"{merged} is incomplete or changed since it was written; merging the shards again")
             merge_shards(output_dir, plan)
+    if not (output_dir / TIMING).is_file():
+        _write_json(output_dir / TIMING, timing_from_records(output_dir, plan))
+        print(f"{output_dir / TIMING} was missing: rebuilt from the shard records")
     print(f"all {plan.num_images} images are in {output_dir}" + (f" ({MERGED} holds them all)" if merged else ""))
     return {"complete": True, "missing_shards": [], "merged": str(merged) if merged else None}
 
@@ -617,11 +863,14 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator, device = create_accelerator(args)
     plan = make_plan(args, info, device)
     output_dir = Path(args.output_dir)
+    model_files = model_fingerprint(model_location(args.model))
 
+    # Every check runs on every process, so that all of them stop on a refusal (none waits at a barrier).
+    check_orphaned_samples(output_dir)
     if accelerator.is_main_process:
-        write_run_files(output_dir, plan)
+        write_run_files(output_dir, plan, model_files)
     accelerator.wait_for_everyone()
-    check_manifest(output_dir, plan)  # on every process, so that all of them stop on a mismatch
+    check_manifest(output_dir, plan, model_files)
     pending = None
     if accelerator.is_main_process:
         remove_temporary_files(output_dir)

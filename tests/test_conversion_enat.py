@@ -1,6 +1,9 @@
 """The pipeline conversion script on tiny checkpoints in the exact layout of the reference release."""
 
+import json
 import runpy
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,15 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 from enat_diffusers import ENATPipeline
-from enat_diffusers.conversion import CheckpointMismatchError, convert_enat_pipeline, convert_transformer
+from enat_diffusers.conversion import (
+    CheckpointMismatchError,
+    convert_enat_pipeline,
+    convert_transformer,
+    imagenet_id2label,
+    save_converted,
+    transformer_config_from_state_dict,
+)
+from enat_diffusers.models import ENAT_PRESETS
 
 from .conftest import FIXTURES
 
@@ -47,7 +58,7 @@ def test_script_writes_a_complete_folder_with_reference_defaults(converted_folde
     assert isinstance(pipe, ENATPipeline)
     assert pipe.scheduler.config.sample_temperature == 6.0 and pipe.scheduler.config.mask_temperature == 1.5
     assert pipe.scheduler.config.mask_token_id == 16
-    assert pipe.config.default_guidance_scale == 2.5 and pipe.config.default_num_inference_steps == 8
+    assert pipe.config.default_guidance_scale == 3.5 and pipe.config.default_num_inference_steps == 8
     assert pipe.transformer.config.sample_size == 16 and pipe.transformer.config.num_encoder_layers == 1
 
 
@@ -114,3 +125,202 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"weights": torch.zeros(1), "config": object()}, path)
     with pytest.raises(ValueError, match="weights_only=True"):
         convert_transformer(path)
+
+
+def _script_main():
+    return runpy.run_path(str(SCRIPT))["main"]
+
+
+def _script_error(capsys, *arguments: str) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        _script_main()(list(arguments))
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_help_shows_the_usage_example_on_its_two_lines(capsys):
+    with pytest.raises(SystemExit):
+        _script_main()(["--help"])
+    assert "--vqgan vqgan_jax_strongaug.ckpt \\\n        --resolution 256 --output_dir" in capsys.readouterr().out
+
+
+BASE = ["--checkpoint", str(TRANSFORMER), "--vqgan", str(VQGAN), "--resolution", "256"]
+TINY = ["--num_attention_heads", "2", "--num_decoder_layers", "1"]
+
+
+def test_bad_paths_and_flags_are_one_line_errors_before_any_conversion(tmp_path, capsys, monkeypatch):
+    main = _script_main()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("converted before the arguments were checked")
+
+    monkeypatch.setitem(main.__globals__, "convert_enat_pipeline", refuse)
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "model_index.json").write_text("{}")
+    cases = [
+        (
+            ["--checkpoint", str(tmp_path / "nnet_ema.pth"), *BASE[2:], "--output_dir", str(tmp_path / "o")],
+            "no such file",
+        ),
+        (
+            [*BASE, "--output_dir", str(tmp_path / "o"), "--num_attention_heads", "0"],
+            "must be a positive integer, got 0",
+        ),
+        ([*BASE, "--output_dir", str(in_the_way)], "exists and is not a folder"),
+        ([*BASE, "--output_dir", str(in_the_way / "sub")], "is not a folder"),
+        ([*BASE, "--output_dir", str(full)], "is not empty; choose another folder or pass --overwrite"),
+    ]
+    for arguments, expected in cases:
+        with pytest.raises(SystemExit) as stopped:
+            main(arguments)
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err
+        assert expected in error.strip().splitlines()[-1] and "Traceback" not in error, arguments
+
+
+def test_overwrite_replaces_the_folder_as_a_whole(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "stale_component").mkdir()
+    (folder / "stale_component" / "config.json").write_text("{}")
+    _run_script(*BASE, "--output_dir", str(folder), *TINY, "--overwrite")
+    assert not (folder / "stale_component").exists()
+    assert isinstance(DiffusionPipeline.from_pretrained(folder), ENATPipeline)
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no temporary folder left
+
+
+class _KilledHalfWay:
+    """Writes part of a folder, then is killed."""
+
+    def save_pretrained(self, path, safe_serialization):
+        Path(path, "transformer").mkdir(parents=True)
+        Path(path, "transformer", "config.json").write_text('{"new": true}')
+        raise KeyboardInterrupt("killed")
+
+
+def test_a_conversion_killed_half_way_leaves_the_previous_folder_untouched(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"old": true}')
+    with pytest.raises(KeyboardInterrupt):
+        save_converted(_KilledHalfWay(), folder, overwrite=True)
+    assert sorted(path.name for path in folder.iterdir()) == ["model_index.json"]
+    assert (folder / "model_index.json").read_text() == '{"old": true}'
+    with pytest.raises(KeyboardInterrupt):
+        save_converted(_KilledHalfWay(), tmp_path / "new")
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+
+
+def _shapes_only(hidden_size: int, num_blocks: int) -> dict[str, torch.Tensor]:
+    """The entries `transformer_config_from_state_dict` reads, as meta tensors (no memory)."""
+    state_dict = {
+        "x_embedder.word_embeddings.weight": torch.empty(1025, hidden_size, device="meta"),
+        "x_embedder.position_embeddings.weight": torch.empty(256, hidden_size, device="meta"),
+        "y_embedder.embedding_table.weight": torch.empty(1001, hidden_size, device="meta"),
+    }
+    for block in range(num_blocks):
+        state_dict[f"blocks.{block}.mlp.fc1.weight"] = torch.empty(4 * hidden_size, hidden_size, device="meta")
+    return state_dict
+
+
+@pytest.mark.parametrize("preset", ["ENAT-S", "ENAT-B", "ENAT-L"])
+def test_paper_configurations_are_recognised_from_width_and_depth(preset):
+    values = ENAT_PRESETS[preset]
+    state_dict = _shapes_only(values["hidden_size"], values["num_encoder_layers"] + values["num_decoder_layers"])
+    config = transformer_config_from_state_dict(state_dict)
+    for key in ("hidden_size", "num_attention_heads", "num_encoder_layers", "num_decoder_layers"):
+        assert config[key] == values[key]
+    agreeing = transformer_config_from_state_dict(state_dict, values["num_attention_heads"], None)
+    assert agreeing == config
+    with pytest.raises(ValueError, match=f"are those of {preset}, which contradicts `num_attention_heads` 4"):
+        transformer_config_from_state_dict(state_dict, num_attention_heads=4)
+    with pytest.raises(ValueError, match="contradicts `num_decoder_layers` 3"):
+        transformer_config_from_state_dict(state_dict, num_decoder_layers=3)
+
+
+def test_other_checkpoints_need_head_count_and_split_that_fit():
+    state_dict = _shapes_only(96, 4)
+    with pytest.raises(ValueError, match="none of the paper's configurations .* `num_attention_heads` and `num_decod"):
+        transformer_config_from_state_dict(state_dict)
+    with pytest.raises(ValueError, match="positive divisor of the width 96, got 5"):
+        transformer_config_from_state_dict(state_dict, 5, 1)
+    with pytest.raises(ValueError, match="positive divisor of the width 96, got 0"):
+        transformer_config_from_state_dict(state_dict, 0, 1)
+    assert transformer_config_from_state_dict(state_dict, 6, 1)["num_encoder_layers"] == 3
+
+
+def test_a_checkpoint_failing_its_crc_is_refused(tmp_path):
+    data = bytearray(TRANSFORMER.read_bytes())
+    with zipfile.ZipFile(TRANSFORMER) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+    start = member.header_offset + 30 + name_length + extra_length
+    data[start + member.file_size // 2] ^= 0xFF
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"its member '{member.filename}' fails its CRC check"):
+        convert_transformer(damaged, num_attention_heads=2, num_decoder_layers=1)
+
+
+def test_integer_and_non_finite_weights_are_refused(tmp_path):
+    def edit(state_dict):
+        state_dict["blocks.0.attn.q.weight"] = state_dict["blocks.0.attn.q.weight"].to(torch.int8)
+        state_dict["norm.weight"] = state_dict["norm.weight"].clone()
+        state_dict["norm.weight"][0] = float("nan")
+
+    with pytest.raises(CheckpointMismatchError) as error:
+        convert_transformer(_modified_checkpoint(tmp_path, edit), num_attention_heads=2, num_decoder_layers=1)
+    assert "not floating point (casting them would change them): blocks.0.attn.q.weight (torch.int8)" in str(
+        error.value
+    )
+    assert "weights holding NaN or inf: norm.weight" in str(error.value)
+
+
+def test_weights_overflowing_the_target_dtype_are_refused(tmp_path):
+    def edit(state_dict):
+        state_dict["norm.weight"] = state_dict["norm.weight"].float()
+        state_dict["norm.weight"][0] = 1e6  # beyond float16's range
+
+    checkpoint = _modified_checkpoint(tmp_path, edit)
+    with pytest.raises(ValueError, match=r"converted transformer has NaN or inf weights \(head.norm_out.weight\)"):
+        convert_enat_pipeline(checkpoint, VQGAN, 256, dtype="fp16", num_attention_heads=2, num_decoder_layers=1)
+
+
+def test_imagenet_class_names_are_written_by_default(tmp_path):
+    def edit(state_dict):  # 1000 classes + the null class, as the ImageNet checkpoints
+        table = state_dict["y_embedder.embedding_table.weight"]
+        state_dict["y_embedder.embedding_table.weight"] = table[:1].repeat(1001, 1)
+
+    checkpoint = _modified_checkpoint(tmp_path, edit)
+    _run_script("--checkpoint", str(checkpoint), *BASE[2:], "--output_dir", str(tmp_path / "out"), *TINY)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
+    assert pipe.get_label_ids(["golden retriever", "tench", "crane", "crane (machine)"]) == [207, 0, 134, 517]
+    assert pipe.config.id2label["207"] == "golden retriever"
+    # a tiny model with 10 classes gets no ImageNet names
+    assert not DiffusionPipeline.from_pretrained(_converted_tiny(tmp_path)).config.id2label
+
+
+def _converted_tiny(tmp_path) -> Path:
+    folder = tmp_path / "tiny"
+    _run_script(*BASE, "--output_dir", str(folder), *TINY)
+    return folder
+
+
+def test_imagenet_names_give_each_name_to_one_class():
+    id2label = imagenet_id2label()
+    assert sorted(id2label) == list(range(1000))
+    names = [name.strip().casefold() for names in id2label.values() for name in names.split(",")]
+    assert len(names) == len(set(names)) and all(names)
+
+
+def test_an_id2label_file_that_does_not_fit_is_refused(tmp_path):
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"0": "cat, kitty", "1": "Kitty", "12": "dog"}))
+    with pytest.raises(SystemExit) as refused:
+        _run_script(*BASE, "--output_dir", str(tmp_path / "out"), *TINY, "--id2label", str(labels))
+    message = str(refused.value)
+    assert "'Kitty' names classes 0 and 1" in message and "class id 12 is outside [0, 9]" in message
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,8 @@
 """examples/evaluate.py: torchmetrics' FID against the closed form, reference statistics (mu/sigma) round trip,
-clear errors before any image is read, and the digits check (trained demo vs an untrained transformer)."""
+clear errors before any image is read. The digits check (examples/evaluate_demo_digits.py) is tested in test_demo.py."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -278,7 +279,17 @@ def bad_inputs(tmp_path):
         "no_sigma": write_npz(tmp_path / "no_sigma.npz", mu=np.zeros(3)),
         "wide": write_npz(tmp_path / "wide.npz", mu=np.zeros(5), sigma=np.eye(5)),
         "nan": write_npz(tmp_path / "nan.npz", mu=np.full(3, np.nan), sigma=np.eye(3)),
+        "asymmetric": write_npz(tmp_path / "asymmetric.npz", mu=np.zeros(3), sigma=np.eye(3) + np.eye(3, k=1)),
+        "not_psd": write_npz(tmp_path / "not_psd.npz", mu=np.zeros(3), sigma=np.diag([1.0, 1.0, -0.5])),
+        "truncated": _truncated_png_folder(tmp_path / "truncated", random_images(rng, 3)),
     }
+
+
+def _truncated_png_folder(folder: Path, images: np.ndarray) -> Path:
+    write_png_folder(folder, images)
+    damaged = folder / "00001.png"
+    damaged.write_bytes(damaged.read_bytes()[:60])
+    return folder
 
 
 @pytest.mark.parametrize(
@@ -297,6 +308,9 @@ def bad_inputs(tmp_path):
         ("good", "nan", "NaN or infinite"),
         ("good", "wide", "the feature extractor gives 3 features but the reference has 5"),
         ("good", "text", "is not an npz file with `mu` and `sigma`"),
+        ("good", "asymmetric", r"asymmetric.npz: `sigma` is not symmetric .* so it is no covariance matrix"),
+        ("good", "not_psd", r"`sigma` is not positive semi-definite \(smallest eigenvalue -0.5, largest 1\)"),
+        ("truncated", "stats", r"truncated/00001.png cannot be read as an image"),
     ],
 )
 def test_bad_inputs_fail_clearly(evaluate, bad_inputs, samples, reference, message):
@@ -329,7 +343,7 @@ def test_feature_count_is_checked_before_reading_images(evaluate, bad_inputs, mo
             ["--samples", "s.npz", "--reference_stats", "r.npz", "--save_reference_stats", "o.npz"],
             "needs --reference_images",
         ),
-        (["--digits_demo", "--samples", "s.npz"], "--digits_demo takes no --samples"),
+        (["--digits_demo"], "the digits check moved to its own script: python examples/evaluate_demo_digits.py"),
         (["--samples", "s.npz", "--reference_stats", "r.npz", "--batch_size", "0"], "--batch_size must be a positive"),
     ],
 )
@@ -339,27 +353,62 @@ def test_bad_command_lines_fail_clearly(evaluate, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_digits_check_separates_the_trained_demo_from_an_untrained_transformer(evaluate, tmp_path, capsys):
-    """Feature-space FID to held-out real digits (a small digit classifier's penultimate layer replaces Inception):
-    the packaged demo is far closer to real digits than the same pipeline with a random transformer, and not far
-    from the real-vs-real floor. Measured (seeds 0 / 1 / 2, 10 per class, 2 IS splits): FID trained 0.21 / 0.21 /
-    0.20, untrained 1.81 / 1.43 / 1.28, real 0.10 / 0.19 / 0.16; IS trained 9.3 / 9.4 / 9.0, untrained 4.8 / 4.8 /
-    4.8 (`python examples/evaluate.py --digits_demo` uses 20 per class)."""
-    output = tmp_path / "digits.json"
-    argv = ["--digits_demo", "--samples_per_class", "10", "--splits", "2", "--json", str(output)]
-    report = evaluate.main(argv)
-    assert json.loads(output.read_text()) == report
-    results = report["results"]
-    assert report["classifier_accuracy_on_reference"] > 0.9
-    assert {name: result["num_samples"] for name, result in results.items()} == {
-        "trained": 100,
-        "untrained": 100,
-        "real_held_out": 100,
-    }
-    trained, untrained, real = (results[name]["fid"] for name in ("trained", "untrained", "real_held_out"))
-    assert 3 * trained < untrained, results
-    assert 3 * real < untrained, results
-    assert trained < 4 * real + 0.1, results
-    assert results["trained"]["inception_score_mean"] > results["untrained"]["inception_score_mean"] + 2.0
-    printed = capsys.readouterr().out
-    assert "trained" in printed and "untrained" in printed and f"{untrained:.3f}" in printed
+class LogitFeatures(AffineFeatures):
+    """An extractor known to give logits (as Inception), so the split count is checked before any feature."""
+
+    returns_logits = True
+
+
+@pytest.fixture
+def no_features(evaluate, monkeypatch):
+    monkeypatch.setattr(evaluate, "_feed", lambda *args, **kwargs: pytest.fail("features were computed"))
+
+
+def test_more_splits_than_samples_allow_are_refused(evaluate, bad_inputs, no_features):
+    module = LogitFeatures(np.ones((3, 48)) / 48.0, np.zeros(3), num_classes=4)
+    argv = ["--samples", str(bad_inputs["good"]), "--reference_stats", str(bad_inputs["stats"]), "--splits", "5"]
+    with pytest.raises(SystemExit, match="--splits 5 needs at least 10 samples .* got 8: lower --splits to at most 4"):
+        evaluate.main(argv, feature_extractor=module)
+
+
+def test_more_splits_than_samples_allow_are_refused_for_any_extractor_with_logits(evaluate, bad_inputs):
+    module = AffineFeatures(np.ones((3, 48)) / 48.0, np.zeros(3), num_classes=4)  # logits found with the features
+    argv = ["--samples", str(bad_inputs["good"]), "--reference_stats", str(bad_inputs["stats"]), "--splits", "8"]
+    with pytest.raises(SystemExit, match="--splits 8 needs at least 16 samples"):
+        evaluate.main(argv, feature_extractor=module)
+
+
+def test_a_single_reference_image_is_refused_before_any_feature(evaluate, bad_inputs, tmp_path, no_features):
+    one = write_png_folder(tmp_path / "one", random_images(np.random.default_rng(0), 1))
+    module = AffineFeatures(np.ones((3, 48)) / 48.0, np.zeros(3))
+    argv = ["--samples", str(bad_inputs["good"]), "--reference_images", str(one)]
+    with pytest.raises(SystemExit, match="a covariance needs at least 2 reference images, got 1"):
+        evaluate.main(argv, feature_extractor=module)
+    with pytest.raises(SystemExit, match="at least 2 reference images"):
+        evaluate.main(["--reference_images", str(one), "--save_reference_stats", str(tmp_path / "s.npz")], module)
+
+
+def test_result_files_that_cannot_be_written_are_refused_before_any_feature(evaluate, bad_inputs, tmp_path, capsys):
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("x")
+    base = ["--samples", str(bad_inputs["good"]), "--reference_stats", str(bad_inputs["stats"])]
+    for flag, path, message in [
+        ("--json", tmp_path, "is a folder"),
+        ("--json", in_the_way / "results.json", "is a file"),
+        ("--save_reference_stats", in_the_way / "stats.npz", "is a file"),
+    ]:
+        argv = [*base, flag, str(path)] if flag == "--json" else ["--reference_images", "r", flag, str(path)]
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(argv)
+        error = capsys.readouterr().err
+        assert f"{flag}: " in error and message in error, (flag, error)
+
+
+def test_missing_torchmetrics_gives_the_pip_command(evaluate, bad_inputs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", None)  # import fails as if not installed
+    module = AffineFeatures(np.ones((3, 48)) / 48.0, np.zeros(3))
+    argv = ["--samples", str(bad_inputs["good"]), "--reference_stats", str(bad_inputs["stats"])]
+    with pytest.raises(
+        SystemExit, match=r'needs the optional package .torchmetrics.: pip install "enat-diffusers\[eval\]"'
+    ):
+        evaluate.main(argv, feature_extractor=module)

@@ -11,6 +11,9 @@ import torch
 from accelerate import debug_launcher
 from accelerate.state import AcceleratorState
 from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from enat_diffusers.demo import demo_path
 
 from .example_scripts import load_example
 
@@ -18,7 +21,16 @@ NUM_CLASSES = 10
 PER_CLASS = 2
 NUM_IMAGES = NUM_CLASSES * PER_CLASS
 # 7 shards of 3 images (the last one of 2), each generated in batches of 2 and 1
-RUN_ARGS = ["--model", "demo:digits", "--per_class", str(PER_CLASS), "--batch_size", "2", "--shard_size", "3"]
+RUN_ARGS = [
+    "--model",
+    "demo:digits",
+    "--num_images_per_prompt",
+    str(PER_CLASS),
+    "--batch_size",
+    "2",
+    "--shard_size",
+    "3",
+]
 NUM_SHARDS = 7
 
 
@@ -65,7 +77,7 @@ def test_single_process_run_writes_every_image_once(reference):
     np.testing.assert_array_equal(np.load(reference / "labels.npy"), expected_labels)
     assert len({image.tobytes() for image in images}) == NUM_IMAGES  # each image has its own generator
 
-    shards = sorted((reference / "shards").iterdir())
+    shards = sorted((reference / "shards").glob("*.npz"))
     assert [path.name for path in shards] == [f"shard_{shard:06d}.npz" for shard in range(NUM_SHARDS)]
     for shard, path in enumerate(shards):
         with np.load(path) as data:
@@ -79,7 +91,7 @@ def test_single_process_run_writes_every_image_once(reference):
     assert not list(reference.rglob("*.tmp"))
 
     settings = json.loads((reference / "manifest.json").read_text())["settings"]
-    assert settings["num_inference_steps"] == 8 and settings["guidance_scale"] == 2.5  # the demo's saved defaults
+    assert settings["num_inference_steps"] == 8 and settings["guidance_scale"] == 3.5  # the demo's saved defaults
     assert settings["scheduler"]["masking_schedule"] == "cosine" and settings["shard_size"] == 3
     timing = json.loads((reference / "timing.json").read_text())
     assert timing["num_processes"] == 1 and timing["images"] == NUM_IMAGES
@@ -89,8 +101,8 @@ def test_single_process_run_writes_every_image_once(reference):
 def test_class_subset_cycles_and_sampling_flags_reach_the_scheduler(tmp_path, capsys):
     summary = _run(
         tmp_path / "out",
-        "--class_labels", "3", "7", "--num_images", "5", "--batch_size", "5", "--num_inference_steps", "4",
-        "--mask_schedule", "linear", "--sample_temperature", "2", "--guidance_scale", "0",
+        "--class_labels", "3", "seven", "--num_images", "5", "--batch_size", "5", "--num_inference_steps", "4",
+        "--masking_schedule", "linear", "--sample_temperature", "2", "--guidance_scale", "0",
         base=["--model", "demo:digits"],
     )  # fmt: skip
     assert summary["complete"]
@@ -101,7 +113,7 @@ def test_class_subset_cycles_and_sampling_flags_reach_the_scheduler(tmp_path, ca
         np.testing.assert_array_equal(merged["labels"], [3, 7, 3, 7, 3])
         assert merged["arr_0"].shape == (5, 16, 16, 3)
     settings = json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]
-    assert settings["class_labels"] == [3, 7] and settings["per_class"] is None
+    assert settings["class_labels"] == [3, 7] and settings["num_images_per_prompt"] is None
     assert (settings["num_inference_steps"], settings["guidance_scale"]) == (4, 0.0)
     assert settings["scheduler"]["masking_schedule"] == "linear" and settings["scheduler"]["sample_temperature"] == 2
     assert not (tmp_path / "out" / "images").exists()  # npz is the default format
@@ -125,7 +137,7 @@ def test_resume_regenerates_only_incomplete_shards(reference, tmp_path):
     np.testing.assert_array_equal(_pngs(output_dir), _pngs(reference))
 
     timing = (output_dir / "timing.json").read_text()
-    nothing_to_do = _run(output_dir, "--format", "both", "--num_inference_steps", "8", "--guidance_scale", "2.5")
+    nothing_to_do = _run(output_dir, "--format", "both", "--num_inference_steps", "8", "--guidance_scale", "3.5")
     assert nothing_to_do["complete"] and nothing_to_do["generated_shards"] == []  # explicit defaults: same settings
     assert json.loads(timing)["images"] == 6 and (output_dir / "timing.json").read_text() == timing
 
@@ -134,7 +146,7 @@ def test_other_settings_are_refused(reference):
     manifest = reference / "manifest.json"
     before = _mtimes([manifest, *sorted((reference / "shards").iterdir())])
     with pytest.raises(SystemExit) as refused:
-        _run(reference, "--format", "both", "--seed", "1", "--mask_schedule", "linear")
+        _run(reference, "--format", "both", "--seed", "1", "--masking_schedule", "linear")
     message = str(refused.value)
     assert "other settings" in message and "seed: 0 in the manifest, 1 now" in message
     assert '"masking_schedule": "linear"' in message and "choose another --output_dir" in message
@@ -143,6 +155,120 @@ def test_other_settings_are_refused(reference):
     with pytest.raises(SystemExit, match='format: "both" in the manifest, "npz" now'):
         _run(reference)
     assert _mtimes(list(before)) == before
+
+
+def _assert_same_samples(output_dir: Path, reference: Path) -> None:
+    with np.load(reference / "samples.npz") as expected, np.load(output_dir / "samples.npz") as actual:
+        np.testing.assert_array_equal(actual["arr_0"], expected["arr_0"])
+        np.testing.assert_array_equal(actual["labels"], expected["labels"])
+
+
+def test_damaged_shards_are_named_and_generated_again(reference, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    shutil.copytree(reference, output_dir)
+    (output_dir / "samples.npz").unlink()
+    # shard 2 keeps its indices and labels but holds other images; shard 4 is cut short; a png of shard 5 changes
+    with np.load(output_dir / "shards" / "shard_000002.npz") as data:
+        arrays = {name: data[name] for name in data.files}
+    arrays["arr_0"] = 255 - arrays["arr_0"]
+    np.savez(output_dir / "shards" / "shard_000002.npz", **arrays)
+    truncated = output_dir / "shards" / "shard_000004.npz"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(output_dir / "images" / "000016.png")
+    untouched = _mtimes([output_dir / "shards" / f"shard_{shard:06d}.npz" for shard in (0, 1, 3, 6)])
+
+    summary = _run(output_dir, "--format", "both")
+    printed = capsys.readouterr().out
+    assert summary["complete"] and summary["generated_shards"] == [2, 4, 5]
+    assert f"shard 2 is damaged and will be generated again: {output_dir / 'shards' / 'shard_000002.npz'}" in printed
+    assert f"{output_dir / 'shards' / 'shard_000004.npz'} is not the file that was written" in printed
+    assert f"{output_dir / 'images' / '000016.png'} is not the file that was written" in printed
+    assert _mtimes(list(untouched)) == untouched
+    _assert_same_samples(output_dir, reference)
+    np.testing.assert_array_equal(_pngs(output_dir), _pngs(reference))
+
+
+def test_a_kill_before_a_shard_is_recorded_leaves_it_to_do(reference, tmp_path, monkeypatch):
+    """A shard whose npz was renamed into place but whose record was not yet written is generated again."""
+    write_json = sample_at_scale._write_json
+
+    def killed_at_shard_3(path, data):
+        if path.name == "shard_000003.json":
+            raise KeyboardInterrupt("killed")
+        write_json(path, data)
+
+    monkeypatch.setattr(sample_at_scale, "_write_json", killed_at_shard_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "out")
+    assert (tmp_path / "out" / "shards" / "shard_000003.npz").is_file()
+    monkeypatch.setattr(sample_at_scale, "_write_json", write_json)
+    summary = _run(tmp_path / "out")
+    assert summary["complete"] and summary["generated_shards"] == [3, 4, 5, 6]
+    _assert_same_samples(tmp_path / "out", reference)
+
+
+def test_a_truncated_or_changed_merged_file_is_rebuilt(reference, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    shutil.copytree(reference, output_dir)
+    merged = output_dir / "samples.npz"
+    merged.write_bytes(merged.read_bytes()[: merged.stat().st_size // 2])
+    summary = _run(output_dir, "--format", "both")
+    assert summary["complete"] and summary["generated_shards"] == []
+    assert (
+        "samples.npz is incomplete or changed since it was written; merging the shards again"
+        in capsys.readouterr().out
+    )
+    _assert_same_samples(output_dir, reference)
+
+
+def test_a_lost_timing_file_is_rebuilt_from_the_shard_records(reference, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    shutil.copytree(reference, output_dir)
+    (output_dir / "timing.json").unlink()
+    summary = _run(output_dir, "--format", "both")
+    assert summary["complete"] and summary["generated_shards"] == []
+    assert "timing.json was missing: rebuilt from the shard records" in capsys.readouterr().out
+    timing = json.loads((output_dir / "timing.json").read_text())
+    assert timing["images"] == NUM_IMAGES and timing["images_per_second"] > 0
+    assert timing["per_process"][0]["shards"] == list(range(NUM_SHARDS))
+
+
+def test_shards_without_a_manifest_are_refused(reference, tmp_path):
+    output_dir = tmp_path / "out"
+    shutil.copytree(reference, output_dir)
+    (output_dir / "manifest.json").unlink()
+    with pytest.raises(SystemExit, match="holds samples but no manifest.json"):
+        _run(output_dir, "--format", "both")
+    assert not (output_dir / "manifest.json").exists()
+
+
+def test_other_weights_behind_the_same_model_path_are_refused(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(demo_path("digits"), model)
+    base = ["--model", str(model), "--num_images", "2", "--num_inference_steps", "2"]
+    assert _run(tmp_path / "out", base=base)["complete"]
+    recorded = (tmp_path / "out" / "manifest.json").read_text()
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, weights)
+    with pytest.raises(SystemExit) as refused:
+        _run(tmp_path / "out", base=base)
+    assert "model files changed, added or removed since the manifest: transformer/diffusion_pytorch_model" in str(
+        refused.value
+    )
+    assert (tmp_path / "out" / "manifest.json").read_text() == recorded
+
+
+def test_old_flag_names_still_work_with_a_deprecation_warning(tmp_path):
+    base = ["--model", "demo:digits", "--output_dir", str(tmp_path)]
+    with pytest.warns(FutureWarning) as warned:
+        args = sample_at_scale.parse_args([*base, "--per_class", "3", "--mask_schedule", "linear"])
+    messages = [str(warning.message) for warning in warned]
+    assert any("--per_class is deprecated" in m and m.endswith("use --num_images_per_prompt") for m in messages)
+    assert any("--mask_schedule is deprecated" in m and m.endswith("use --masking_schedule") for m in messages)
+    assert args.num_images_per_prompt == 3 and args.masking_schedule == "linear"
 
 
 def _sample_in_this_process(argv: list[str]) -> None:
@@ -176,7 +302,7 @@ def test_two_processes_resume_a_one_process_run_with_identical_images(reference,
     assert per_process[0] | per_process[1] == set(range(2, NUM_SHARDS))
     assert _mtimes(finished) == before  # the first run's shards were not regenerated
     assert not list(output_dir.rglob("*.tmp"))
-    assert len(list((output_dir / "shards").iterdir())) == NUM_SHARDS
+    assert len(list((output_dir / "shards").glob("*.npz"))) == NUM_SHARDS
     assert len(list((output_dir / "images").iterdir())) == NUM_IMAGES
     with np.load(reference / "samples.npz") as expected, np.load(output_dir / "samples.npz") as combined:
         np.testing.assert_array_equal(combined["arr_0"], expected["arr_0"])
@@ -187,7 +313,7 @@ def test_two_processes_resume_a_one_process_run_with_identical_images(reference,
 def test_text_pipeline_with_a_prompts_file(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten seven\n\nthe digit 2\na handwritten one\n")
-    base = ["--model", "demo:digits-text", "--prompts_file", str(prompts), "--per_prompt", "2"]
+    base = ["--model", "demo:digits-text", "--prompts_file", str(prompts), "--num_images_per_prompt", "2"]
     summary = _run(tmp_path / "out", "--batch_size", "3", "--shard_size", "4", base=base)
     assert summary["complete"] and summary["generated_shards"] == [0, 1]
     with np.load(tmp_path / "out" / "samples.npz") as merged:
@@ -238,23 +364,25 @@ def test_bad_flags_fail_clearly_before_loading_the_model(tmp_path, capsys, nothi
     not_a_list.write_text('{"prompt": "the digit 2"}')
     digits, text = ["--model", "demo:digits"], ["--model", "demo:digits-text"]
     cases = [
-        ([*digits, "--per_class", "0"], "--per_class must be a positive integer, got 0"),
+        ([*digits, "--num_images_per_prompt", "0"], "--num_images_per_prompt must be a positive integer, got 0"),
         ([*digits, "--num_images", "4", "--batch_size", "-2"], "--batch_size must be a positive integer"),
         ([*digits, "--num_images", "4", "--format", "jpg"], "argument --format: invalid choice: 'jpg'"),
         ([*digits, "--num_images", "4", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
         ([*digits, "--num_images", "4", "--guidance_scale", "-1"], "--guidance_scale must be a finite number >= 0"),
         ([*digits, "--num_images", "4", "--device", "gpu"], "--device must be a torch device"),
-        (digits, "pass --num_images, or --per_class / --per_prompt"),
-        ([*digits, "--per_class", "2", "--prompts_file", str(prompts)], "--per_class (class-conditional) cannot be"),
+        (digits, "pass --num_images, or --num_images_per_prompt"),
+        ([*digits, "--class_labels", "2", "--prompts_file", str(prompts)], "--class_labels (class-conditional) can"),
         (["--model", "demo:cats", "--num_images", "4"], "is not a packaged demo; available: demo:digits"),
         ([*text, "--prompts_file", str(empty), "--num_images", "2"], "holds no prompts"),
         ([*text, "--prompts_file", str(not_a_list), "--num_images", "2"], "must hold a json list of strings"),
         (["--model", str(tmp_path / "nowhere"), "--num_images", "4"], "no diffusers pipeline found there"),
-        ([*digits, "--num_images", "7", "--per_class", "2"], "--num_images 7 must equal --per_class 2 x 10 classes"),
-        ([*digits, "--class_labels", "3", "12", "--per_class", "1"], "class ids in [0, 9], got [12]"),
+        ([*digits, "--num_images", "7", "--num_images_per_prompt", "2"], "must equal --num_images_per_prompt 2 x 10"),
+        ([*digits, "--class_labels", "3", "12", "--num_images_per_prompt", "1"], "class ids in [0, 9], got [12]"),
+        ([*digits, "--class_labels", "3", "three", "--num_images", "2"], "must not repeat a class, got [3, 'three']"),
+        ([*digits, "--class_labels", "sevn", "--num_images", "2"], "unknown class name(s) ['sevn']; the model has"),
         ([*digits, "--num_images", "4", "--num_inference_steps", "17"], "at most the 16 tokens of an image, got 17"),
         ([*digits, "--prompts_file", str(prompts), "--num_images", "2"], "is class-conditional"),
-        ([*text, "--per_class", "2"], "text-to-image pipeline: pass --prompts_file (--per_class and --class_labels"),
+        ([*text, "--class_labels", "2", "--num_images", "2"], "text-to-image pipeline: pass --prompts_file (--class"),
     ]
     for argv, expected in cases:
         output_dir = tmp_path / "never_written"
@@ -282,7 +410,8 @@ class _RecordingPipeline:
 
 
 def test_each_image_gets_its_own_generator_condition_and_settings(tmp_path):
-    args = sample_at_scale.parse_args(["--model", "demo:digits", "--output_dir", str(tmp_path), "--per_class", "3"])
+    argv = ["--model", "demo:digits", "--output_dir", str(tmp_path), "--num_images_per_prompt", "3"]
+    args = sample_at_scale.parse_args(argv)
     args.seed = 7
     plan = sample_at_scale.make_plan(args, sample_at_scale.describe_model("demo:digits"), torch.device("cpu"))
     pipe = _RecordingPipeline()
@@ -295,7 +424,7 @@ def test_each_image_gets_its_own_generator_condition_and_settings(tmp_path):
         "output_type": "np",
         "class_labels": [1, 1, 2],
         "num_inference_steps": 8,
-        "guidance_scale": 2.5,
+        "guidance_scale": 3.5,
         "guidance_schedule": "linear",
     }
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..models.transformer_enat import ENAT_PRESETS
 from .common import CheckpointMismatchError, rename_state_dict
 
 # Trained only as an auxiliary module in the reference and never called at inference.
@@ -49,12 +50,30 @@ def _num_blocks(state_dict: Mapping[str, torch.Tensor]) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def match_preset(hidden_size: int, num_layers: int) -> str | None:
+    """The paper configuration (`ENAT_PRESETS`) with this width and number of blocks, if any: ENAT-S, -B and -L
+    differ in both, and the head count and encoder/decoder split are not recorded in the weights."""
+    for name, preset in ENAT_PRESETS.items():
+        if preset.get("num_classes", 1) is None:  # text-conditioned presets have no class-conditional checkpoint
+            continue
+        if (preset["hidden_size"], preset["num_encoder_layers"] + preset["num_decoder_layers"]) == (
+            hidden_size,
+            num_layers,
+        ):
+            return name
+    return None
+
+
 def transformer_config_from_state_dict(
-    state_dict: Mapping[str, torch.Tensor], num_attention_heads: int, num_decoder_layers: int
+    state_dict: Mapping[str, torch.Tensor],
+    num_attention_heads: int | None = None,
+    num_decoder_layers: int | None = None,
 ) -> dict:
     """
     The `ENATTransformer2DModel` config of a reference checkpoint. Head count and the encoder/decoder split are not
-    recorded in the weights, so they are arguments (ENAT-L: 16 heads, 2 decoder blocks; ENAT-B: 8, 1; ENAT-S: 6, 1).
+    recorded in the weights: for a checkpoint whose width and depth are those of a paper configuration (ENAT-S, -B or
+    -L in `ENAT_PRESETS`) they come from it, and arguments that contradict it are refused; any other checkpoint needs
+    both arguments.
     """
     required = ("x_embedder.word_embeddings.weight", "x_embedder.position_embeddings.weight")
     required += ("y_embedder.embedding_table.weight", "blocks.0.mlp.fc1.weight")
@@ -67,6 +86,37 @@ def transformer_config_from_state_dict(
     if sample_size**2 != num_positions:
         raise CheckpointMismatchError(f"{num_positions} position embeddings do not form a square token grid")
     num_layers = _num_blocks(state_dict)
+    preset = match_preset(hidden_size, num_layers)
+    given = {"num_attention_heads": num_attention_heads, "num_decoder_layers": num_decoder_layers}
+    if preset is not None:
+        contradicting = [
+            f"`{name}` {value} (the checkpoint is {preset}: {ENAT_PRESETS[preset][name]})"
+            for name, value in given.items()
+            if value is not None and value != ENAT_PRESETS[preset][name]
+        ]
+        if contradicting:
+            raise ValueError(
+                f"the checkpoint's width {hidden_size} and {num_layers} blocks are those of {preset}, which "
+                f"contradicts {' and '.join(contradicting)}; leave the argument out to use {preset}'s"
+            )
+        num_attention_heads = ENAT_PRESETS[preset]["num_attention_heads"]
+        num_decoder_layers = ENAT_PRESETS[preset]["num_decoder_layers"]
+    else:
+        unknown = [name for name, value in given.items() if value is None]
+        if unknown:
+            presets = ", ".join(
+                f"{name} {preset['hidden_size']}/{preset['num_encoder_layers'] + preset['num_decoder_layers']}"
+                for name, preset in ENAT_PRESETS.items()
+                if preset.get("num_classes", 1) is not None
+            )
+            raise ValueError(
+                f"the checkpoint (width {hidden_size}, {num_layers} blocks) is none of the paper's configurations "
+                f"(width/blocks: {presets}), so {' and '.join(f'`{name}`' for name in unknown)} must be given"
+            )
+    if num_attention_heads < 1 or hidden_size % num_attention_heads:
+        raise ValueError(
+            f"`num_attention_heads` must be a positive divisor of the width {hidden_size}, got {num_attention_heads}"
+        )
     if not 0 < num_decoder_layers < num_layers:
         raise ValueError(f"`num_decoder_layers` must be in [1, {num_layers - 1}] for {num_layers} blocks")
     return {

@@ -20,6 +20,7 @@ import torch
 from ..models.vq_maskgit import MaskGITVQModel
 from .common import (
     CheckpointMismatchError,
+    check_finite,
     load_reference_checkpoint,
     rename_state_dict,
     resolve_dtype,
@@ -158,4 +159,5 @@ def convert_vqgan(
     model.load_state_dict(converted, strict=True)
     # nn.Module.to rather than ModelMixin.to, which warns about float32-pinned modules even when there are none.
     torch.nn.Module.to(model, dtype=dtype)
+    check_finite(model, "VQGAN")
     return model.eval()
