@@ -71,8 +71,13 @@ and the reuse "previous step" comes from the trained model (no grad, eval mode).
 model card (README.md) and uploads the folder without the checkpoints and tracker logs.
 
 The token cache holds token ids only (int16, per image; with `--random_flip` also of the mirrored image); labels and
-captions come from the data listing, which is cheap. Its file name is a hash of the image paths, the resolution,
-`--random_flip` and the VQ model's config and weights, so a change of any of them builds a new cache. Captions are
+captions come from the data listing, which is cheap. Its file name is a hash of the image files (path, size and
+modification time of each), the resolution, `--random_flip` and the VQ model's config and weights, so a change of any
+of them builds a new cache.
+
+After a crash: checkpoints are complete or absent (written as `checkpoint-N.partial`, renamed when complete; older
+ones are pruned only then), the token cache is complete or absent, `--resume_from_checkpoint latest` redoes the steps
+after the newest checkpoint (the log keeps one line per step) and, after the last step, trains nothing. Captions are
 encoded by the frozen text encoder at every step (no grad); a dropped caption is the empty prompt.
 """
 
@@ -124,8 +129,14 @@ LORA_TARGET_MODULES = ["to_q", "to_kv", "to_kv_context", "to_out"]
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRAINING_LOG = "training_log.jsonl"
 PAPER_TOTAL_BATCH_SIZE = 2048
-TOKEN_CACHE_VERSION = 1
+TOKEN_CACHE_VERSION = 2  # 2: the key covers each image file's size and modification time
 IGNORE_INDEX = -100
+CHECKPOINT_PREFIX = "checkpoint-"
+PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; renamed to checkpoint-N once complete
+
+
+class InputError(ValueError):
+    """A problem with the arguments or the data that one sentence explains (the command line prints no traceback)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -179,7 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache_dir",
         type=str,
         default=None,
-        help="Where the token cache is written and looked up (default: <HF_HOME>/enat_token_cache).",
+        help="Where the token cache is written and looked up (default: <HF_HOME>/enat_token_cache). A cache is "
+        "keyed by the image files (path, size, modification time), resolution, flips and VQ model; delete its file "
+        "to force a rebuild.",
     )
     data.add_argument("--tokenize_batch_size", type=int, default=64, help="Images per VQ encoder batch when caching.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Image-loading workers when caching.")
@@ -303,14 +316,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpointing_steps",
         type=int,
         default=1000,
-        help="Save the full training state (accelerator.save_state) every N steps.",
+        help="Save the full training state (accelerator.save_state) every N steps and at the last step. A checkpoint "
+        "is written as checkpoint-N.partial and renamed when complete, so a kill never leaves a checkpoint that "
+        "cannot be resumed.",
     )
     output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
     output.add_argument(
         "--resume_from_checkpoint",
         type=str,
         default=None,
-        help='"latest" (the newest checkpoint in --output_dir, if any) or a checkpoint folder.',
+        help='"latest" (the newest complete checkpoint in --output_dir, if any) or a checkpoint folder. Steps after '
+        "the checkpoint run again (and replace their lines in training_log.jsonl); resuming a finished run trains "
+        "nothing and writes the same pipeline.",
     )
     output.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, under --output_dir.")
     output.add_argument("--report_to", type=str, default="none", help='"none", "tensorboard", "wandb" or "all".')
@@ -335,47 +352,47 @@ def _data_sources(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 def _check_data_args(args: argparse.Namespace) -> None:
     class_sources, text_sources = _data_sources(args)
     if not class_sources and not text_sources:
-        raise ValueError(
+        raise InputError(
             "no training data: pass --train_data_dir (class-conditional, optionally with --labels_file), or "
             "--coco_captions_json with --coco_images_dir, or --caption_data_dir (text-conditional)"
         )
     if class_sources and text_sources:
-        raise ValueError(
+        raise InputError(
             f"pass either class-conditional data (--train_data_dir/--labels_file) or text data, not both; got "
             f"{', '.join('--' + flag for flag in class_sources + text_sources)}"
         )
     if args.labels_file and not args.train_data_dir:
-        raise ValueError("--labels_file needs --train_data_dir (the folder its file names are relative to)")
+        raise InputError("--labels_file needs --train_data_dir (the folder its file names are relative to)")
     if bool(args.coco_captions_json) != bool(args.coco_images_dir):
-        raise ValueError("--coco_captions_json and --coco_images_dir go together")
+        raise InputError("--coco_captions_json and --coco_images_dir go together")
     if args.coco_captions_json and args.caption_data_dir:
-        raise ValueError("pass either --coco_captions_json/--coco_images_dir or --caption_data_dir, not both")
+        raise InputError("pass either --coco_captions_json/--coco_images_dir or --caption_data_dir, not both")
     if args.validation_prompts and class_sources:
-        raise ValueError(
+        raise InputError(
             "--validation_prompts is for text data; class-conditional runs take --validation_class_labels"
         )
     if args.validation_class_labels and text_sources:
-        raise ValueError("--validation_class_labels is for class data; text runs take --validation_prompts")
+        raise InputError("--validation_class_labels is for class data; text runs take --validation_prompts")
     if text_sources and args.validation_steps and not args.validation_prompts:
-        raise ValueError("--validation_steps on text data needs --validation_prompts")
+        raise InputError("--validation_steps on text data needs --validation_prompts")
 
 
 def _check_model_args(args: argparse.Namespace) -> None:
     if args.model_config and args.pretrained_model_name_or_path:
-        raise ValueError(
+        raise InputError(
             "pass either --model_config (a new transformer) or --pretrained_model_name_or_path (fine-tuning), not both"
         )
     if not args.model_config and not args.pretrained_model_name_or_path:
-        raise ValueError("pass --model_config (a new transformer) or --pretrained_model_name_or_path (fine-tuning)")
+        raise InputError("pass --model_config (a new transformer) or --pretrained_model_name_or_path (fine-tuning)")
     if not args.vqvae_model_name_or_path and not args.pretrained_model_name_or_path:
-        raise ValueError("pass --vqvae_model_name_or_path (or a --pretrained_model_name_or_path with a vqvae)")
+        raise InputError("pass --vqvae_model_name_or_path (or a --pretrained_model_name_or_path with a vqvae)")
     if args.lora_rank is not None:
         if not args.pretrained_model_name_or_path:
-            raise ValueError("--lora_rank fine-tunes a pretrained transformer: pass --pretrained_model_name_or_path")
+            raise InputError("--lora_rank fine-tunes a pretrained transformer: pass --pretrained_model_name_or_path")
         if args.lora_rank < 1:
-            raise ValueError(f"--lora_rank must be a positive integer, got {args.lora_rank}")
+            raise InputError(f"--lora_rank must be a positive integer, got {args.lora_rank}")
         if importlib.util.find_spec("peft") is None:
-            raise ValueError("--lora_rank needs peft: pip install peft")
+            raise InputError("--lora_rank needs peft: pip install peft")
 
 
 def _check_number_args(args: argparse.Namespace) -> None:
@@ -389,34 +406,34 @@ def _check_number_args(args: argparse.Namespace) -> None:
         "num_validation_images",
     ):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+            raise InputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
     for flag in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+            raise InputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
     if args.lr_warmup_steps < 0 or args.dataloader_num_workers < 0:
-        raise ValueError("--lr_warmup_steps and --dataloader_num_workers must be >= 0")
+        raise InputError("--lr_warmup_steps and --dataloader_num_workers must be >= 0")
     if not 0 <= args.reuse_prob <= 1:
-        raise ValueError(f"--reuse_prob must be in [0, 1], got {args.reuse_prob}")
+        raise InputError(f"--reuse_prob must be in [0, 1], got {args.reuse_prob}")
     for flag in ("cond_drop_prob", "label_smoothing", "ema_decay"):
         if not 0 <= getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
+            raise InputError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
     if min(args.mask_ratio_beta) <= 0:
-        raise ValueError(f"--mask_ratio_beta needs two positive numbers, got {args.mask_ratio_beta}")
+        raise InputError(f"--mask_ratio_beta needs two positive numbers, got {args.mask_ratio_beta}")
     if not args.learning_rate > 0:
-        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
+        raise InputError(f"--learning_rate must be > 0, got {args.learning_rate}")
 
 
 def _check_output_args(args: argparse.Namespace) -> None:
     report_to = args.report_to
     needed = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": [], "none": []}
     if report_to not in needed:
-        raise ValueError(f"--report_to must be one of {sorted(needed)}, got {report_to!r}")
+        raise InputError(f"--report_to must be one of {sorted(needed)}, got {report_to!r}")
     missing = [package for package in needed[report_to] if importlib.util.find_spec(package) is None]
     if missing:
-        raise ValueError(f"--report_to {report_to} needs {missing[0]}: pip install {missing[0]}")
+        raise InputError(f"--report_to {report_to} needs {missing[0]}: pip install {missing[0]}")
     resume = args.resume_from_checkpoint
     if resume and resume != "latest" and _checkpoint_path(args) is None:
-        raise ValueError(f"--resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder")
+        raise InputError(f"--resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -452,27 +469,35 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _require_dir(path: str, flag: str) -> Path:
     if not os.path.isdir(path):
-        raise ValueError(f"--{flag} {path!r} is not a folder")
+        raise InputError(f"--{flag} {path!r} is not a folder")
     return Path(path)
 
 
 def _require_files(paths: list[Path], flag: str) -> None:
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
-        raise ValueError(f"{len(missing)} image(s) named by --{flag} do not exist, e.g. {missing[:3]}")
+        raise InputError(f"{len(missing)} image(s) named by --{flag} do not exist, e.g. {missing[:3]}")
 
 
 def list_class_folders(root: Path) -> TrainingData:
     class_dirs = sorted(path for path in root.iterdir() if path.is_dir())
     if not class_dirs:
-        raise ValueError(
+        raise InputError(
             f"--train_data_dir {str(root)!r} has no class subfolders; give one subfolder per class or a --labels_file"
         )
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for label, class_dir in enumerate(class_dirs):
         files = _image_files(class_dir)
         paths += [str(path) for path in files]
         labels += [label] * len(files)
+        if not files:
+            empty.append(class_dir.name)
+    if empty:
+        # A class without images would still get an id (and shift nothing), but it could never be learned.
+        raise InputError(
+            f"--train_data_dir {str(root)!r}: the class folder(s) {empty} hold no images "
+            f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)"
+        )
     id2label = {label: class_dir.name for label, class_dir in enumerate(class_dirs)}
     return TrainingData(paths, list(range(len(paths))), labels, text=False, id2label=id2label)
 
@@ -482,14 +507,14 @@ def _read_labels_file(labels_file: str) -> dict[str, object]:
         with open(labels_file) as handle:
             mapping = json.load(handle)
         if not isinstance(mapping, dict):
-            raise ValueError(f"--labels_file {labels_file!r} must hold a json object {{file_name: label}}")
+            raise InputError(f"--labels_file {labels_file!r} must hold a json object {{file_name: label}}")
         return mapping
     with open(labels_file, newline="") as handle:
         rows = [row for row in csv.reader(handle) if row]
     if rows and not rows[0][-1].strip().lstrip("-").isdigit():
         rows = rows[1:]  # a header row
     if any(len(row) != 2 for row in rows):
-        raise ValueError(f"--labels_file {labels_file!r}: every csv row must be `file_name,label`")
+        raise InputError(f"--labels_file {labels_file!r}: every csv row must be `file_name,label`")
     return {name.strip(): label.strip() for name, label in rows}
 
 
@@ -499,9 +524,9 @@ def list_labeled_images(root: Path, labels_file: str) -> TrainingData:
     try:
         labels = [int(mapping[name]) for name in names]
     except (TypeError, ValueError) as error:
-        raise ValueError(f"--labels_file {labels_file!r}: labels must be integers ({error})") from None
+        raise InputError(f"--labels_file {labels_file!r}: labels must be integers ({error})") from None
     if any(label < 0 for label in labels):
-        raise ValueError(f"--labels_file {labels_file!r}: labels must be >= 0")
+        raise InputError(f"--labels_file {labels_file!r}: labels must be >= 0")
     paths = [root / name for name in names]
     _require_files(paths, "labels_file")
     return TrainingData([str(path) for path in paths], list(range(len(paths))), labels, text=False)
@@ -514,13 +539,13 @@ def list_coco_captions(captions_json: str, images_dir: Path) -> TrainingData:
         files = {image["id"]: image["file_name"] for image in coco["images"]}
         pairs = [(annotation["image_id"], annotation["caption"].strip()) for annotation in coco["annotations"]]
     except (KeyError, TypeError) as error:
-        raise ValueError(
+        raise InputError(
             f"--coco_captions_json {captions_json!r} is not a COCO captions file (missing {error})"
         ) from None
     image_ids = sorted({image_id for image_id, _ in pairs})
     unknown = [image_id for image_id in image_ids if image_id not in files]
     if unknown:
-        raise ValueError(f"--coco_captions_json: captions refer to unknown image ids, e.g. {unknown[:3]}")
+        raise InputError(f"--coco_captions_json: captions refer to unknown image ids, e.g. {unknown[:3]}")
     position = {image_id: index for index, image_id in enumerate(image_ids)}
     paths = [images_dir / files[image_id] for image_id in image_ids]
     _require_files(paths, "coco_images_dir")
@@ -542,7 +567,7 @@ def list_caption_folder(root: Path) -> TrainingData:
         captions += lines
         paths.append(str(path))
     if missing:
-        raise ValueError(f"--caption_data_dir: {len(missing)} image(s) have no caption file, e.g. {missing[:3]}")
+        raise InputError(f"--caption_data_dir: {len(missing)} image(s) have no caption file, e.g. {missing[:3]}")
     return TrainingData(paths, image_index, captions, text=True)
 
 
@@ -556,7 +581,7 @@ def list_training_data(args: argparse.Namespace) -> TrainingData:
     else:
         data = list_caption_folder(_require_dir(args.caption_data_dir, "caption_data_dir"))
     if not len(data):
-        raise ValueError("the training data holds no samples (images with labels or captions)")
+        raise InputError("the training data holds no samples (images with labels or captions)")
     return data
 
 
@@ -567,8 +592,11 @@ def list_training_data(args: argparse.Namespace) -> TrainingData:
 
 def load_image(path: str, resolution: int) -> torch.Tensor:
     """RGB image, shorter side resized to `resolution`, center crop -> `(3, resolution, resolution)` in [-1, 1]."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")  # decodes: a truncated or damaged file fails here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(f"cannot read the image {path} ({error}); fix or remove it") from None
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
@@ -590,13 +618,16 @@ class ImageFileDataset(Dataset):
 
 
 def token_cache_path(args: argparse.Namespace, image_paths: list[str], vqvae: MaskGITVQModel) -> Path:
-    """The cache file: named by a hash of the image list, the resolution, flips and the VQ model (config + weights)."""
+    """The cache file: named by a hash of the image list (path, size and modification time of every file), the
+    resolution, flips and the VQ model (config + weights). An image replaced or edited in place gets a new size or
+    modification time and so a new cache; to force a rebuild otherwise, delete the file or pass another --cache_dir."""
     digest = hashlib.sha256()
     settings = {"version": TOKEN_CACHE_VERSION, "resolution": args.resolution, "random_flip": args.random_flip}
     settings["vq_config"] = {key: value for key, value in vqvae.config.items() if not key.startswith("_")}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for path in image_paths:
-        digest.update(os.path.abspath(path).encode() + b"\0")
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     for name, tensor in vqvae.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -697,7 +728,7 @@ def load_vqvae_config(args: argparse.Namespace) -> dict:
     name, subfolder = _vqvae_source(args)
     config = MaskGITVQModel.load_config(name, subfolder=subfolder, revision=args.revision)
     if config.get("_class_name", "MaskGITVQModel") != "MaskGITVQModel":
-        raise ValueError(f"the VQ model at {name!r} is a {config['_class_name']}, not a MaskGITVQModel")
+        raise InputError(f"the VQ model at {name!r} is a {config['_class_name']}, not a MaskGITVQModel")
     return config
 
 
@@ -744,7 +775,7 @@ def _read_model_config(model_config: str) -> dict:
             return json.load(handle)
     if model_config in ENAT_PRESETS:
         return dict(ENAT_PRESETS[model_config])
-    raise ValueError(
+    raise InputError(
         f"--model_config {model_config!r} must be a json file of transformer config kwargs or a preset name "
         f"({', '.join(ENAT_PRESETS)})"
     )
@@ -767,7 +798,7 @@ def transformer_config(
         accepted = set(inspect.signature(ENATTransformer2DModel.__init__).parameters) - {"self"}
         unknown = sorted(key for key in config if key not in accepted and not key.startswith("_"))
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"--model_config has unknown keys {unknown}; ENATTransformer2DModel takes {sorted(accepted)}"
             )
         config.setdefault("sample_size", args.resolution // vq_downsample_factor(vq_config))
@@ -793,13 +824,13 @@ def _config_values(config: dict) -> dict:
 def check_text_dims(config: dict, text_dims: tuple[int, int | None]) -> None:
     value = _config_values(config)
     if value["text_embed_dim"] != text_dims[0]:
-        raise ValueError(
+        raise InputError(
             f"the transformer's text_embed_dim ({value['text_embed_dim']}) differs from the text encoder's hidden "
             f"width ({text_dims[0]})"
         )
     pooled = value["pooled_text_embed_dim"]
     if pooled is not None and pooled != text_dims[1]:
-        raise ValueError(
+        raise InputError(
             f"the transformer's pooled_text_embed_dim ({pooled}) differs from the text encoder's pooled width "
             f"({text_dims[1]})"
         )
@@ -809,26 +840,26 @@ def check_transformer_config(config: dict, args: argparse.Namespace, vq_config: 
     value = _config_values(config)
     factor = vq_downsample_factor(vq_config)
     if args.resolution // factor != value["sample_size"]:
-        raise ValueError(
+        raise InputError(
             f"--resolution {args.resolution} gives a {args.resolution // factor}x{args.resolution // factor} token grid "
             f"with this VQ model (factor {factor}), but the transformer's sample_size is {value['sample_size']}"
         )
     if value["codebook_size"] != vq_config["num_vq_embeddings"]:
-        raise ValueError(
+        raise InputError(
             f"the transformer's codebook_size ({value['codebook_size']}) differs from the VQ model's "
             f"num_vq_embeddings ({vq_config['num_vq_embeddings']})"
         )
     if data.text and value["text_embed_dim"] is None:
-        raise ValueError("text data needs a text-conditioned transformer (text_embed_dim set, num_classes None)")
+        raise InputError("text data needs a text-conditioned transformer (text_embed_dim set, num_classes None)")
     if not data.text:
         if value["num_classes"] is None or max(data.conditions) >= value["num_classes"]:
-            raise ValueError(
+            raise InputError(
                 f"the data has labels up to {max(data.conditions)}, but the transformer has num_classes="
                 f"{value['num_classes']}"
             )
         bad = [label for label in args.validation_class_labels or [] if not 0 <= label < value["num_classes"]]
         if bad:
-            raise ValueError(f"--validation_class_labels must be in [0, {value['num_classes'] - 1}], got {bad}")
+            raise InputError(f"--validation_class_labels must be in [0, {value['num_classes'] - 1}], got {bad}")
 
 
 def build_transformer(args: argparse.Namespace, config: dict) -> ENATTransformer2DModel:
@@ -982,10 +1013,13 @@ class TrainingProgress:
 
 
 def list_checkpoints(output_dir: str) -> list[Path]:
-    """`checkpoint-N` folders of `output_dir`, oldest (smallest N) first."""
+    """Complete `checkpoint-N` folders of `output_dir`, oldest (smallest N) first. Folders still being written
+    (`checkpoint-N.partial`) are not checkpoints."""
     if not os.path.isdir(output_dir):
         return []
-    steps = {path: path.name.removeprefix("checkpoint-") for path in Path(output_dir).glob("checkpoint-*")}
+    steps = {
+        path: path.name.removeprefix(CHECKPOINT_PREFIX) for path in Path(output_dir).glob(CHECKPOINT_PREFIX + "*")
+    }
     found = [path for path, step in steps.items() if path.is_dir() and step.isdigit()]
     return sorted(found, key=lambda path: int(steps[path]))
 
@@ -1001,16 +1035,40 @@ def _checkpoint_path(args: argparse.Namespace) -> Path | None:
     return None
 
 
-def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int) -> None:
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+def prune_checkpoints(args: argparse.Namespace) -> None:
+    """Removes what a kill left half-written and, with --checkpoints_total_limit, all but the newest checkpoints."""
+    for partial in Path(args.output_dir).glob(f"{CHECKPOINT_PREFIX}*{PARTIAL_SUFFIX}"):
+        shutil.rmtree(partial)
+    if args.checkpoints_total_limit is not None:
         checkpoints = list_checkpoints(args.output_dir)
-        for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit + 1)]:
+        for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit)]:
             logger.info(f"Removing checkpoint {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
             shutil.rmtree(old)
+
+
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int) -> Path:
+    """Writes `checkpoint-N` so that a kill at any moment leaves only complete checkpoints behind: every process
+    writes its part into `checkpoint-N.partial`, which is renamed once all parts are there; older checkpoints are
+    pruned only after that (the output folder is shared by the processes, as accelerate's save_state expects)."""
+    final = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{global_step}"
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)  # from a run killed while writing this step
     accelerator.wait_for_everyone()
-    save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    accelerator.save_state(save_path)
-    logger.info(f"Saved state to {save_path}")
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # the same step from an earlier run: the new state replaces it
+            stale = final.with_name(final.name + ".stale")
+            os.replace(final, stale)
+            os.replace(partial, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(partial, final)
+        prune_checkpoints(args)
+    accelerator.wait_for_everyone()
+    logger.info(f"Saved state to {final}")
+    return final
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1167,7 +1225,7 @@ def prepare_data(args: argparse.Namespace) -> tuple[TrainingData, dict, dict]:
     vq_config = load_vqvae_config(args)
     factor = vq_downsample_factor(vq_config)
     if args.resolution % factor:
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsampling factor {factor}")
+        raise InputError(f"--resolution {args.resolution} must be a multiple of the VQ downsampling factor {factor}")
     data = list_training_data(args)
     text_components, text_dims = {}, None
     if data.text:
@@ -1251,6 +1309,12 @@ def resume(run: TrainingRun) -> None:
     if checkpoint is not None:
         logger.info(f"Resuming from checkpoint {checkpoint}")
         run.accelerator.load_state(str(checkpoint))
+        logger.info(
+            f"Resumed at step {run.progress.global_step}: learning rate now {run.lr_scheduler.get_last_lr()[0]:.3g}"
+        )
+    if run.accelerator.is_main_process:
+        # Steps logged after the checkpoint by the run that stopped are trained (and logged) again.
+        truncate_log(run.args, run.progress.global_step)
 
 
 def optimization_step(run: TrainingRun, batch: dict) -> float:
@@ -1281,7 +1345,9 @@ def after_optimizer_step(run: TrainingRun, epoch: int, loss: float, progress_bar
     accelerator.log(logs, step=step)
     if accelerator.is_main_process:
         append_log(args, {"step": step, "epoch": epoch, **logs})
-    if step % args.checkpointing_steps == 0:
+    if step % args.checkpointing_steps == 0 or step == run.max_train_steps:
+        # Also at the last step: a rerun of a finished run (or after a kill while saving the outputs) resumes there
+        # and trains nothing.
         save_checkpoint(accelerator, args, step)
     if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process:
         log_validation(make_pipeline(run.reuse_model, *run.pipeline_parts), args, accelerator, step)
@@ -1291,6 +1357,11 @@ def train(run: TrainingRun) -> None:
     """Runs optimizer steps from the current step count to `max_train_steps`, continuing a resumed epoch where the
     checkpoint left it."""
     args, accelerator = run.args, run.accelerator
+    if run.progress.global_step >= run.max_train_steps:
+        logger.info(
+            f"Step {run.progress.global_step} reached --max_train_steps {run.max_train_steps}: nothing to train"
+        )
+        return
     first_epoch, resumed_steps = divmod(run.progress.global_step, run.steps_per_epoch)
     progress_bar = tqdm(
         range(run.max_train_steps),
@@ -1333,6 +1404,22 @@ def save_outputs(run: TrainingRun, data: TrainingData) -> None:
 def append_log(args: argparse.Namespace, record: dict) -> None:
     with open(os.path.join(args.output_dir, TRAINING_LOG), "a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def truncate_log(args: argparse.Namespace, global_step: int) -> None:
+    """Keeps the records of steps up to `global_step` in the training log (none for a new run), so that every step
+    appears once after a resume."""
+    path = Path(args.output_dir) / TRAINING_LOG
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # e.g. a line cut short by a kill
+            if json.loads(line)["step"] <= global_step:
+                kept.append(line)
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    partial.write_text("".join(line + "\n" for line in kept))
+    os.replace(partial, path)
 
 
 def log_run_info(run: TrainingRun, data: TrainingData, total_batch_size: int) -> None:
@@ -1399,4 +1486,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as error:
+        raise SystemExit(f"train_enat.py: {error}") from None

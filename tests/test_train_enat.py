@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -174,9 +175,10 @@ def test_token_cache_is_built_once_and_keyed_by_resolution(assets, tmp_path):
 
 def test_resume_from_latest_continues_exactly(assets, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    common = ("--random_flip", "--checkpointing_steps", 2, "--checkpoints_total_limit", 1)
+    common = ("--random_flip", "--checkpointing_steps", 2, "--checkpoints_total_limit", 2)
     train_enat.main(_class_args(assets, first, 5, *common))
-    assert sorted(path.name for path in (first / "out").glob("checkpoint-*")) == ["checkpoint-4"]
+    # every 2 steps and at the last one
+    assert sorted(path.name for path in (first / "out").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
 
     # a second run from a copy of the step-4 checkpoint (mid-epoch: 3 steps per epoch)
     shutil.copytree(first / "out" / "checkpoint-4", second / "out" / "checkpoint-4")
@@ -204,6 +206,69 @@ def test_resume_from_latest_continues_exactly(assets, tmp_path):
     assert _log(second / "out")[0]["loss"] == pytest.approx(_log(first / "out")[-1]["loss"], abs=1e-5)
     final = [load_file(run / "out" / "transformer" / "diffusion_pytorch_model.safetensors") for run in (first, second)]
     _assert_same_tensors(*final, exact=False)
+
+
+class _Killed(BaseException):
+    """Stands for a kill (SIGKILL, power loss) at a chosen moment: nothing in the script catches it."""
+
+
+def _weights(output_dir) -> bytes:
+    return (Path(output_dir) / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def _checkpoint_names(output_dir) -> list[str]:
+    return sorted(path.name for path in Path(output_dir).iterdir() if path.name.startswith("checkpoint-"))
+
+
+def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_resumes_exactly(assets, tmp_path):
+    common = ("--checkpointing_steps", 2, "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest")
+    train_enat.main(_class_args(assets, tmp_path / "uninterrupted", 6, *common))
+    save_state = Accelerator.save_state
+
+    def killed_while_saving_step_4(self, output_dir, **kwargs):
+        save_state(self, output_dir, **kwargs)
+        if "checkpoint-4" in str(output_dir):  # written in part: one file missing
+            (Path(output_dir) / "scheduler.bin").unlink()
+            raise _Killed
+
+    out = tmp_path / "out"
+    with mock.patch.object(Accelerator, "save_state", killed_while_saving_step_4), pytest.raises(_Killed):
+        train_enat.main(_class_args(assets, tmp_path, 6, *common))
+    # the step-2 checkpoint survives (pruning waits for a complete new checkpoint); the half-written one is no
+    # checkpoint that "latest" could pick
+    assert train_enat.list_checkpoints(str(out)) == [out / "checkpoint-2"]
+    assert [record["step"] for record in _log(out)] == [1, 2, 3, 4]
+
+    AcceleratorState._reset_state(True)
+    train_enat.main(_class_args(assets, tmp_path, 6, *common))
+    assert _checkpoint_names(out) == ["checkpoint-6"]  # the leftover is cleaned up, the limit holds
+    log, reference = _log(out), _log(tmp_path / "uninterrupted" / "out")
+    assert [record["step"] for record in log] == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 ran again, logged once
+    assert [record["loss"] for record in log] == pytest.approx([record["loss"] for record in reference], abs=1e-5)
+    final, expected = (load_file(path / "transformer" / "diffusion_pytorch_model.safetensors")
+                       for path in (out, tmp_path / "uninterrupted" / "out"))  # fmt: skip
+    _assert_same_tensors(final, expected, exact=False)
+
+
+def test_rerunning_a_finished_run_changes_nothing_even_after_a_kill_while_saving_the_pipeline(assets, tmp_path):
+    # 4 steps, 3 per epoch: the last checkpoint is mid-epoch
+    argv = _class_args(assets, tmp_path, 4, "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest")
+    out = tmp_path / "out"
+    with mock.patch.object(ENATPipeline, "save_pretrained", side_effect=_Killed), pytest.raises(_Killed):
+        train_enat.main(argv)
+    assert _checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
+
+    weights = []
+    for _ in range(2):  # the rerun writes the pipeline; a second rerun changes nothing
+        AcceleratorState._reset_state(True)
+        calls = _ForwardCalls()
+        with mock.patch.object(ENATTransformer2DModel, "forward", autospec=True, side_effect=calls):
+            train_enat.main(argv)
+        assert not [call for call in calls.calls if call[0]], "trained a step past --max_train_steps"
+        assert [record["step"] for record in _log(out)] == [1, 2, 3, 4]
+        assert _checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
+        weights.append(_weights(out))
+    assert weights[0] == weights[1]
 
 
 class _ForwardCalls:
@@ -490,3 +555,53 @@ def test_condition_dropout():
     assert classes.drop(labels, 0.0).equal(labels)
     text = train_enat.TextConditioning(text_encoder=None, tokenizer=None)
     assert text.drop(["a", "b"], 0.0) == ["a", "b"] and text.drop(["a", "b"], 0.999999) == ["", ""]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Damaged and changed data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _copy_classes(assets, tmp_path) -> Path:
+    classes = tmp_path / "classes"
+    shutil.copytree(assets.classes, classes)
+    return classes
+
+
+def test_token_cache_is_rebuilt_when_an_image_changes_in_place(assets, tmp_path):
+    classes = _copy_classes(assets, tmp_path)
+    argv = _class_args(assets, tmp_path, 1) + ["--train_data_dir", str(classes)]
+    train_enat.main(argv)
+    (first_cache,) = (tmp_path / "cache").iterdir()
+    edited = classes / "red" / "0.png"
+    stat = edited.stat()
+    _square(COLORS["blue"], np.random.default_rng(1)).save(edited)  # same path, other pixels
+    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # even when the clock is coarse
+
+    encode = MaskGITVQModel.encode
+    AcceleratorState._reset_state(True)
+    with mock.patch.object(MaskGITVQModel, "encode", autospec=True, side_effect=encode) as spy:
+        train_enat.main(argv)
+    assert spy.call_count > 0
+    caches = sorted((tmp_path / "cache").iterdir())
+    assert len(caches) == 2
+    (new_cache,) = [path for path in caches if path != first_cache]
+    changed = (load_file(new_cache)["token_ids"] != load_file(first_cache)["token_ids"]).flatten(1).any(1)
+    assert changed.nonzero().flatten().tolist() == [train_enat.list_class_folders(classes).image_paths.index(
+        str(edited))]  # fmt: skip
+
+
+def test_a_truncated_image_is_named_in_the_error(assets, tmp_path):
+    classes = _copy_classes(assets, tmp_path)
+    damaged = classes / "green" / "2.png"
+    damaged.write_bytes(damaged.read_bytes()[:60])
+    with pytest.raises(ValueError, match=f"cannot read the image {damaged}"):
+        train_enat.main(_class_args(assets, tmp_path, 1) + ["--train_data_dir", str(classes)])
+
+
+def test_an_empty_class_folder_is_refused_by_name(assets, tmp_path):
+    classes = _copy_classes(assets, tmp_path)
+    (classes / "purple").mkdir()
+    heavy_work = mock.patch.object(train_enat, "create_accelerator", side_effect=AssertionError("heavy work started"))
+    with heavy_work, pytest.raises(ValueError, match=r"class folder\(s\) \['purple'\] hold no images"):
+        train_enat.main(_class_args(assets, tmp_path, 1) + ["--train_data_dir", str(classes)])
