@@ -3,7 +3,8 @@
 
 The same script runs on one GPU, several GPUs or several machines: `accelerate launch` decides, the code does not
 change. Images are tokenized once with the frozen MaskGIT VQ model into a token cache (`--cache_dir`); training then
-reads only token ids. The recipe follows the paper (see SPEC.md, "Training recipe"): mask ratio ~ Beta(12, 3) (one
+reads only token ids. The recipe follows the ENAT paper (arXiv:2411.06959, its training details and appendix; README.md,
+"Training", lists the settings): mask ratio ~ Beta(12, 3) (one
 per batch), cross-entropy with label smoothing 0.1 on the masked tokens only, feature-reuse training (with probability
 `--reuse_prob`, a "previous step" with more masked tokens goes through the EMA model, and the trained model gets its
 reuse state), conditions dropped to the null class (class data) or the empty prompt (text data) with probability
@@ -106,8 +107,9 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.utils import make_image_grid
-from PIL import Image
+from diffusers.training_utils import EMAModel
+from huggingface_hub.errors import HfHubHTTPError
+from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
@@ -121,6 +123,8 @@ from enat_diffusers import (
     MaskGITVQModel,
     encode_text,
 )
+from enat_diffusers.demo import resolve_pretrained_location
+from enat_diffusers.script_utils import add_deprecated_flag
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -133,6 +137,12 @@ TOKEN_CACHE_VERSION = 2  # 2: the key covers each image file's size and modifica
 IGNORE_INDEX = -100
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; renamed to checkpoint-N once complete
+DEPRECATED_FLAGS_REMOVED_IN = "0.3.0"
+VALIDATION_CELL_SIZE = 128  # validation images are upscaled (nearest neighbour) to at least this many pixels
+VALIDATION_LABEL_HEIGHT = 16  # the band above each grid row that names its class or prompt
+# Errors of the Hub client: OSError covers connection, offline-mode and missing-token errors; the bases of
+# HfHubHTTPError add the HTTP library's own (httpx's ConnectError is no OSError).
+HUB_ERRORS = (OSError, *HfHubHTTPError.__bases__)
 
 
 class InputError(ValueError):
@@ -300,15 +310,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     validation.add_argument(
         "--validation_class_labels",
-        type=int,
+        type=str,
         nargs="+",
         default=None,
-        help="Class ids to generate (class data; default: the first four classes).",
+        help="Class ids or class names to generate (class data; default: the first four classes).",
     )
     validation.add_argument("--validation_prompts", type=str, nargs="+", default=None, help="Prompts (text data).")
-    validation.add_argument("--num_validation_images", type=int, default=4, help="Images per class id / prompt.")
-    validation.add_argument("--validation_inference_steps", type=int, default=None)
-    validation.add_argument("--validation_guidance_scale", type=float, default=None)
+    validation.add_argument("--num_validation_images", type=int, default=4, help="Images per class label / prompt.")
+    validation.add_argument(
+        "--validation_num_inference_steps", type=int, default=None, help="Default: the pipeline's default."
+    )
+    validation.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=None,
+        help="Classifier-free guidance scale as in diffusers (> 1: on). Default: the pipeline's default.",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", type=str, default="enat-model")
@@ -335,7 +352,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     output.add_argument("--push_to_hub", action="store_true", help="Upload --output_dir to the Hub at the end.")
     output.add_argument("--hub_model_id", type=str, default=None, help="Repo id (default: the output folder name).")
     output.add_argument("--hub_token", type=str, default=None)
+    add_deprecated_flag(
+        parser,
+        "--validation_inference_steps",
+        "--validation_num_inference_steps",
+        removed_in=DEPRECATED_FLAGS_REMOVED_IN,
+    )
     args = parser.parse_args(argv)
+    for flag in ("pretrained_model_name_or_path", "vqvae_model_name_or_path", "text_encoder_name_or_path"):
+        if getattr(args, flag):  # demo:NAME -> the packaged demo pipeline, as in every script
+            setattr(args, flag, resolve_pretrained_location(getattr(args, flag)))
     check_args(args)
     return args
 
@@ -857,9 +883,32 @@ def check_transformer_config(config: dict, args: argparse.Namespace, vq_config: 
                 f"the data has labels up to {max(data.conditions)}, but the transformer has num_classes="
                 f"{value['num_classes']}"
             )
-        bad = [label for label in args.validation_class_labels or [] if not 0 <= label < value["num_classes"]]
+        bad = [label for label in args.validation_class_labels or [] if label.isdigit() and
+               not 0 <= int(label) < value["num_classes"]]  # fmt: skip
         if bad:
             raise InputError(f"--validation_class_labels must be in [0, {value['num_classes'] - 1}], got {bad}")
+
+
+def class_names(id2label: dict | None) -> dict[str, int]:
+    """Every name (comma-separated synonyms of `id2label`) -> its class id."""
+    return {
+        name.strip(): int(class_id)
+        for class_id, names in (id2label or {}).items()
+        for name in str(names).split(",")
+        if name.strip()
+    }
+
+
+def resolve_validation_class_labels(labels: list[str] | None, id2label: dict | None) -> list[int] | None:
+    """--validation_class_labels as class ids: ids stay, names are looked up in the class names of the run."""
+    if not labels:
+        return None
+    names = class_names(id2label)
+    unknown = [label for label in labels if not label.isdigit() and label not in names]
+    if unknown:
+        known = f"known names: {sorted(names)[:20]}" if names else "this run has no class names: use class ids"
+        raise InputError(f"--validation_class_labels {unknown} are neither class ids nor class names ({known})")
+    return [int(label) if label.isdigit() else names[label] for label in labels]
 
 
 def build_transformer(args: argparse.Namespace, config: dict) -> ENATTransformer2DModel:
@@ -880,16 +929,17 @@ def add_lora_adapter(model: ENATTransformer2DModel, rank: int) -> None:
     )
 
 
-def create_ema_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy in eval mode whose weights follow the trained ones (`update_ema`); saved with checkpoints."""
-    return copy.deepcopy(model).requires_grad_(False).eval()
+def create_ema(model: torch.nn.Module, decay: float, device) -> tuple[torch.nn.Module, EMAModel]:
+    """The EMA of the trained weights: diffusers' `EMAModel` (updated after every optimizer step and saved with the
+    checkpoints) and a frozen eval-mode copy of the transformer that runs with those weights (the reuse "previous
+    step", validation, the final pipeline). The copy costs one more set of weights in memory: `EMAModel` keeps its
+    own shadow tensors, and reuse training needs the EMA weights inside a module at every step.
 
-
-@torch.no_grad()
-def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    ema_parameters = list(ema_model.parameters())
-    parameters = [parameter.detach() for parameter in model.parameters()]
-    torch._foreach_lerp_(ema_parameters, parameters, 1.0 - decay)
+    `min_decay=decay` makes the decay constant, as in the paper's recipe (EMAModel's default ramps it up with
+    (1 + t) / (10 + t)); EMAModel's first update copies the weights after the first optimizer step."""
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+    ema = EMAModel(ema_model.parameters(), decay=decay, min_decay=decay, foreach=True)
+    return ema_model, ema
 
 
 @contextlib.contextmanager
@@ -1109,7 +1159,39 @@ def validation_inputs(pipeline, args: argparse.Namespace) -> dict:
     if isinstance(pipeline, ENATText2ImagePipeline):
         return {"prompt": args.validation_prompts, "num_images_per_prompt": args.num_validation_images}
     labels = args.validation_class_labels or list(range(min(4, pipeline.transformer.config.num_classes)))
-    return {"class_labels": labels, "num_images_per_class": args.num_validation_images}
+    # ENATPipeline's images-per-label argument is num_images_per_prompt since issue 12 (num_images_per_class before)
+    parameters = inspect.signature(pipeline.__call__).parameters
+    count = "num_images_per_prompt" if "num_images_per_prompt" in parameters else "num_images_per_class"
+    return {"class_labels": labels, count: args.num_validation_images}
+
+
+def validation_row_labels(pipeline, args: argparse.Namespace) -> list[str]:
+    """What each grid row shows: its prompt, or its class id and first class name."""
+    inputs = validation_inputs(pipeline, args)
+    if "prompt" in inputs:
+        return list(inputs["prompt"])
+    id2label = {int(key): str(value) for key, value in (pipeline.config.get("id2label") or {}).items()}
+    return [f"{label}: {id2label[label].split(',')[0]}" if label in id2label else str(label)
+            for label in inputs["class_labels"]]  # fmt: skip
+
+
+def validation_grid(images: list[Image.Image], row_labels: list[str], columns: int) -> Image.Image:
+    """One row per class / prompt under a band that names it; images upscaled (nearest neighbour, an integer factor)
+    to at least VALIDATION_CELL_SIZE pixels, so that small images stay readable."""
+    scale = max(1, math.ceil(VALIDATION_CELL_SIZE / min(images[0].size)))
+    width, height = images[0].width * scale, images[0].height * scale
+    row_height = VALIDATION_LABEL_HEIGHT + height
+    grid = Image.new("RGB", (columns * width, len(row_labels) * row_height), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, label in enumerate(row_labels):
+        while len(label) > 1 and draw.textlength(label) > grid.width - 4:
+            label = label[:-4] + "..."
+        draw.text((2, row * row_height + 2), label, fill="black")
+        for column in range(columns):
+            image = images[row * columns + column].convert("RGB")
+            cell = image.resize((width, height), Image.Resampling.NEAREST)
+            grid.paste(cell, (column * width, row * row_height + VALIDATION_LABEL_HEIGHT))
+    return grid
 
 
 def generate_validation_images(pipeline, args: argparse.Namespace, accelerator: Accelerator) -> list:
@@ -1117,7 +1199,7 @@ def generate_validation_images(pipeline, args: argparse.Namespace, accelerator: 
     with accelerator.autocast():
         return pipeline(
             **validation_inputs(pipeline, args),
-            num_inference_steps=args.validation_inference_steps,
+            num_inference_steps=args.validation_num_inference_steps,
             guidance_scale=args.validation_guidance_scale,
             generator=generator,
         ).images
@@ -1127,8 +1209,7 @@ def log_validation(pipeline, args: argparse.Namespace, accelerator: Accelerator,
     """Generates the validation images, saves them as one grid (a row per class / prompt) and logs them."""
     with eval_mode(pipeline.transformer):
         images = generate_validation_images(pipeline, args, accelerator)
-    columns = args.num_validation_images
-    grid = make_image_grid(images, rows=len(images) // columns, cols=columns)
+    grid = validation_grid(images, validation_row_labels(pipeline, args), args.num_validation_images)
     path = Path(args.output_dir) / "validation" / f"step-{global_step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -1175,17 +1256,39 @@ def training_summary(args: argparse.Namespace, data: TrainingData, global_step: 
     )
 
 
-def push_to_hub(pipeline, args: argparse.Namespace, summary: str) -> None:
+def _hub_error(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def create_hub_repo(args: argparse.Namespace) -> str:
+    """Creates the Hub repo of --push_to_hub (or finds it) at start-up, so that an unreachable Hub or a missing token
+    stops the run before any training; returns its id."""
+    name = args.hub_model_id or Path(args.output_dir).resolve().name
+    try:
+        return huggingface_hub.HfApi(token=args.hub_token).create_repo(name, exist_ok=True).repo_id
+    except HUB_ERRORS as error:
+        raise InputError(
+            f"--push_to_hub: cannot create the Hub repo {name!r} ({_hub_error(error)}); check the connection and the "
+            "token (`hf auth login` or --hub_token), or train without --push_to_hub and upload the output folder later"
+        ) from None
+
+
+def push_to_hub(pipeline, args: argparse.Namespace, repo_id: str, summary: str) -> None:
     """Writes the pipeline's ENAT model card and uploads --output_dir (without checkpoints and tracker logs)."""
-    api = huggingface_hub.HfApi(token=args.hub_token)
-    repo_id = api.create_repo(args.hub_model_id or Path(args.output_dir).resolve().name, exist_ok=True).repo_id
     (Path(args.output_dir) / "README.md").write_text(pipeline.model_card(repo_id) + summary)
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=args.output_dir,
-        commit_message="End of training",
-        ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*"],
-    )
+    try:
+        huggingface_hub.HfApi(token=args.hub_token).upload_folder(
+            repo_id=repo_id,
+            folder_path=args.output_dir,
+            commit_message="End of training",
+            ignore_patterns=[f"{CHECKPOINT_PREFIX}*", f"{args.logging_dir}/*"],
+        )
+    except HUB_ERRORS as error:
+        raise InputError(
+            f"training finished and the pipeline is saved in {args.output_dir}, but the upload to {repo_id} failed "
+            f"({_hub_error(error)}); upload it later with `hf upload {repo_id} {args.output_dir}`"
+        ) from None
     logger.info(f"Uploaded {args.output_dir} to {repo_id}")
 
 
@@ -1233,13 +1336,20 @@ def prepare_data(args: argparse.Namespace) -> tuple[TrainingData, dict, dict]:
         text_components = {"text_encoder": text_encoder, "tokenizer": tokenizer}
         text_dims = text_embedding_dims(text_encoder, tokenizer)
     config = transformer_config(args, vq_config, data, text_dims)
+    if not data.text:
+        id2label = pipeline_settings(args, data).get("id2label")
+        args.validation_class_labels = resolve_validation_class_labels(args.validation_class_labels, id2label)
     return data, config, text_components
 
 
-def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, total_batch_size: int):
-    learning_rate = args.learning_rate
+def peak_learning_rate(args: argparse.Namespace, total_batch_size: int) -> float:
+    """--learning_rate, scaled to the total batch size with --scale_lr."""
     if args.scale_lr:
-        learning_rate *= total_batch_size / PAPER_TOTAL_BATCH_SIZE
+        return args.learning_rate * total_batch_size / PAPER_TOTAL_BATCH_SIZE
+    return args.learning_rate
+
+
+def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, learning_rate: float):
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     return torch.optim.AdamW(
         parameters,
@@ -1250,15 +1360,17 @@ def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, total_bat
     )
 
 
-def build_models(args: argparse.Namespace, config: dict, device) -> tuple[ENATTransformer2DModel, torch.nn.Module]:
-    """The transformer to train (with a LoRA adapter if asked) and its EMA copy (None with LoRA)."""
+def build_models(
+    args: argparse.Namespace, config: dict, device
+) -> tuple[ENATTransformer2DModel, torch.nn.Module | None, EMAModel | None]:
+    """The transformer to train (with a LoRA adapter if asked), its EMA copy and the EMA (both None with LoRA)."""
     model = build_transformer(args, config)
     if args.lora_rank is not None:
         add_lora_adapter(model, args.lora_rank)
-    ema_model = create_ema_model(model).to(device) if args.lora_rank is None else None
+    ema_model, ema = create_ema(model, args.ema_decay, device) if args.lora_rank is None else (None, None)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    return model.train(), ema_model
+    return model.train(), ema_model, ema
 
 
 def create_conditioning(data: TrainingData, text_components: dict, model, device):
@@ -1282,6 +1394,7 @@ class TrainingRun:
     accelerator: Accelerator
     model: torch.nn.Module
     ema_model: torch.nn.Module | None
+    ema: EMAModel | None
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     dataloader: DataLoader
@@ -1289,6 +1402,8 @@ class TrainingRun:
     progress: TrainingProgress
     max_train_steps: int
     pipeline_parts: tuple[dict, dict]  # components and settings of the validation / final pipelines
+    learning_rate: float  # after warm-up (and --scale_lr)
+    hub_repo_id: str | None = None
 
     @property
     def reuse_model(self) -> torch.nn.Module:
@@ -1309,6 +1424,9 @@ def resume(run: TrainingRun) -> None:
     if checkpoint is not None:
         logger.info(f"Resuming from checkpoint {checkpoint}")
         run.accelerator.load_state(str(checkpoint))
+        if run.ema is not None:  # the EMA state loads on the CPU
+            run.ema.to(run.accelerator.device)
+            run.ema.copy_to(run.ema_model.parameters())
         logger.info(
             f"Resumed at step {run.progress.global_step}: learning rate now {run.lr_scheduler.get_last_lr()[0]:.3g}"
         )
@@ -1335,8 +1453,9 @@ def optimization_step(run: TrainingRun, batch: dict) -> float:
 def after_optimizer_step(run: TrainingRun, epoch: int, loss: float, progress_bar) -> None:
     """EMA update, step count, logs, checkpoint and validation after each optimizer step."""
     args, accelerator = run.args, run.accelerator
-    if run.ema_model is not None:
-        update_ema(run.ema_model, accelerator.unwrap_model(run.model), args.ema_decay)
+    if run.ema is not None:
+        run.ema.step(accelerator.unwrap_model(run.model).parameters())
+        run.ema.copy_to(run.ema_model.parameters())
     run.progress.global_step += 1
     step = run.progress.global_step
     logs = {"loss": loss, "lr": run.lr_scheduler.get_last_lr()[0]}
@@ -1397,7 +1516,7 @@ def save_outputs(run: TrainingRun, data: TrainingData) -> None:
         pipeline.save_pretrained(args.output_dir)
         logger.info(f"Saved the pipeline to {args.output_dir}")
         if args.push_to_hub:
-            push_to_hub(pipeline, args, training_summary(args, data, run.progress.global_step))
+            push_to_hub(pipeline, args, run.hub_repo_id, training_summary(args, data, run.progress.global_step))
     accelerator.end_training()
 
 
@@ -1429,7 +1548,12 @@ def log_run_info(run: TrainingRun, data: TrainingData, total_batch_size: int) ->
     logger.info(f"  Num examples = {len(data)} ({len(data.image_paths)} images)")
     logger.info(f"  Instantaneous batch size per device = {run.args.train_batch_size}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
-    logger.info(f"  Learning rate = {run.optimizer.param_groups[0]['lr']:.3g}")
+    # The optimizer's rate at this point is the start of the warm-up (0), not the rate being trained with.
+    scaled = f", scaled from {run.args.learning_rate:.3g} by --scale_lr" if run.args.scale_lr else ""
+    logger.info(
+        f"  Learning rate = {run.learning_rate:.3g} ({run.args.lr_scheduler}, {run.args.lr_warmup_steps} warm-up "
+        f"steps{scaled})"
+    )
     logger.info(f"  Total optimization steps = {run.max_train_steps}")
 
 
@@ -1437,20 +1561,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data, config, text_components = prepare_data(args)
     accelerator = create_accelerator(args)
+    hub_repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            hub_repo_id = create_hub_repo(args)
 
     set_seed(args.seed)  # the same initial weights on every process
     vqvae = load_vqvae(args).to(accelerator.device)
     tokens = load_or_build_token_cache(vqvae, data, args, accelerator)
-    model, ema_model = build_models(args, config, accelerator.device)
+    model, ema_model, ema = build_models(args, config, accelerator.device)
     conditioning = create_conditioning(data, text_components, model, accelerator.device)
     dataloader = create_train_dataloader(tokens, data, args)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    optimizer = create_optimizer(model, args, total_batch_size)
+    learning_rate = peak_learning_rate(args, total_batch_size)
+    optimizer = create_optimizer(model, args, learning_rate)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -1459,7 +1587,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     progress = TrainingProgress()
-    for state in (progress, ema_model):  # saved and restored with the checkpoints
+    for state in (progress, ema):  # saved and restored with the checkpoints
         if state is not None:
             accelerator.register_for_checkpointing(state)
 
@@ -1470,6 +1598,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator=accelerator,
         model=model,
         ema_model=ema_model,
+        ema=ema,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         dataloader=dataloader,
@@ -1477,6 +1606,8 @@ def main(argv: list[str] | None = None) -> None:
         progress=progress,
         max_train_steps=max_train_steps,
         pipeline_parts=pipeline_parts,
+        learning_rate=learning_rate,
+        hub_repo_id=hub_repo_id,
     )
     log_run_info(run, data, total_batch_size)
     set_seed(args.seed, device_specific=True)  # different masks and dropout on every process

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -131,9 +132,10 @@ def test_training_lowers_the_loss_and_writes_a_loadable_pipeline(assets, tmp_pat
     assert all(record["lr"] == pytest.approx(3e-3) for record in log)
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.1, losses
 
-    # validation grids: one row per class (the data has 3), one column per image
+    # validation grids: one row per class (the data has 3) under its label band, one column per image, upscaled
+    cell, band = train_enat.VALIDATION_CELL_SIZE, train_enat.VALIDATION_LABEL_HEIGHT
     for step in (20, 40):
-        assert Image.open(out / "validation" / f"step-{step}.png").size == (2 * 8, 3 * 8)
+        assert Image.open(out / "validation" / f"step-{step}.png").size == (2 * cell, 3 * (band + cell))
 
     # the folder holds the EMA weights (as checkpointed), not the trained ones
     import enat_diffusers  # noqa: F401  (registers the classes, as a user would)
@@ -142,10 +144,14 @@ def test_training_lowers_the_loss_and_writes_a_loadable_pipeline(assets, tmp_pat
     assert isinstance(pipe, ENATPipeline)
     assert pipe.transformer.config.sample_size == 4 and pipe.transformer.config.num_classes == 3
     assert pipe.labels == {"blue": 0, "green": 1, "red": 2}
+    # (diffusers' EMAModel state: one shadow tensor per parameter, in order)
     ema_state = torch.load(out / "checkpoint-40" / "custom_checkpoint_1.pkl", weights_only=True)
+    assert ema_state["decay"] == ema_state["min_decay"] == 0.9999  # a constant decay, as in the paper
     trained_state = load_file(out / "checkpoint-40" / "model.safetensors")
     saved_state = pipe.transformer.state_dict()
-    _assert_same_tensors(saved_state, {key: value.cpu() for key, value in ema_state.items()})
+    names = [name for name, _ in pipe.transformer.named_parameters()]
+    assert len(names) == len(saved_state) == len(ema_state["shadow_params"])
+    _assert_same_tensors(saved_state, dict(zip(names, ema_state["shadow_params"], strict=True)))
     assert not all(torch.equal(saved_state[key], trained_state[key]) for key in saved_state)
     images = pipe(class_labels=["red", 0], num_inference_steps=2, generator=torch.manual_seed(0)).images
     assert len(images) == 2 and images[0].size == (8, 8)
@@ -371,6 +377,87 @@ def test_push_to_hub_uploads_the_output_folder(assets, tmp_path):
     assert "Trained with `examples/train_enat.py`" in card and "12 samples (12 images, class labels)" in card
 
 
+def _connection_refused():
+    """What the Hub client raises when the Hub cannot be reached (an httpx error, no OSError)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    http_error = next(base for base in HfHubHTTPError.__bases__ if not issubclass(base, OSError))
+    return http_error("[Errno 111] Connection refused")
+
+
+def test_push_to_hub_creates_the_repo_before_training_and_explains_hub_failures(assets, tmp_path):
+    tokenized = mock.patch.object(train_enat, "tokenize_images", side_effect=AssertionError("training started"))
+    create = mock.patch("huggingface_hub.HfApi.create_repo", side_effect=_connection_refused())
+    with tokenized, create, pytest.raises(ValueError, match=r"--push_to_hub: cannot create the Hub repo 'me/enat'.*"
+                                          r"Connection refused.*upload the output folder later"):  # fmt: skip
+        train_enat.main(_class_args(assets, tmp_path, 1, "--push_to_hub", "--hub_model_id", "me/enat"))
+
+    AcceleratorState._reset_state(True)
+    create = mock.patch("huggingface_hub.HfApi.create_repo", return_value=SimpleNamespace(repo_id="me/enat"))
+    upload = mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=_connection_refused())
+    out = tmp_path / "out"
+    with create, upload, pytest.raises(ValueError, match=f"saved in {out}, but the upload to me/enat failed"):
+        train_enat.main(_class_args(assets, tmp_path, 1, "--push_to_hub", "--hub_model_id", "me/enat"))
+    assert DiffusionPipeline.from_pretrained(out).transformer.config.num_classes == 3
+
+
+def test_the_learning_rate_is_logged_as_trained_not_as_the_warm_up_start(assets, tmp_path, caplog):
+    argv = _class_args(assets, tmp_path, 2, "--lr_warmup_steps", 10, "--checkpointing_steps", 1)
+    with caplog.at_level("INFO", logger="train_enat"):
+        train_enat.main(argv)
+    assert "Learning rate = 0.003 (constant_with_warmup, 10 warm-up steps)" in caplog.text
+    caplog.clear()
+    AcceleratorState._reset_state(True)
+    with caplog.at_level("INFO", logger="train_enat"):
+        train_enat.main(argv[:-2] + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    assert "Resumed at step 2: learning rate now 0.0006" in caplog.text  # 2 of 10 warm-up steps
+    assert [record["lr"] for record in _log(tmp_path / "out")] == pytest.approx([3e-4, 6e-4, 9e-4])
+
+
+def test_files_named_in_the_docstring_exist():
+    root = Path(__file__).resolve().parents[1]
+    named = set(re.findall(r"[\w./-]+\.(?:md|py)\b", train_enat.__doc__))
+    assert "README.md" in named
+    missing = [name for name in named if not (root / name).exists() and not (root / "examples" / name).exists()]
+    assert not missing
+
+
+def test_validation_grid_upscales_each_image_and_names_each_row(tmp_path):
+    pipe = tiny_pipeline()
+    accelerator = Accelerator(cpu=True)
+    args = SimpleNamespace(output_dir=str(tmp_path), seed=0, num_validation_images=2, validation_class_labels=[1, 3],
+                           validation_num_inference_steps=2, validation_guidance_scale=None)  # fmt: skip
+    grid = Image.open(train_enat.log_validation(pipe, args, accelerator, 7)).convert("RGB")
+    images = train_enat.generate_validation_images(pipe, args, accelerator)
+    cell, band = train_enat.VALIDATION_CELL_SIZE, train_enat.VALIDATION_LABEL_HEIGHT
+    assert grid.size == (2 * cell, 2 * (band + cell))
+    for index, image in enumerate(images):  # nearest-neighbour upscaling: every pixel becomes a block
+        row, column = divmod(index, 2)
+        box = (column * cell, row * (band + cell) + band, (column + 1) * cell, (row + 1) * (band + cell))
+        assert np.array_equal(np.asarray(grid.crop(box)), np.asarray(image.resize((cell, cell), Image.NEAREST)))
+    bands = [np.asarray(grid.crop((0, row * (band + cell), 2 * cell, row * (band + cell) + band))) for row in (0, 1)]
+    assert all((strip < 128).any() for strip in bands)  # text drawn on each band ...
+    assert not np.array_equal(*bands)  # ... naming its row
+    assert train_enat.validation_row_labels(pipe, args) == ["1: goldfish", "3: tiger shark"]
+
+
+def test_validation_class_labels_take_names_and_ids():
+    id2label = {0: "blue", 1: "green, verde", 2: "red"}
+    assert train_enat.resolve_validation_class_labels(["verde", "0", "red"], id2label) == [1, 0, 2]
+    with pytest.raises(ValueError, match=r"\['purple'\] are neither class ids nor class names"):
+        train_enat.resolve_validation_class_labels(["purple"], id2label)
+
+
+def test_model_flags_accept_demo_names_and_old_flag_names_warn(assets, tmp_path):
+    from enat_diffusers.demo import demo_path
+
+    argv = ["--train_data_dir", assets.classes, "--pretrained_model_name_or_path", "demo:digits"]
+    with pytest.warns(FutureWarning, match="--validation_inference_steps is deprecated.*--validation_num_inference"):
+        args = train_enat.parse_args(argv + ["--validation_inference_steps", "3"])
+    assert args.pretrained_model_name_or_path == str(demo_path("digits"))
+    assert args.validation_num_inference_steps == 3
+
+
 @pytest.mark.parametrize("source", ["coco", "caption_folder"])
 def test_text_conditional_training(assets, tmp_path, source):
     if source == "coco":  # a new model with a separate text encoder
@@ -397,7 +484,8 @@ def test_text_conditional_training(assets, tmp_path, source):
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
     assert isinstance(pipe, ENATText2ImagePipeline) and pipe.transformer.config.text_embed_dim == 8
     assert pipe("a red tile", num_inference_steps=2).images[0].size == (8, 8)
-    assert Image.open(tmp_path / "out" / "validation" / "step-3.png").size == (8, 2 * 8)
+    cell, band = train_enat.VALIDATION_CELL_SIZE, train_enat.VALIDATION_LABEL_HEIGHT
+    assert Image.open(tmp_path / "out" / "validation" / "step-3.png").size == (cell, 2 * (band + cell))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
