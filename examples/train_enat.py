@@ -93,6 +93,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,8 +298,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lora_rank",
         type=int,
         default=None,
-        help="Train a LoRA adapter of this rank (alpha = rank) on the attention projections of the "
-        "pretrained transformer instead of all weights.",
+        help="Train a LoRA adapter of this rank on the pretrained transformer instead of all weights (with "
+        "--new_classes, the resized class embedding is trained too).",
+    )
+    recipe.add_argument("--lora_alpha", type=float, default=None, help="LoRA scaling alpha (default: the rank).")
+    recipe.add_argument(
+        "--lora_target_modules",
+        type=str,
+        nargs="+",
+        default=LORA_TARGET_MODULES,
+        help=f"Module names that get LoRA layers (default: the attention projections {' '.join(LORA_TARGET_MODULES)}; "
+        "the feed-forward layers are ff.net.0.proj ff.net.2, the adaLN modulation adaln_modulation). A name matches "
+        "a module whose name is it or ends with '.' + it, as in peft.",
+    )
+    recipe.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch.")
+    recipe.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="bitsandbytes' 8-bit AdamW (optimizer states in 8 bits; needs bitsandbytes and, in practice, a GPU).",
+    )
+
+    classes = parser.add_argument_group("new classes (fine-tuning a class-conditional model)")
+    classes.add_argument(
+        "--new_classes",
+        type=str,
+        default=None,
+        choices=["replace", "extend"],
+        help="Teach the pretrained model the classes of the data (names from the class folders or the label "
+        "column): `replace` resizes the class embedding to the data's classes (+ the null class); `extend` keeps "
+        "the pretrained classes and appends the data's classes whose names are not among them (a data class named "
+        "like a pretrained class trains that class). New rows start from --class_init; the null class keeps its "
+        "pretrained embedding; id2label is written with the new names.",
+    )
+    classes.add_argument(
+        "--class_init",
+        type=str,
+        nargs="+",
+        default=["mean"],
+        metavar="INIT",
+        help='How new class embeddings start: "mean" (the mean of the pretrained class embeddings, null class '
+        "excluded) and/or NEW=OLD pairs that copy a pretrained class (OLD: an id or a name), e.g. "
+        '--class_init "rotated seven=seven" "rotated one=1"; classes without a pair get the mean.',
     )
 
     validation = parser.add_argument_group("validation")
@@ -359,6 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         removed_in=DEPRECATED_FLAGS_REMOVED_IN,
     )
     args = parser.parse_args(argv)
+    args.base_model = args.pretrained_model_name_or_path  # as given (e.g. demo:digits), for the model card
     for flag in ("pretrained_model_name_or_path", "vqvae_model_name_or_path", "text_encoder_name_or_path"):
         if getattr(args, flag):  # demo:NAME -> the packaged demo pipeline, as in every script
             setattr(args, flag, resolve_pretrained_location(getattr(args, flag)))
@@ -418,7 +459,34 @@ def _check_model_args(args: argparse.Namespace) -> None:
         if args.lora_rank < 1:
             raise InputError(f"--lora_rank must be a positive integer, got {args.lora_rank}")
         if importlib.util.find_spec("peft") is None:
-            raise InputError("--lora_rank needs peft: pip install peft")
+            raise InputError('--lora_rank needs peft: pip install "enat-diffusers[train]"')
+        if args.lora_alpha is not None and not args.lora_alpha > 0:
+            raise InputError(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+        if not 0 <= args.lora_dropout < 1:
+            raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(
+            "--use_8bit_adam needs bitsandbytes (8-bit optimizers, for CUDA GPUs): pip install bitsandbytes"
+        )
+    if args.new_classes:
+        if not args.pretrained_model_name_or_path:
+            raise InputError("--new_classes adds classes to a pretrained model: pass --pretrained_model_name_or_path")
+        parse_class_init(args.class_init)
+    elif args.class_init != ["mean"]:
+        raise InputError("--class_init sets the embeddings of new classes: it goes with --new_classes")
+
+
+def parse_class_init(values: list[str]) -> dict[str, str]:
+    """--class_init -> {new class name: pretrained class (id or name)}; "mean" (the default for the rest) is no pair."""
+    pairs = {}
+    for value in values:
+        if value == "mean":
+            continue
+        new, separator, old = value.partition("=")
+        if not separator or not new.strip() or not old.strip():
+            raise InputError(f'--class_init takes "mean" or NEW=OLD pairs (e.g. "rotated seven=seven"), got {value!r}')
+        pairs[new.strip()] = old.strip()
+    return pairs
 
 
 def _check_number_args(args: argparse.Namespace) -> None:
@@ -808,17 +876,23 @@ def _read_model_config(model_config: str) -> dict:
 
 
 def transformer_config(
-    args: argparse.Namespace, vq_config: dict, data: TrainingData, text_dims: tuple[int, int | None] | None
+    args: argparse.Namespace,
+    vq_config: dict,
+    data: TrainingData,
+    text_dims: tuple[int, int | None] | None,
+    class_plan: "ClassPlan | None" = None,
 ) -> dict:
     """The transformer config, with sample_size, codebook_size, num_classes (class data) or text_embed_dim and
     pooled_text_embed_dim (text data) filled in from the VQ model, the data and the text encoder for a new model, and
-    checked against them."""
+    checked against them. A pretrained model's num_classes is that of `class_plan` (--new_classes)."""
     if args.pretrained_model_name_or_path:
         config = dict(
             ENATTransformer2DModel.load_config(
                 args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision
             )
         )
+        if class_plan is not None:
+            config["num_classes"] = class_plan.num_classes
     else:
         config = _read_model_config(args.model_config)
         accepted = set(inspect.signature(ENATTransformer2DModel.__init__).parameters) - {"self"}
@@ -911,6 +985,82 @@ def resolve_validation_class_labels(labels: list[str] | None, id2label: dict | N
     return [int(label) if label.isdigit() else names[label] for label in labels]
 
 
+@dataclass
+class ClassPlan:
+    """How --new_classes turns the pretrained class embedding into the run's."""
+
+    num_classes: int
+    id2label: dict[int, str]
+    sources: list[int | None]  # per class of the new model: the pretrained class whose row it starts from, or None
+    data_ids: list[int]  # per class of the data (its label): the class id in the new model
+
+
+def _pretrained_class(value: str, names: dict[str, int], num_classes: int) -> int:
+    class_id = int(value) if value.isdigit() else names.get(value)
+    if class_id is None or not 0 <= class_id < num_classes:
+        raise InputError(
+            f"--class_init: {value!r} is not a class of the pretrained model (ids 0..{num_classes - 1} or names "
+            f"such as {sorted(names)[:5]})"
+        )
+    return class_id
+
+
+def plan_new_classes(args: argparse.Namespace, data: TrainingData, num_classes: int, id2label: dict | None):
+    """The classes of the fine-tuned model (--new_classes) and where each class embedding row starts from: an explicit
+    --class_init pair, else the pretrained class of the same name, else the mean of the pretrained classes."""
+    if data.text:
+        raise InputError("--new_classes is for class-conditional data, not captions")
+    if not data.id2label:
+        raise InputError(
+            "--new_classes needs class names: one folder per class (--train_data_dir) or a --label_column with names"
+        )
+    if num_classes is None:
+        raise InputError("--new_classes needs a class-conditional pretrained transformer (num_classes is not set)")
+    names = class_names(id2label)
+    pairs = parse_class_init(args.class_init)
+    data_names = [data.id2label[label] for label in sorted(data.id2label)]
+    unknown = sorted(set(pairs) - set(data_names))
+    if unknown:
+        raise InputError(f"--class_init names {unknown}, which are not classes of the data ({data_names[:10]})")
+
+    def source(name: str) -> int | None:
+        if name in pairs:
+            return _pretrained_class(pairs[name], names, num_classes)
+        return names.get(name)
+
+    if args.new_classes == "replace":
+        new_id2label = dict(enumerate(data_names))
+        sources = [source(name) for name in data_names]
+        data_ids = list(range(len(data_names)))
+    else:  # extend: pretrained classes keep their ids (and rows); unknown names are appended
+        new_id2label = {int(key): str(value) for key, value in (id2label or {}).items()}
+        new_id2label.update(
+            {class_id: str(class_id) for class_id in range(num_classes) if class_id not in new_id2label}
+        )
+        sources, data_ids = list(range(num_classes)), []
+        for name in data_names:
+            if name in names and name not in pairs:
+                data_ids.append(names[name])
+                continue
+            data_ids.append(len(sources))
+            new_id2label[len(sources)] = name
+            sources.append(source(name) if name in pairs else None)
+    return ClassPlan(len(sources), new_id2label, sources, data_ids)
+
+
+@torch.no_grad()
+def resize_class_embedding(model: ENATTransformer2DModel, plan: ClassPlan) -> None:
+    """Gives `model` the classes of `plan`: a class embedding of `plan.num_classes` + 1 rows (rows copied from
+    pretrained classes or the mean of them; the null class row last, unchanged) and `num_classes` in its config."""
+    old = model.class_embedding.weight
+    old_classes = model.config.num_classes
+    mean = old[:old_classes].mean(dim=0)
+    rows = [old[source] if source is not None else mean for source in plan.sources] + [old[old_classes]]
+    model.class_embedding = torch.nn.Embedding(len(rows), old.shape[1]).to(device=old.device, dtype=old.dtype)
+    model.class_embedding.weight.copy_(torch.stack(rows))
+    model.register_to_config(num_classes=plan.num_classes)
+
+
 def build_transformer(args: argparse.Namespace, config: dict) -> ENATTransformer2DModel:
     if args.pretrained_model_name_or_path:
         return ENATTransformer2DModel.from_pretrained(
@@ -919,14 +1069,35 @@ def build_transformer(args: argparse.Namespace, config: dict) -> ENATTransformer
     return ENATTransformer2DModel.from_config(config)
 
 
-def add_lora_adapter(model: ENATTransformer2DModel, rank: int) -> None:
-    """Freezes the transformer and adds a trainable LoRA adapter (alpha = rank) on the attention projections."""
+def check_lora_target_modules(targets: list[str], config: dict) -> None:
+    """Every --lora_target_modules name must match a linear layer (peft only fails when none matches)."""
+    with torch.device("meta"):  # the module names only: no memory, no initialisation cost
+        model = ENATTransformer2DModel.from_config(config)
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    unmatched = [t for t in targets if not any(name == t or name.endswith("." + t) for name in linear)]
+    if unmatched:
+        leaves = sorted({re.sub(r"^\w+\.\d+\.", "", name) for name in linear})  # without the block prefix
+        raise InputError(f"--lora_target_modules {unmatched} match no linear layer of the transformer; e.g. {leaves}")
+
+
+def add_lora_adapter(model: ENATTransformer2DModel, args: argparse.Namespace, train_class_embedding: bool) -> None:
+    """Freezes the transformer and adds a trainable LoRA adapter (--lora_rank, --lora_alpha, --lora_target_modules,
+    --lora_dropout); a resized class embedding (new classes) stays trainable, as new rows cannot be learned in a
+    low-rank update of the old ones."""
     from peft import LoraConfig
 
     model.requires_grad_(False)
     model.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+        LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha or args.lora_rank,
+            lora_dropout=args.lora_dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(args.lora_target_modules),
+        )
     )
+    if train_class_embedding:
+        model.class_embedding.requires_grad_(True)
 
 
 def create_ema(model: torch.nn.Module, decay: float, device) -> tuple[torch.nn.Module, EMAModel]:
@@ -1222,38 +1393,79 @@ def log_validation(pipeline, args: argparse.Namespace, accelerator: Accelerator,
     return path
 
 
-def save_lora_weights(transformer: ENATTransformer2DModel, output_dir: str) -> None:
+def lora_file_contents(transformer: ENATTransformer2DModel, id2label: dict | None) -> tuple[dict, dict]:
+    """Tensors and metadata of `pytorch_lora_weights.safetensors`, in the format the pipelines' `load_lora_weights`
+    reads: `transformer.<peft key>` tensors, diffusers' `lora_adapter_metadata` (the LoRA config, keys prefixed
+    `transformer.`), and for new classes the whole resized `transformer.class_embedding.weight` with the class names
+    in `id2label`."""
     from peft.utils import get_peft_model_state_dict
 
     state_dict = {f"transformer.{key}": value for key, value in get_peft_model_state_dict(transformer).items()}
-    save_file(
-        {key: value.detach().cpu().contiguous() for key, value in state_dict.items()},
-        os.path.join(output_dir, LORA_WEIGHT_NAME),
-    )
+    config = transformer.peft_config[next(iter(transformer.peft_config))].to_dict()
+    config = {
+        f"transformer.{key}": sorted(value) if isinstance(value, set) else value for key, value in config.items()
+    }
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True, default=str)}
+    if getattr(transformer, "class_embedding", None) is not None and transformer.class_embedding.weight.requires_grad:
+        state_dict["transformer.class_embedding.weight"] = transformer.class_embedding.weight
+        metadata["id2label"] = json.dumps({str(key): value for key, value in sorted((id2label or {}).items())})
+    return {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}, metadata
 
 
-def final_transformer(model, ema_model, args: argparse.Namespace, accelerator: Accelerator):
+def save_lora_weights(transformer: ENATTransformer2DModel, output_dir: str, id2label: dict | None) -> None:
+    tensors, metadata = lora_file_contents(transformer, id2label)
+    save_file(tensors, os.path.join(output_dir, LORA_WEIGHT_NAME), metadata=metadata)
+
+
+def final_transformer(model, ema_model, args: argparse.Namespace, accelerator: Accelerator, id2label: dict | None):
     """The weights to ship: the EMA weights, or the trained model with its LoRA adapter saved and then fused."""
     if ema_model is not None:
         return ema_model
     transformer = accelerator.unwrap_model(model)
     if args.lora_rank is not None:
-        save_lora_weights(transformer, args.output_dir)
+        save_lora_weights(transformer, args.output_dir, id2label)
         transformer.fuse_lora()
         transformer.unload_lora()
     return transformer.eval()
 
 
+def data_source(args: argparse.Namespace) -> str:
+    if getattr(args, "dataset_name", None):
+        config = f" ({args.dataset_config_name})" if args.dataset_config_name else ""
+        return f"the dataset `{args.dataset_name}`{config}"
+    folder = args.train_data_dir or args.caption_data_dir or args.coco_images_dir
+    return f"the images in `{Path(folder).name}`"
+
+
 def training_summary(args: argparse.Namespace, data: TrainingData, global_step: int) -> str:
-    """The "Training" section appended to the model card."""
-    start = args.pretrained_model_name_or_path or f"a new transformer ({args.model_config})"
-    method = f"LoRA (rank {args.lora_rank}, fused into the weights)" if args.lora_rank else f"EMA {args.ema_decay}"
+    """The "Training" section of the model card: base model, data, method."""
+    start = f"`{args.base_model}`" if args.base_model else f"a new transformer ({args.model_config})"
+    if args.lora_rank:
+        alpha = args.lora_alpha or args.lora_rank
+        method = (
+            f"LoRA (rank {args.lora_rank}, alpha {alpha:g}, dropout {args.lora_dropout:g}, on "
+            f"{', '.join(args.lora_target_modules)}; fused into the weights of this folder, the adapter alone in "
+            f"`{LORA_WEIGHT_NAME}`)"
+        )
+    else:
+        method = f"all weights, EMA {args.ema_decay}"
     kind = "captions" if data.text else "class labels"
-    return (
-        f"\n## Training\n\nTrained with `examples/train_enat.py` of enat-diffusers from {start}: {global_step} steps, "
-        f"{len(data)} samples ({len(data.image_paths)} images, {kind}) at {args.resolution} px, learning rate "
-        f"{args.learning_rate}, {method}, reuse probability {args.reuse_prob}.\n"
-    )
+    lines = [
+        f"Trained with `examples/train_enat.py` of enat-diffusers from {start} on {data_source(args)}: {global_step} "
+        f"steps, {len(data)} samples ({len(data.image_paths)} images, {kind}) at {args.resolution} px, learning "
+        f"rate {args.learning_rate}, {method}, reuse probability {args.reuse_prob}."
+    ]
+    if args.new_classes:
+        names = ", ".join(f"{key}: {value}" for key, value in sorted((data.id2label or {}).items()))
+        lines.append(
+            f"Classes ({args.new_classes} the pretrained ones; new embeddings from {args.class_init}): {names}."
+        )
+    if args.lora_rank and args.base_model:
+        lines.append(
+            f"To apply the adapter to the base model: `pipe = DiffusionPipeline.from_pretrained({args.base_model!r})` "
+            "then `pipe.load_lora_weights(<this folder or repo>)`."
+        )
+    return "\n## Training\n\n" + "\n\n".join(lines) + "\n"
 
 
 def _hub_error(error: BaseException) -> str:
@@ -1274,9 +1486,8 @@ def create_hub_repo(args: argparse.Namespace) -> str:
         ) from None
 
 
-def push_to_hub(pipeline, args: argparse.Namespace, repo_id: str, summary: str) -> None:
-    """Writes the pipeline's ENAT model card and uploads --output_dir (without checkpoints and tracker logs)."""
-    (Path(args.output_dir) / "README.md").write_text(pipeline.model_card(repo_id) + summary)
+def push_to_hub(args: argparse.Namespace, repo_id: str) -> None:
+    """Uploads --output_dir with its model card (without checkpoints and tracker logs)."""
     try:
         huggingface_hub.HfApi(token=args.hub_token).upload_folder(
             repo_id=repo_id,
@@ -1322,9 +1533,10 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
     return accelerator
 
 
-def prepare_data(args: argparse.Namespace) -> tuple[TrainingData, dict, dict]:
+def prepare_data(args: argparse.Namespace) -> tuple[TrainingData, dict, dict, ClassPlan | None]:
     """Lists the data and reads the model configs (and, for text data, loads the text encoder), checking they fit,
-    before any heavy work. Returns the data, the transformer config and the text components (empty for class data)."""
+    before any heavy work. Returns the data (labels in the ids of the trained model), the transformer config, the text
+    components (empty for class data) and, with --new_classes, the plan of the new class embedding."""
     vq_config = load_vqvae_config(args)
     factor = vq_downsample_factor(vq_config)
     if args.resolution % factor:
@@ -1335,11 +1547,22 @@ def prepare_data(args: argparse.Namespace) -> tuple[TrainingData, dict, dict]:
         text_encoder, tokenizer = load_text_encoder(args)
         text_components = {"text_encoder": text_encoder, "tokenizer": tokenizer}
         text_dims = text_embedding_dims(text_encoder, tokenizer)
-    config = transformer_config(args, vq_config, data, text_dims)
+    class_plan = None
+    if args.new_classes:
+        pretrained = ENATTransformer2DModel.load_config(
+            args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision
+        )
+        index = diffusers.DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+        class_plan = plan_new_classes(args, data, pretrained.get("num_classes"), index.get("id2label"))
+        data.conditions = [class_plan.data_ids[label] for label in data.conditions]
+        data.id2label = class_plan.id2label
+    config = transformer_config(args, vq_config, data, text_dims, class_plan)
+    if args.lora_rank is not None:
+        check_lora_target_modules(args.lora_target_modules, config)
     if not data.text:
         id2label = pipeline_settings(args, data).get("id2label")
         args.validation_class_labels = resolve_validation_class_labels(args.validation_class_labels, id2label)
-    return data, config, text_components
+    return data, config, text_components, class_plan
 
 
 def peak_learning_rate(args: argparse.Namespace, total_batch_size: int) -> float:
@@ -1361,12 +1584,15 @@ def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, learning_
 
 
 def build_models(
-    args: argparse.Namespace, config: dict, device
+    args: argparse.Namespace, config: dict, device, class_plan: ClassPlan | None = None
 ) -> tuple[ENATTransformer2DModel, torch.nn.Module | None, EMAModel | None]:
-    """The transformer to train (with a LoRA adapter if asked), its EMA copy and the EMA (both None with LoRA)."""
+    """The transformer to train (with new classes and a LoRA adapter if asked), its EMA copy and the EMA (both None
+    with LoRA)."""
     model = build_transformer(args, config)
+    if class_plan is not None:
+        resize_class_embedding(model, class_plan)
     if args.lora_rank is not None:
-        add_lora_adapter(model, args.lora_rank)
+        add_lora_adapter(model, args, train_class_embedding=class_plan is not None)
     ema_model, ema = create_ema(model, args.ema_decay, device) if args.lora_rank is None else (None, None)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -1511,12 +1737,17 @@ def save_outputs(run: TrainingRun, data: TrainingData) -> None:
     args, accelerator = run.args, run.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        transformer = final_transformer(run.model, run.ema_model, args, accelerator)
+        transformer = final_transformer(
+            run.model, run.ema_model, args, accelerator, run.pipeline_parts[1].get("id2label")
+        )
         pipeline = make_pipeline(transformer, *run.pipeline_parts)
         pipeline.save_pretrained(args.output_dir)
-        logger.info(f"Saved the pipeline to {args.output_dir}")
+        repo_id = run.hub_repo_id or Path(args.output_dir).resolve().name
+        summary = training_summary(args, data, run.progress.global_step)
+        (Path(args.output_dir) / "README.md").write_text(pipeline.model_card(repo_id) + summary)
+        logger.info(f"Saved the pipeline and its model card to {args.output_dir}")
         if args.push_to_hub:
-            push_to_hub(pipeline, args, run.hub_repo_id, training_summary(args, data, run.progress.global_step))
+            push_to_hub(args, run.hub_repo_id)
     accelerator.end_training()
 
 
@@ -1559,7 +1790,7 @@ def log_run_info(run: TrainingRun, data: TrainingData, total_batch_size: int) ->
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    data, config, text_components = prepare_data(args)
+    data, config, text_components, class_plan = prepare_data(args)
     accelerator = create_accelerator(args)
     hub_repo_id = None
     if accelerator.is_main_process:
@@ -1570,7 +1801,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(args.seed)  # the same initial weights on every process
     vqvae = load_vqvae(args).to(accelerator.device)
     tokens = load_or_build_token_cache(vqvae, data, args, accelerator)
-    model, ema_model, ema = build_models(args, config, accelerator.device)
+    model, ema_model, ema = build_models(args, config, accelerator.device, class_plan)
     conditioning = create_conditioning(data, text_components, model, accelerator.device)
     dataloader = create_train_dataloader(tokens, data, args)
 

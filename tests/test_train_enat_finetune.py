@@ -1,0 +1,188 @@
+"""examples/train_enat.py fine-tuning: new classes on a class-conditional model (replace / extend), LoRA options and
+the LoRA file format, and 🤗 datasets input. Tiny data and models from test_train_enat (CPU, offline)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from enat_diffusers import ENATPipeline, ENATTransformer2DModel
+
+from .tiny_components import NUM_CLASSES
+from .training_assets import common_args, fresh_accelerate_state, make_assets, train_enat
+
+_fresh_accelerate_state = pytest.fixture(autouse=True)(fresh_accelerate_state)
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("finetune_assets"))
+
+
+def _finetune_args(assets, tmp_path, steps, *extra) -> list[str]:
+    pretrained = ["--pretrained_model_name_or_path", assets.pipeline]
+    return ["--train_data_dir", assets.classes, *pretrained, *common_args(tmp_path, steps, *extra)]
+
+
+def _prepared_model(argv):
+    """The model a run would start training from (new classes applied), and the run's data."""
+    args = train_enat.parse_args(argv)
+    data, config, _, plan = train_enat.prepare_data(args)
+    model, _, _ = train_enat.build_models(args, config, "cpu", plan)
+    return model, data
+
+
+def _pretrained_embedding(assets) -> torch.Tensor:
+    return ENATTransformer2DModel.from_pretrained(assets.pipeline, subfolder="transformer").class_embedding.weight
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# New classes
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_replace_gives_the_data_classes_with_stated_initial_embeddings(assets, tmp_path):
+    # the tiny pipeline's classes: 0 "tench, Tinca tinca", 1 "goldfish", ..., 4 "hammerhead"; the data: blue green red
+    argv = _finetune_args(
+        assets, tmp_path, 3, "--new_classes", "replace", "--class_init", "red=Tinca tinca", "green=3"
+    )
+    model, data = _prepared_model(argv)
+    pretrained = _pretrained_embedding(assets)
+    mean = pretrained[:NUM_CLASSES].mean(dim=0)
+    rows = model.class_embedding.weight
+    assert model.config.num_classes == 3 and rows.shape == (4, pretrained.shape[1])
+    assert data.id2label == {0: "blue", 1: "green", 2: "red"} and sorted(set(data.conditions)) == [0, 1, 2]
+    torch.testing.assert_close(rows[0], mean)  # blue: no pair, no pretrained class of that name
+    torch.testing.assert_close(rows[1], pretrained[3])  # green=3
+    torch.testing.assert_close(rows[2], pretrained[0])  # red="Tinca tinca" (a synonym of class 0)
+    torch.testing.assert_close(rows[3], pretrained[NUM_CLASSES])  # the null class keeps its embedding
+
+    train_enat.main(argv)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
+    assert isinstance(pipe, ENATPipeline) and pipe.transformer.config.num_classes == 3
+    assert pipe.labels == {"blue": 0, "green": 1, "red": 2}
+    images = pipe(class_labels=["red", "blue"], num_inference_steps=2, generator=torch.manual_seed(0)).images
+    assert len(images) == 2
+
+
+def test_extend_keeps_the_pretrained_classes_and_appends_new_ones(assets, tmp_path):
+    classes = tmp_path / "classes"
+    for name in ("goldfish", "red"):  # goldfish is a pretrained class, red is new
+        (classes / name).mkdir(parents=True)
+        for image in sorted((Path(assets.classes) / ("green" if name == "goldfish" else "red")).iterdir()):
+            (classes / name / image.name).write_bytes(image.read_bytes())
+    argv = _finetune_args(assets, tmp_path, 2, "--new_classes", "extend") + ["--train_data_dir", str(classes)]
+    model, data = _prepared_model(argv)
+    pretrained = _pretrained_embedding(assets)
+    rows = model.class_embedding.weight
+    assert model.config.num_classes == NUM_CLASSES + 1
+    assert data.id2label[1] == "goldfish" and data.id2label[NUM_CLASSES] == "red"
+    assert data.id2label[0] == "tench, Tinca tinca"  # pretrained names stay
+    assert sorted(set(data.conditions)) == [1, NUM_CLASSES]  # goldfish images train class 1
+    torch.testing.assert_close(rows[:NUM_CLASSES], pretrained[:NUM_CLASSES])
+    torch.testing.assert_close(rows[NUM_CLASSES], pretrained[:NUM_CLASSES].mean(dim=0))
+    torch.testing.assert_close(rows[NUM_CLASSES + 1], pretrained[NUM_CLASSES])
+
+    train_enat.main(argv)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
+    assert pipe.transformer.config.num_classes == NUM_CLASSES + 1
+    assert pipe.labels["red"] == NUM_CLASSES and pipe.labels["hammerhead"] == 4
+
+
+NEW_CLASS_ERRORS = {
+    "class_init without new_classes": (["--class_init", "red=0"], "--class_init .* goes with --new_classes"),
+    "class_init format": (["--new_classes", "replace", "--class_init", "red"], "NEW=OLD pairs"),
+    "class_init unknown data class": (
+        ["--new_classes", "replace", "--class_init", "purple=0"],
+        r"--class_init names \['purple'\], which are not classes of the data",
+    ),
+    "class_init unknown pretrained class": (
+        ["--new_classes", "replace", "--class_init", "red=unicorn"],
+        "'unicorn' is not a class of the pretrained model",
+    ),
+    "8-bit adam without bitsandbytes": (["--use_8bit_adam"], "--use_8bit_adam needs bitsandbytes"),
+    "lora dropout": (["--lora_rank", "4", "--lora_dropout", "1.5"], r"--lora_dropout must be in \[0, 1\)"),
+    "lora target": (["--lora_rank", "4", "--lora_target_modules", "fc1"], r"\['fc1'\] match no linear layer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEW_CLASS_ERRORS))
+def test_fine_tuning_arguments_are_checked_before_any_heavy_work(assets, tmp_path, case):
+    extra, message = NEW_CLASS_ERRORS[case]
+    if case.startswith("8-bit") and train_enat.importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed")
+    heavy_work = pytest.MonkeyPatch.context()
+    with heavy_work as patch, pytest.raises(ValueError, match=message):
+        patch.setattr(train_enat, "create_accelerator", lambda args: pytest.fail("heavy work started"))
+        train_enat.main(_finetune_args(assets, tmp_path, 1, *extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_new_classes_need_class_names(assets, tmp_path):
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"0.png": 0, "1.png": 1}))
+    argv = _finetune_args(assets, tmp_path, 1, "--new_classes", "replace")
+    argv += ["--train_data_dir", str(Path(assets.classes) / "red"), "--labels_file", str(labels)]
+    with pytest.raises(ValueError, match="--new_classes needs class names"):
+        train_enat.main(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_with_new_classes_saves_adapter_class_embedding_and_names_in_one_file(assets, tmp_path):
+    pytest.importorskip("peft")
+    lora = ["--lora_rank", 4, "--lora_alpha", 8, "--lora_dropout", 0.1, "--lora_target_modules", "to_q", "ff.net.2"]
+    argv = _finetune_args(assets, tmp_path, 3, "--new_classes", "replace", "--learning_rate", 1e-2, *lora)
+    train_enat.main(argv)
+    out = tmp_path / "out"
+    weight_file = out / train_enat.LORA_WEIGHT_NAME
+    tensors = load_file(weight_file)
+    with safe_open(str(weight_file), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert all(key.startswith("transformer.") for key in tensors)
+    modules = {key.split(".lora_")[0] for key in tensors if ".lora_" in key}
+    assert {next(t for t in ("attn.to_q", "ff.net.2") if name.endswith("." + t)) for name in modules} == {
+        "attn.to_q",
+        "ff.net.2",
+    }
+    assert tensors["transformer.class_embedding.weight"].shape == (4, 32)
+    fused = DiffusionPipeline.from_pretrained(out)
+    assert json.loads(metadata["id2label"]) == {"0": "blue", "1": "green", "2": "red"}
+    assert fused.labels == {"blue": 0, "green": 1, "red": 2}
+    config = json.loads(metadata["lora_adapter_metadata"])
+    assert (config["transformer.r"], config["transformer.lora_alpha"], config["transformer.lora_dropout"]) == (
+        4,
+        8,
+        0.1,
+    )
+    torch.testing.assert_close(tensors["transformer.class_embedding.weight"], fused.transformer.class_embedding.weight)
+
+    # the file on the base model (what the pipelines' load_lora_weights does): resized class embedding, then the
+    # adapter with its config from the metadata, fused -> the weights of the output folder
+    base = ENATTransformer2DModel.from_pretrained(assets.pipeline, subfolder="transformer")
+    assert not torch.equal(base.class_embedding.weight[:3], tensors["transformer.class_embedding.weight"][:3])
+    state = {key.removeprefix("transformer."): value for key, value in tensors.items()}
+    embedding = state.pop("class_embedding.weight")
+    base.class_embedding = torch.nn.Embedding(*embedding.shape)
+    base.class_embedding.weight.data.copy_(embedding)
+    base.register_to_config(num_classes=embedding.shape[0] - 1)
+    adapter_config = {key.removeprefix("transformer."): value for key, value in config.items()}
+    base.load_lora_adapter(state, prefix=None, metadata=adapter_config)
+    base.fuse_lora()
+    base.unload_lora()
+    fused_state = fused.transformer.state_dict()
+    assert base.state_dict().keys() == fused_state.keys()
+    for key, value in base.state_dict().items():
+        torch.testing.assert_close(value, fused_state[key], atol=1e-5, rtol=1e-5, msg=key)
+
+    card = (out / "README.md").read_text()
+    assert f"from `{assets.pipeline}`" in card and "the images in `classes`" in card
+    assert "LoRA (rank 4, alpha 8, dropout 0.1, on to_q, ff.net.2" in card and "0: blue, 1: green, 2: red" in card
