@@ -89,6 +89,7 @@ import csv
 import hashlib
 import importlib.util
 import inspect
+import io
 import json
 import logging
 import math
@@ -125,7 +126,7 @@ from enat_diffusers import (
     encode_text,
 )
 from enat_diffusers.demo import resolve_pretrained_location
-from enat_diffusers.script_utils import add_deprecated_flag
+from enat_diffusers.script_utils import add_deprecated_flag, require_optional
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -159,11 +160,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train an ENAT transformer (class- or text-conditional).")
     data = parser.add_argument_group("data")
     data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help='A 🤗 datasets dataset (pip install "enat-diffusers[train]"): a Hub id, a local folder of data files '
+        "or one written by `save_to_disk`, or a builder such as `imagefolder` (with --train_data_dir as its data_dir). "
+        "Class data with --label_column, text data with --caption_column. The token cache key reads the image bytes "
+        "(or file size and time) of every row once per start.",
+    )
+    data.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's configuration name.")
+    data.add_argument("--dataset_split", type=str, default="train", help="The split of --dataset_name to train on.")
+    data.add_argument(
+        "--image_column",
+        type=str,
+        default=None,
+        help='--dataset_name: the image column (default: "image", else the first image column).',
+    )
+    data.add_argument(
+        "--caption_column",
+        type=str,
+        default=None,
+        help="--dataset_name: a column of captions (a string or a list of strings per row) -> text-conditional data.",
+    )
+    data.add_argument(
+        "--label_column",
+        type=str,
+        default=None,
+        help='--dataset_name: the class column (default: "label"): ClassLabel (its names become id2label), integer '
+        "ids, or strings (class names, ids in sorted order).",
+    )
+    data.add_argument(
         "--train_data_dir",
         type=str,
         default=None,
         help="Class-conditional data: a folder with one subfolder of images per class (class ids in "
-        "sorted folder-name order), or a flat image folder with --labels_file.",
+        "sorted folder-name order), or a flat image folder with --labels_file. With --dataset_name: the data_dir "
+        "passed to `datasets.load_dataset`.",
     )
     data.add_argument(
         "--labels_file",
@@ -409,6 +441,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _data_sources(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The class-conditional and text-conditional data flags that were given."""
+    if args.dataset_name:
+        other = ("labels_file", "coco_captions_json", "coco_images_dir", "caption_data_dir")
+        given = [flag for flag in other if getattr(args, flag)]
+        if given:
+            raise InputError(f"--dataset_name replaces {', '.join('--' + flag for flag in given)}; pass one source")
+        return ([], ["dataset_name"]) if args.caption_column else (["dataset_name"], [])
+    dataset_flags = [flag for flag in ("image_column", "caption_column", "label_column") if getattr(args, flag)]
+    if dataset_flags:
+        raise InputError(f"{', '.join('--' + flag for flag in dataset_flags)} name columns of --dataset_name")
     class_sources = [flag for flag in ("train_data_dir", "labels_file") if getattr(args, flag)]
     text_sources = [
         flag for flag in ("coco_captions_json", "coco_images_dir", "caption_data_dir") if getattr(args, flag)
@@ -420,8 +461,9 @@ def _check_data_args(args: argparse.Namespace) -> None:
     class_sources, text_sources = _data_sources(args)
     if not class_sources and not text_sources:
         raise InputError(
-            "no training data: pass --train_data_dir (class-conditional, optionally with --labels_file), or "
-            "--coco_captions_json with --coco_images_dir, or --caption_data_dir (text-conditional)"
+            "no training data: pass --dataset_name (a 🤗 dataset), --train_data_dir (class-conditional, optionally "
+            "with --labels_file), or --coco_captions_json with --coco_images_dir, or --caption_data_dir "
+            "(text-conditional)"
         )
     if class_sources and text_sources:
         raise InputError(
@@ -547,11 +589,19 @@ def check_args(args: argparse.Namespace) -> None:
 class TrainingData:
     """The samples of a run. Images are listed once; several samples (captions) may share an image."""
 
-    image_paths: list[str]
+    image_paths: list[str]  # image files, or for a 🤗 dataset a name per row ("dataset[split][row]")
     image_index: list[int]  # per sample: its image in `image_paths`
     conditions: list  # per sample: a class id (int) or a caption (str)
     text: bool
     id2label: dict[int, str] | None = None
+    image_rows: object = None  # a 🤗 dataset: its image column alone, undecoded ({"bytes", "path"} per row)
+
+    def open_image(self, index: int):
+        """What `Image.open` takes for image `index`: a file path or a file-like object."""
+        if self.image_rows is None:
+            return self.image_paths[index]
+        entry = next(iter(self.image_rows[index].values()))
+        return io.BytesIO(entry["bytes"]) if entry.get("bytes") else entry["path"]
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -665,8 +715,75 @@ def list_caption_folder(root: Path) -> TrainingData:
     return TrainingData(paths, image_index, captions, text=True)
 
 
+def _load_dataset(args: argparse.Namespace):
+    datasets = require_optional("datasets", "train", "--dataset_name")
+    name = args.dataset_name
+    try:
+        if os.path.isdir(name) and any(
+            os.path.isfile(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json")
+        ):
+            loaded = datasets.load_from_disk(name)
+        else:
+            loaded = datasets.load_dataset(name, args.dataset_config_name, data_dir=args.train_data_dir)
+    except Exception as error:  # load_dataset reports a missing or unreachable dataset with many error types
+        message = (str(error).strip().splitlines() or [""])[0]
+        raise InputError(f"--dataset_name {name!r} cannot be loaded ({type(error).__name__}: {message})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if args.dataset_split not in loaded:
+            raise InputError(f"--dataset_split {args.dataset_split!r} is not a split of {name!r}: {sorted(loaded)}")
+        loaded = loaded[args.dataset_split]
+    return datasets, loaded
+
+
+def _dataset_column(features, flag: str, value: str | None, default: str | None, what: str) -> str:
+    column = value or default
+    if column not in features:
+        raise InputError(
+            f"--{flag} {column!r}: the dataset has no such column ({what}); its columns: {list(features)}"
+        )
+    return column
+
+
+def list_dataset(args: argparse.Namespace) -> TrainingData:
+    """A 🤗 dataset: images from --image_column, class labels from --label_column or captions from --caption_column."""
+    datasets, dataset = _load_dataset(args)
+    features = dataset.features
+    first_image = next((name for name, feature in features.items() if isinstance(feature, datasets.Image)), None)
+    image_column = _dataset_column(
+        features, "image_column", args.image_column, "image" if "image" in features else first_image, "images"
+    )
+    if not isinstance(features[image_column], datasets.Image):
+        raise InputError(f"--image_column {image_column!r} is a {type(features[image_column]).__name__}, not images")
+    rows = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    names = [f"{args.dataset_name}[{args.dataset_split}][{row}]" for row in range(len(dataset))]
+    if args.caption_column:
+        column = _dataset_column(features, "caption_column", args.caption_column, None, "captions")
+        image_index, captions = [], []
+        for row, value in enumerate(dataset[column]):
+            lines = [value] if isinstance(value, str) else list(value or [])
+            lines = [line.strip() for line in lines if isinstance(line, str) and line.strip()]
+            image_index += [row] * len(lines)
+            captions += lines
+        return TrainingData(names, image_index, captions, text=True, image_rows=rows)
+    column = _dataset_column(features, "label_column", args.label_column, "label", "class labels; or pass "
+                             "--caption_column for text data")  # fmt: skip
+    values, feature = dataset[column], features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        id2label = dict(enumerate(feature.names))
+    elif all(isinstance(value, str) for value in values):
+        id2label = dict(enumerate(sorted(set(values))))
+        values = [{name: i for i, name in id2label.items()}[value] for value in values]
+    elif all(isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in values):
+        id2label = None
+    else:
+        raise InputError(f"--label_column {column!r} must hold class ids (integers >= 0), class names or a ClassLabel")
+    return TrainingData(names, list(range(len(values))), list(values), text=False, id2label=id2label, image_rows=rows)
+
+
 def list_training_data(args: argparse.Namespace) -> TrainingData:
-    if args.labels_file:
+    if args.dataset_name:
+        data = list_dataset(args)
+    elif args.labels_file:
         data = list_labeled_images(_require_dir(args.train_data_dir, "train_data_dir"), args.labels_file)
     elif args.train_data_dir:
         data = list_class_folders(_require_dir(args.train_data_dir, "train_data_dir"))
@@ -684,13 +801,14 @@ def list_training_data(args: argparse.Namespace) -> TrainingData:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_image(path: str, resolution: int) -> torch.Tensor:
-    """RGB image, shorter side resized to `resolution`, center crop -> `(3, resolution, resolution)` in [-1, 1]."""
+def load_image(source, resolution: int, name: str | None = None) -> torch.Tensor:
+    """RGB image (a path or a file-like `source`, called `name` in errors), shorter side resized to `resolution`,
+    center crop -> `(3, resolution, resolution)` in [-1, 1]."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image = image.convert("RGB")  # decodes: a truncated or damaged file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise InputError(f"cannot read the image {path} ({error}); fix or remove it") from None
+        raise InputError(f"cannot read the image {name or source} ({error}); fix or remove it") from None
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
@@ -700,18 +818,37 @@ def load_image(path: str, resolution: int) -> torch.Tensor:
     return (pixels / 127.5 - 1.0).permute(2, 0, 1)
 
 
-class ImageFileDataset(Dataset):
-    def __init__(self, paths: list[str], resolution: int):
-        self.paths, self.resolution = paths, resolution
+class ImageDataset(Dataset):
+    """The images of the training data (files or 🤗 dataset rows), loaded for tokenization."""
+
+    def __init__(self, data: TrainingData, resolution: int):
+        self.data, self.resolution = data, resolution
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.data.image_paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        return index, load_image(self.paths[index], self.resolution)
+        return index, load_image(self.data.open_image(index), self.resolution, self.data.image_paths[index])
 
 
-def token_cache_path(args: argparse.Namespace, image_paths: list[str], vqvae: MaskGITVQModel) -> Path:
+def _image_identity(data: TrainingData):
+    """Bytes that change when an image changes: path, size and modification time of each file; for a 🤗 dataset the
+    bytes of each row's image (or its file's path, size and time)."""
+    if data.image_rows is None:
+        for path in data.image_paths:
+            stat = os.stat(path)
+            yield f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode()
+        return
+    for batch in data.image_rows.iter(batch_size=256):
+        for entry in next(iter(batch.values())):
+            if entry.get("bytes"):
+                yield hashlib.sha256(entry["bytes"]).digest()
+            else:
+                stat = os.stat(entry["path"])
+                yield f"{os.path.abspath(entry['path'])}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode()
+
+
+def token_cache_path(args: argparse.Namespace, data: TrainingData, vqvae: MaskGITVQModel) -> Path:
     """The cache file: named by a hash of the image list (path, size and modification time of every file), the
     resolution, flips and the VQ model (config + weights). An image replaced or edited in place gets a new size or
     modification time and so a new cache; to force a rebuild otherwise, delete the file or pass another --cache_dir."""
@@ -719,9 +856,8 @@ def token_cache_path(args: argparse.Namespace, image_paths: list[str], vqvae: Ma
     settings = {"version": TOKEN_CACHE_VERSION, "resolution": args.resolution, "random_flip": args.random_flip}
     settings["vq_config"] = {key: value for key, value in vqvae.config.items() if not key.startswith("_")}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for path in image_paths:
-        stat = os.stat(path)
-        digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    for identity in _image_identity(data):
+        digest.update(identity)
     for name, tensor in vqvae.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -730,16 +866,17 @@ def token_cache_path(args: argparse.Namespace, image_paths: list[str], vqvae: Ma
 
 
 @torch.no_grad()
-def tokenize_images(vqvae: MaskGITVQModel, image_paths: list[str], args, accelerator: Accelerator) -> dict:
+def tokenize_images(vqvae: MaskGITVQModel, data: TrainingData, args, accelerator: Accelerator) -> dict:
     """Encodes every image (and its mirror image with --random_flip), split across processes; every process gets
     all token ids: `{"token_ids": (N, h, w)[, "flipped_token_ids": (N, h, w)]}` as int16 (int32 for large codebooks)."""
     side = args.resolution // vqvae.downsample_factor
     dtype = torch.int16 if vqvae.codebook_size <= torch.iinfo(torch.int16).max else torch.int32
     names = ["token_ids", "flipped_token_ids"] if args.random_flip else ["token_ids"]
-    tokens = {name: torch.zeros(len(image_paths), side, side, dtype=dtype) for name in names}
+    num_images = len(data.image_paths)
+    tokens = {name: torch.zeros(num_images, side, side, dtype=dtype) for name in names}
     # Padding gives every process the same number of equally sized batches, as `gather` needs.
-    with accelerator.split_between_processes(list(range(len(image_paths))), apply_padding=True) as shard:
-        dataset = Subset(ImageFileDataset(image_paths, args.resolution), shard)
+    with accelerator.split_between_processes(list(range(num_images)), apply_padding=True) as shard:
+        dataset = Subset(ImageDataset(data, args.resolution), shard)
     loader = DataLoader(dataset, batch_size=args.tokenize_batch_size, num_workers=args.dataloader_num_workers)
     for indices, images in tqdm(loader, desc="Tokenizing", disable=not accelerator.is_local_main_process):
         images = images.to(accelerator.device)
@@ -757,12 +894,12 @@ def _exists_on_every_process(path: Path, accelerator: Accelerator) -> bool:
 
 
 def load_or_build_token_cache(vqvae: MaskGITVQModel, data: TrainingData, args, accelerator: Accelerator) -> dict:
-    path = token_cache_path(args, data.image_paths, vqvae)
+    path = token_cache_path(args, data, vqvae)
     if _exists_on_every_process(path, accelerator):
         logger.info(f"Using the token cache {path}")
         return load_file(path)
     logger.info(f"Tokenizing {len(data.image_paths)} images into {path}")
-    tokens = tokenize_images(vqvae, data.image_paths, args, accelerator)
+    tokens = tokenize_images(vqvae, data, args, accelerator)
     if accelerator.is_local_main_process:  # one writer per machine, in case the cache folder is not shared
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{accelerator.process_index}.partial")
@@ -1574,7 +1711,12 @@ def peak_learning_rate(args: argparse.Namespace, total_batch_size: int) -> float
 
 def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, learning_rate: float):
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    return torch.optim.AdamW(
+    optimizer_class = torch.optim.AdamW
+    if args.use_8bit_adam:  # checked to import with the arguments
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    return optimizer_class(
         parameters,
         lr=learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),

@@ -3,10 +3,14 @@ the LoRA file format, and 🤗 datasets input. Tiny data and models from test_tr
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
+from accelerate import Accelerator
 from diffusers import DiffusionPipeline
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -186,3 +190,98 @@ def test_lora_with_new_classes_saves_adapter_class_embedding_and_names_in_one_fi
     card = (out / "README.md").read_text()
     assert f"from `{assets.pipeline}`" in card and "the images in `classes`" in card
     assert "LoRA (rank 4, alpha 8, dropout 0.1, on to_q, ff.net.2" in card and "0: blue, 1: green, 2: red" in card
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 🤗 datasets
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _images_and_names(assets) -> tuple[list, list[str]]:
+    """The class-folder images in the order train_enat lists them, with their folder names."""
+    data = train_enat.list_class_folders(Path(assets.classes))
+    images = [Image.open(path).convert("RGB") for path in data.image_paths]
+    return images, [data.id2label[label] for label in data.conditions]
+
+
+def _args(**kwargs):
+    defaults = {"dataset_config_name": None, "dataset_split": "train", "train_data_dir": None, "image_column": None,
+                "caption_column": None, "label_column": None}  # fmt: skip
+    return SimpleNamespace(**defaults | kwargs)
+
+
+def test_class_data_from_a_dataset_with_a_label_column_trains_new_classes(assets, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    images, names = _images_and_names(assets)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=sorted(set(names)))})
+    labels = [sorted(set(names)).index(name) for name in names]
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(tmp_path / "ds")
+
+    argv = _finetune_args(assets, tmp_path, 3, "--new_classes", "replace", "--cache_dir", tmp_path / "cache")
+    argv[argv.index("--train_data_dir") : argv.index("--train_data_dir") + 2] = ["--dataset_name", str(tmp_path / "ds")]
+    train_enat.main(argv)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
+    assert pipe.labels == {"blue": 0, "green": 1, "red": 2} and pipe.transformer.config.num_classes == 3
+    # the same images as the class folders: the same tokens
+    (dataset_cache,) = (tmp_path / "cache").iterdir()
+    folder_data = train_enat.list_class_folders(Path(assets.classes))
+    vqvae = train_enat.MaskGITVQModel.from_pretrained(assets.pipeline, subfolder="vqvae")
+    folder_tokens = train_enat.tokenize_images(vqvae, folder_data, train_enat.parse_args(argv), Accelerator(cpu=True))
+    assert torch.equal(load_file(dataset_cache)["token_ids"], folder_tokens["token_ids"])
+
+
+def test_text_data_from_an_imagefolder_with_captions(assets, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    images, names = _images_and_names(assets)
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for index, (image, name) in enumerate(zip(images, names, strict=True)):
+            image.save(folder / f"{index}.png")
+            metadata.write(json.dumps({"file_name": f"{index}.png", "caption": [f"a {name} tile", name]}) + "\n")
+    assert datasets.load_dataset("imagefolder", data_dir=str(folder), split="train").num_rows == len(images)
+
+    data = ["--dataset_name", "imagefolder", "--train_data_dir", str(folder), "--caption_column", "caption"]
+    model = ["--pretrained_model_name_or_path", assets.text_pipeline]
+    prompts = []
+    model_kwargs = train_enat.TextConditioning.model_kwargs
+
+    def record_prompts(conditioning, batch):
+        prompts.extend(batch)
+        return model_kwargs(conditioning, batch)
+
+    with mock.patch.object(train_enat.TextConditioning, "model_kwargs", autospec=True, side_effect=record_prompts):
+        train_enat.main(data + model + common_args(tmp_path, 3, "--cond_drop_prob", 0))
+    assert set(prompts) <= {f"a {name} tile" for name in names} | set(names) and len(set(prompts)) > 2
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "the dataset `imagefolder`" in card and f"{2 * len(images)} samples ({len(images)} images, captions)" in card
+
+
+def test_dataset_columns_labels_and_cache_identity(assets, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    images, names = _images_and_names(assets)
+    datasets.Dataset.from_dict({"picture": images, "kind": names, "id": list(range(len(names)))}).save_to_disk(
+        tmp_path / "ds"
+    )
+    args = _args(dataset_name=str(tmp_path / "ds"), label_column="kind")
+    data = train_enat.list_training_data(args)  # the first image column; class names from strings, sorted
+    assert data.id2label == {0: "blue", 1: "green", 2: "red"} and not data.text
+    assert [data.id2label[label] for label in data.conditions] == names
+    assert train_enat.list_training_data(_args(dataset_name=str(tmp_path / "ds"), label_column="id")).id2label is None
+    with pytest.raises(ValueError, match=r"--label_column 'label': the dataset has no such column .*'picture', 'kind'"):
+        train_enat.list_training_data(_args(dataset_name=str(tmp_path / "ds")))
+    with pytest.raises(ValueError, match="--image_column 'kind' is a Value, not images"):
+        train_enat.list_training_data(_args(dataset_name=str(tmp_path / "ds"), image_column="kind"))
+    with pytest.raises(ValueError, match="--dataset_name .*missing.* cannot be loaded"):
+        train_enat.list_training_data(_args(dataset_name=str(tmp_path / "missing")))
+
+    # the token cache follows the image bytes of the rows
+    key_args = SimpleNamespace(resolution=8, random_flip=False, cache_dir=str(tmp_path / "cache"))
+    vqvae = train_enat.MaskGITVQModel.from_pretrained(assets.pipeline, subfolder="vqvae")
+    key = train_enat.token_cache_path(key_args, data, vqvae)
+    assert train_enat.token_cache_path(key_args, train_enat.list_training_data(args), vqvae) == key
+    images[5] = images[5].rotate(90)
+    datasets.Dataset.from_dict({"picture": images, "kind": names}).save_to_disk(tmp_path / "ds2")
+    changed = train_enat.list_training_data(_args(dataset_name=str(tmp_path / "ds2"), label_column="kind"))
+    assert train_enat.token_cache_path(key_args, changed, vqvae) != key
+    assert Image.open(changed.open_image(5)).convert("RGB").tobytes() == images[5].tobytes()
