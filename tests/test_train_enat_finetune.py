@@ -218,7 +218,10 @@ def test_class_data_from_a_dataset_with_a_label_column_trains_new_classes(assets
     datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(tmp_path / "ds")
 
     argv = _finetune_args(assets, tmp_path, 3, "--new_classes", "replace", "--cache_dir", tmp_path / "cache")
-    argv[argv.index("--train_data_dir") : argv.index("--train_data_dir") + 2] = ["--dataset_name", str(tmp_path / "ds")]
+    argv[argv.index("--train_data_dir") : argv.index("--train_data_dir") + 2] = [
+        "--dataset_name",
+        str(tmp_path / "ds"),
+    ]
     train_enat.main(argv)
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
     assert pipe.labels == {"blue": 0, "green": 1, "red": 2} and pipe.transformer.config.num_classes == 3
@@ -254,7 +257,9 @@ def test_text_data_from_an_imagefolder_with_captions(assets, tmp_path):
         train_enat.main(data + model + common_args(tmp_path, 3, "--cond_drop_prob", 0))
     assert set(prompts) <= {f"a {name} tile" for name in names} | set(names) and len(set(prompts)) > 2
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "the dataset `imagefolder`" in card and f"{2 * len(images)} samples ({len(images)} images, captions)" in card
+    assert (
+        "the dataset `imagefolder`" in card and f"{2 * len(images)} samples ({len(images)} images, captions)" in card
+    )
 
 
 def test_dataset_columns_labels_and_cache_identity(assets, tmp_path):
@@ -268,7 +273,9 @@ def test_dataset_columns_labels_and_cache_identity(assets, tmp_path):
     assert data.id2label == {0: "blue", 1: "green", 2: "red"} and not data.text
     assert [data.id2label[label] for label in data.conditions] == names
     assert train_enat.list_training_data(_args(dataset_name=str(tmp_path / "ds"), label_column="id")).id2label is None
-    with pytest.raises(ValueError, match=r"--label_column 'label': the dataset has no such column .*'picture', 'kind'"):
+    with pytest.raises(
+        ValueError, match=r"--label_column 'label': the dataset has no such column .*'picture', 'kind'"
+    ):
         train_enat.list_training_data(_args(dataset_name=str(tmp_path / "ds")))
     with pytest.raises(ValueError, match="--image_column 'kind' is a Value, not images"):
         train_enat.list_training_data(_args(dataset_name=str(tmp_path / "ds"), image_column="kind"))
