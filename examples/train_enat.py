@@ -48,11 +48,16 @@ the VQ model and the text encoder when the config leaves them out):
     # resume: the same command plus
         --resume_from_checkpoint latest          # or a checkpoint folder, e.g. enat-l-256/checkpoint-5000
 
-    # LoRA fine-tuning of a converted pipeline on your own classes (one subfolder per class)
+    # teach a converted class-conditional pipeline your own classes (one subfolder per class) with LoRA; the class
+    # embedding is resized to the new classes (+ null) and trained too; leave out --lora_rank for full fine-tuning
     accelerate launch examples/train_enat.py \
         --pretrained_model_name_or_path enat-l-256 --train_data_dir my_classes --resolution 256 --random_flip \
-        --lora_rank 16 --learning_rate 1e-4 --lr_warmup_steps 100 --max_train_steps 2000 \
+        --new_classes replace --lora_rank 16 --learning_rate 1e-4 --lr_warmup_steps 100 --max_train_steps 2000 \
         --train_batch_size 32 --mixed_precision bf16 --output_dir enat-l-256-lora
+
+    # a 🤗 dataset (Hub id, local data files, `save_to_disk` folder, or `imagefolder` with --train_data_dir)
+    accelerate launch examples/train_enat.py --dataset_name USER/DATASET --image_column image --label_column label \
+        --pretrained_model_name_or_path enat-l-256 --new_classes replace ...
 
     # text-to-image on COCO (one sample per caption) or on a folder of images with same-name .txt captions
     accelerate launch --multi_gpu --num_processes 8 examples/train_enat.py \
@@ -65,11 +70,13 @@ the VQ model and the text encoder when the config leaves them out):
 
 At the end, `--output_dir` holds a diffusers pipeline folder (EMA weights; LoRA fused into the weights) that loads
 with `DiffusionPipeline.from_pretrained(output_dir)` after `import enat_diffusers`, plus `training_log.jsonl` (loss
-and lr per optimizer step), `checkpoint-*` folders, `validation/*.png` grids and, for LoRA, the adapter alone in
-`pytorch_lora_weights.safetensors` (keys prefixed `transformer.`: `transformer.load_lora_adapter(output_dir,
-weight_name="pytorch_lora_weights.safetensors")`). LoRA runs keep no EMA: the adapter weights themselves are saved,
-and the reuse "previous step" comes from the trained model (no grad, eval mode). `--push_to_hub` writes the ENAT
-model card (README.md) and uploads the folder without the checkpoints and tracker logs.
+and lr per optimizer step), `checkpoint-*` folders, `validation/*.png` grids (one labelled row per class or prompt,
+upscaled), a model card (README.md: base model, data, method) and, for LoRA, the adapter alone in
+`pytorch_lora_weights.safetensors` (keys prefixed `transformer.`, the LoRA config in diffusers' `lora_adapter_metadata`,
+and with --new_classes the resized `transformer.class_embedding.weight` and the class names in `id2label` metadata), for
+the pipelines' `load_lora_weights`. LoRA runs keep no EMA: the adapter weights themselves are saved, and the reuse
+"previous step" comes from the trained model (no grad, eval mode). `--push_to_hub` creates the Hub repo at start-up
+and uploads the folder at the end without the checkpoints and tracker logs.
 
 The token cache holds token ids only (int16, per image; with `--random_flip` also of the mirrored image); labels and
 captions come from the data listing, which is cheap. Its file name is a hash of the image files (path, size and
