@@ -5,8 +5,7 @@ of the old ones). A scikit-learn SVC trained on upright and rotated digits (20 c
 samples of each new class as that rotated digit. Measured on a 2-core machine shared with other jobs (load ~8), one
 thread: 150 full fine-tuning steps (batch 32) train in 35 s and reach 0.72 overall (per class 0.64-0.88; 0.08 of
 the samples look like upright digits); the thresholds below leave room for other torch builds and seeds. The opt-in
-variant (ENAT_RUN_SLOW=1) trains a LoRA adapter with the new class embeddings for 300 steps (measured numbers in its
-docstring).
+variant (ENAT_RUN_SLOW=1) trains a LoRA adapter with the new class embeddings (measured numbers in its docstring).
 """
 
 import os
@@ -95,10 +94,17 @@ def test_fine_tuned_digits_model_draws_the_new_rotated_classes(rotated_digits, t
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("ENAT_RUN_SLOW") != "1", reason="opt-in: ENAT_RUN_SLOW=1")
 def test_lora_on_the_digits_model_draws_the_new_rotated_classes(rotated_digits, tmp_path):
-    """LoRA (rank 8) on the attention projections plus the new class embeddings, 300 steps (batch 32)."""
+    """LoRA rank 16 on the attention, feed-forward and adaLN layers plus the new class embeddings, 300 steps (batch
+    32, lr 1e-2): measured 85 s of training (same busy machine), 0.70 overall (per class 0.56-0.92), 0.08 upright.
+    With the default targets (attention projections only), rank 8 and lr 3e-3 it reached only 0.23: this small
+    model needs its MLPs and adaLN layers adapted to draw rotated digits."""
     pytest.importorskip("peft")
     data_dir, classifier = rotated_digits
-    output = _fine_tune(data_dir, tmp_path, 300, "--lora_rank", 8)
+    targets = ["to_q", "to_kv", "to_out", "ff.net.0.proj", "ff.net.2", "adaln_modulation"]
+    lora = ["--lora_rank", 16, "--learning_rate", 1e-2, "--lora_target_modules", *targets]
+    output = _fine_tune(data_dir, tmp_path, 300, *lora)
+    assert (output / train_enat.LORA_WEIGHT_NAME).is_file()
     per_class, upright = _recognised(output, classifier)
-    assert np.mean(list(per_class.values())) >= 0.3, per_class
+    assert np.mean(list(per_class.values())) >= 0.45, per_class
+    assert min(per_class.values()) >= 0.25, per_class
     assert upright <= 0.25, upright
