@@ -377,7 +377,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="INIT",
         help='How new class embeddings start: "mean" (the mean of the pretrained class embeddings, null class '
         "excluded) and/or NEW=OLD pairs that copy a pretrained class (OLD: an id or a name), e.g. "
-        '--class_init "rotated seven=seven" "rotated one=1"; classes without a pair get the mean.',
+        '--class_init "rotated seven=seven" "rotated one=1". A class without a pair starts from the pretrained class '
+        "of the same name, if there is one, else from the mean.",
     )
 
     validation = parser.add_argument_group("validation")
@@ -502,6 +503,10 @@ def _check_model_args(args: argparse.Namespace) -> None:
         raise InputError("pass --model_config (a new transformer) or --pretrained_model_name_or_path (fine-tuning)")
     if not args.vqvae_model_name_or_path and not args.pretrained_model_name_or_path:
         raise InputError("pass --vqvae_model_name_or_path (or a --pretrained_model_name_or_path with a vqvae)")
+    lora_options = [flag for flag, default in (("lora_alpha", None), ("lora_dropout", 0.0),
+                    ("lora_target_modules", LORA_TARGET_MODULES)) if getattr(args, flag) != default]  # fmt: skip
+    if args.lora_rank is None and lora_options:
+        raise InputError(f"{', '.join('--' + flag for flag in lora_options)} configure LoRA: add --lora_rank")
     if args.lora_rank is not None:
         if not args.pretrained_model_name_or_path:
             raise InputError("--lora_rank fine-tunes a pretrained transformer: pass --pretrained_model_name_or_path")

@@ -111,6 +111,7 @@ NEW_CLASS_ERRORS = {
     ),
     "8-bit adam without bitsandbytes": (["--use_8bit_adam"], "--use_8bit_adam needs bitsandbytes"),
     "lora dropout": (["--lora_rank", "4", "--lora_dropout", "1.5"], r"--lora_dropout must be in \[0, 1\)"),
+    "lora options without a rank": (["--lora_alpha", "8"], "--lora_alpha configure LoRA: add --lora_rank"),
     "lora target": (["--lora_rank", "4", "--lora_target_modules", "fc1"], r"\['fc1'\] match no linear layer"),
 }
 
