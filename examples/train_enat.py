@@ -1804,6 +1804,13 @@ def resume(run: TrainingRun) -> None:
     if checkpoint is not None:
         logger.info(f"Resuming from checkpoint {checkpoint}")
         run.accelerator.load_state(str(checkpoint))
+        if run.ema is not None and run.ema.optimization_step != run.progress.global_step:
+            # EMAModel.load_state_dict ignores a state without its keys: a checkpoint of an older train_enat.py (the
+            # EMA saved as a module state dict) would silently restart the EMA from the current weights.
+            raise InputError(
+                f"checkpoint {checkpoint} holds no EMA state of diffusers' EMAModel at step {run.progress.global_step} "
+                "(written by an older train_enat.py?); resume it with the script version that wrote it"
+            )
         if run.ema is not None:  # the EMA state loads on the CPU
             run.ema.to(run.accelerator.device)
             run.ema.copy_to(run.ema_model.parameters())

@@ -214,6 +214,17 @@ def test_rerunning_a_finished_run_changes_nothing_even_after_a_kill_while_saving
     assert weights[0] == weights[1]
 
 
+def test_resuming_a_checkpoint_without_an_ema_state_is_refused(assets, tmp_path):
+    argv = _class_args(assets, tmp_path, 3, "--checkpointing_steps", 2)
+    train_enat.main(argv)
+    ema_file = tmp_path / "out" / "checkpoint-2" / "custom_checkpoint_1.pkl"
+    # as written before the EMA went through diffusers' EMAModel: the EMA model's state dict
+    torch.save(load_file(tmp_path / "out" / "checkpoint-2" / "model.safetensors"), ema_file)
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match="checkpoint-2 holds no EMA state of diffusers' EMAModel at step 2"):
+        train_enat.main(argv + ["--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2"])
+
+
 class _ForwardCalls:
     """Records every ENATTransformer2DModel forward: training mode, reuse state given, masked tokens per row."""
 
@@ -483,7 +494,14 @@ def test_config_checks_against_the_vq_model_and_the_pretrained_transformer(asset
 
 
 def _args(**kwargs):
-    fields = ("train_data_dir", "labels_file", "coco_captions_json", "coco_images_dir", "caption_data_dir")
+    fields = (
+        "dataset_name",
+        "train_data_dir",
+        "labels_file",
+        "coco_captions_json",
+        "coco_images_dir",
+        "caption_data_dir",
+    )
     return SimpleNamespace(**dict.fromkeys(fields) | kwargs)
 
 
