@@ -103,6 +103,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1105,6 +1106,11 @@ def check_transformer_config(config: dict, args: argparse.Namespace, vq_config: 
             raise InputError(
                 f"the data has labels up to {max(data.conditions)}, but the transformer has num_classes="
                 f"{value['num_classes']}"
+                + (
+                    "; to train other classes, pass --new_classes replace or extend"
+                    if args.pretrained_model_name_or_path
+                    else ""
+                )  # fmt: skip
             )
         bad = [label for label in args.validation_class_labels or [] if label.isdigit() and
                not 0 <= int(label) < value["num_classes"]]  # fmt: skip
@@ -1446,6 +1452,24 @@ def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_s
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def warn_about_renamed_classes(args: argparse.Namespace, data: TrainingData) -> None:
+    """Without --new_classes, class folder i trains the pretrained class i under the folder's name: say so when the
+    names differ (fine-tuning ImageNet classes on folders named after them is fine; other classes need
+    --new_classes)."""
+    index = diffusers.DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    names = {int(key): str(value) for key, value in (index.get("id2label") or {}).items()}
+    renamed = [f"{names[i]!r} -> {name!r}" for i, name in sorted(data.id2label.items())
+               if i in names and name not in class_names({i: names[i]})]  # fmt: skip
+    if renamed:
+        warnings.warn(
+            f"without --new_classes, the data's classes train the pretrained classes of the same ids under new names "
+            f"({', '.join(renamed[:3])}{', ...' if len(renamed) > 3 else ''}); pass --new_classes replace or extend "
+            "to give the model these classes instead",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 def pipeline_settings(args: argparse.Namespace, data: TrainingData) -> dict:
     """Pipeline config entries: those of the pretrained pipeline, with the class names of the data."""
     settings = {}
@@ -1708,6 +1732,8 @@ def prepare_data(args: argparse.Namespace) -> tuple[TrainingData, dict, dict, Cl
     config = transformer_config(args, vq_config, data, text_dims, class_plan)
     if args.lora_rank is not None:
         check_lora_target_modules(args.lora_target_modules, config)
+    if not data.text and args.pretrained_model_name_or_path and not args.new_classes and data.id2label:
+        warn_about_renamed_classes(args, data)
     if not data.text:
         id2label = pipeline_settings(args, data).get("id2label")
         args.validation_class_labels = resolve_validation_class_labels(args.validation_class_labels, id2label)

@@ -270,6 +270,7 @@ def test_gradient_accumulation_logs_the_mean_loss_of_each_optimizer_step(assets,
     assert max(int(state["step"]) for state in optimizer["state"].values()) == 3
 
 
+@pytest.mark.filterwarnings("ignore:without --new_classes")  # the color folders rename the tiny pipeline's classes
 def test_lora_trains_only_the_adapter_and_saves_it(assets, tmp_path):
     pytest.importorskip("peft")
     base = ENATTransformer2DModel.from_pretrained(assets.pipeline, subfolder="transformer")

@@ -98,6 +98,12 @@ def test_extend_keeps_the_pretrained_classes_and_appends_new_ones(assets, tmp_pa
     assert pipe.labels["red"] == NUM_CLASSES and pipe.labels["hammerhead"] == 4
 
 
+def test_class_folders_that_rename_pretrained_classes_warn_without_new_classes(assets, tmp_path):
+    args = train_enat.parse_args(_finetune_args(assets, tmp_path, 1))
+    with pytest.warns(UserWarning, match=r"'tench, Tinca tinca' -> 'blue'.*pass --new_classes replace or extend"):
+        train_enat.prepare_data(args)
+
+
 NEW_CLASS_ERRORS = {
     "class_init without new_classes": (["--class_init", "red=0"], "--class_init .* goes with --new_classes"),
     "class_init format": (["--new_classes", "replace", "--class_init", "red"], "NEW=OLD pairs"),
