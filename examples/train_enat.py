@@ -140,6 +140,7 @@ logger = get_logger(__name__, log_level="INFO")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LORA_TARGET_MODULES = ["to_q", "to_kv", "to_kv_context", "to_out"]
+TEXT_ENCODER_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP / BERT-style attention
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRAINING_LOG = "training_log.jsonl"
 PAPER_TOTAL_BATCH_SIZE = 2048
@@ -353,6 +354,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     recipe.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch.")
     recipe.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help="Text data with --lora_rank: also train a LoRA adapter (same rank, alpha, dropout) on the text encoder's "
+        f"attention projections ({' '.join(TEXT_ENCODER_LORA_TARGET_MODULES)}); saved with `text_encoder.` keys in the "
+        "same file and fused into the saved text encoder.",
+    )
+    recipe.add_argument(
         "--use_8bit_adam",
         action="store_true",
         help="bitsandbytes' 8-bit AdamW (optimizer states in 8 bits; needs bitsandbytes and, in practice, a GPU).",
@@ -519,6 +527,8 @@ def _check_model_args(args: argparse.Namespace) -> None:
             raise InputError(f"--lora_alpha must be > 0, got {args.lora_alpha}")
         if not 0 <= args.lora_dropout < 1:
             raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.train_text_encoder and (args.lora_rank is None or not _data_sources(args)[1]):
+        raise InputError("--train_text_encoder trains a text encoder LoRA: it needs --lora_rank and text data")
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise InputError(
             "--use_8bit_adam needs bitsandbytes (8-bit optimizers, for CUDA GPUs): pip install bitsandbytes"
@@ -1235,22 +1245,47 @@ def check_lora_target_modules(targets: list[str], config: dict) -> None:
         raise InputError(f"--lora_target_modules {unmatched} match no linear layer of the transformer; e.g. {leaves}")
 
 
+def lora_config(args: argparse.Namespace, target_modules: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha or args.lora_rank,
+        lora_dropout=args.lora_dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(target_modules),
+    )
+
+
+def add_text_encoder_lora(text_encoder, args: argparse.Namespace) -> None:
+    """A trainable LoRA adapter on the frozen text encoder's attention projections (--train_text_encoder)."""
+    from peft import inject_adapter_in_model  # (transformers' add_adapter wants a newer peft than the lora extra)
+
+    text_encoder.requires_grad_(False)
+    inject_adapter_in_model(lora_config(args, TEXT_ENCODER_LORA_TARGET_MODULES), text_encoder)
+
+
+def fused_text_encoder(text_encoder, args: argparse.Namespace):
+    """A plain text encoder (no LoRA layers) with the trained adapter merged into its weights, for the saved
+    pipeline: the adapter is merged in place, then the weights move to a freshly loaded text encoder."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in text_encoder.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    state = {key.replace(".base_layer.", "."): value for key, value in text_encoder.state_dict().items()
+             if "lora_" not in key}  # fmt: skip
+    fresh, _ = load_text_encoder(args)
+    fresh.load_state_dict(state)
+    return fresh.to(text_encoder.device)
+
+
 def add_lora_adapter(model: ENATTransformer2DModel, args: argparse.Namespace, train_class_embedding: bool) -> None:
     """Freezes the transformer and adds a trainable LoRA adapter (--lora_rank, --lora_alpha, --lora_target_modules,
     --lora_dropout); a resized class embedding (new classes) stays trainable, as new rows cannot be learned in a
     low-rank update of the old ones."""
-    from peft import LoraConfig
-
     model.requires_grad_(False)
-    model.add_adapter(
-        LoraConfig(
-            r=args.lora_rank,
-            lora_alpha=args.lora_alpha or args.lora_rank,
-            lora_dropout=args.lora_dropout,
-            init_lora_weights="gaussian",
-            target_modules=list(args.lora_target_modules),
-        )
-    )
+    model.add_adapter(lora_config(args, args.lora_target_modules))
     if train_class_embedding:
         model.class_embedding.requires_grad_(True)
 
@@ -1300,16 +1335,17 @@ class ClassConditioning:
 class TextConditioning:
     """Captions, encoded on the fly by the frozen text encoder; a dropped caption becomes the empty prompt."""
 
-    def __init__(self, text_encoder, tokenizer):
+    def __init__(self, text_encoder, tokenizer, device=None, trainable: bool = False):
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.device, self.trainable = device, trainable  # trainable: a text encoder LoRA gets gradients
 
     def drop(self, prompts: list[str], probability: float) -> list[str]:
         dropped = (torch.rand(len(prompts)) < probability).tolist()
         return ["" if drop else prompt for prompt, drop in zip(prompts, dropped, strict=True)]
 
-    @torch.no_grad()
     def model_kwargs(self, prompts: list[str]) -> dict:
-        return encode_text(self.text_encoder, self.tokenizer, list(prompts), self.text_encoder.device)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return encode_text(self.text_encoder, self.tokenizer, list(prompts), self.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1566,18 +1602,23 @@ def log_validation(pipeline, args: argparse.Namespace, accelerator: Accelerator,
     return path
 
 
-def lora_file_contents(transformer: ENATTransformer2DModel, id2label: dict | None) -> tuple[dict, dict]:
+def lora_file_contents(
+    transformer: ENATTransformer2DModel, id2label: dict | None, text_encoder=None
+) -> tuple[dict, dict]:
     """Tensors and metadata of `pytorch_lora_weights.safetensors`, in the format the pipelines' `load_lora_weights`
-    reads: `transformer.<peft key>` tensors, diffusers' `lora_adapter_metadata` (the LoRA config, keys prefixed
-    `transformer.`), and for new classes the whole resized `transformer.class_embedding.weight` with the class names
-    in `id2label`."""
+    reads: `transformer.<peft key>` tensors (and `text_encoder.<peft key>` with a text encoder LoRA), diffusers'
+    `lora_adapter_metadata` (the LoRA configs, keys prefixed `transformer.` / `text_encoder.`), and for new classes
+    the whole resized `transformer.class_embedding.weight` with the class names in `id2label`."""
     from peft.utils import get_peft_model_state_dict
 
-    state_dict = {f"transformer.{key}": value for key, value in get_peft_model_state_dict(transformer).items()}
-    config = transformer.peft_config[next(iter(transformer.peft_config))].to_dict()
-    config = {
-        f"transformer.{key}": sorted(value) if isinstance(value, set) else value for key, value in config.items()
-    }
+    state_dict, config = {}, {}
+    for prefix, module in (("transformer", transformer), ("text_encoder", text_encoder)):
+        if module is None:
+            continue
+        state_dict.update({f"{prefix}.{key}": value for key, value in get_peft_model_state_dict(module).items()})
+        module_config = module.peft_config[next(iter(module.peft_config))].to_dict()
+        config.update({f"{prefix}.{key}": sorted(value) if isinstance(value, set) else value
+                       for key, value in module_config.items()})  # fmt: skip
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True, default=str)}
     if getattr(transformer, "class_embedding", None) is not None and transformer.class_embedding.weight.requires_grad:
         state_dict["transformer.class_embedding.weight"] = transformer.class_embedding.weight
@@ -1585,18 +1626,23 @@ def lora_file_contents(transformer: ENATTransformer2DModel, id2label: dict | Non
     return {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}, metadata
 
 
-def save_lora_weights(transformer: ENATTransformer2DModel, output_dir: str, id2label: dict | None) -> None:
-    tensors, metadata = lora_file_contents(transformer, id2label)
+def save_lora_weights(
+    transformer: ENATTransformer2DModel, output_dir: str, id2label: dict | None, text_encoder=None
+) -> None:
+    tensors, metadata = lora_file_contents(transformer, id2label, text_encoder)
     save_file(tensors, os.path.join(output_dir, LORA_WEIGHT_NAME), metadata=metadata)
 
 
-def final_transformer(model, ema_model, args: argparse.Namespace, accelerator: Accelerator, id2label: dict | None):
-    """The weights to ship: the EMA weights, or the trained model with its LoRA adapter saved and then fused."""
+def final_transformer(
+    model, ema_model, args: argparse.Namespace, accelerator: Accelerator, id2label: dict | None, text_encoder=None
+):
+    """The weights to ship: the EMA weights, or the trained model with its LoRA adapter (and the text encoder's, if
+    trained) saved and then fused."""
     if ema_model is not None:
         return ema_model
     transformer = accelerator.unwrap_model(model)
     if args.lora_rank is not None:
-        save_lora_weights(transformer, args.output_dir, id2label)
+        save_lora_weights(transformer, args.output_dir, id2label, text_encoder)
         transformer.fuse_lora()
         transformer.unload_lora()
     return transformer.eval()
@@ -1747,8 +1793,8 @@ def peak_learning_rate(args: argparse.Namespace, total_batch_size: int) -> float
     return args.learning_rate
 
 
-def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, learning_rate: float):
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+def create_optimizer(models: list[torch.nn.Module], args: argparse.Namespace, learning_rate: float):
+    parameters = [parameter for model in models for parameter in model.parameters() if parameter.requires_grad]
     optimizer_class = torch.optim.AdamW
     if args.use_8bit_adam:  # checked to import with the arguments
         import bitsandbytes
@@ -1779,11 +1825,13 @@ def build_models(
     return model.train(), ema_model, ema
 
 
-def create_conditioning(data: TrainingData, text_components: dict, model, device):
+def create_conditioning(data: TrainingData, text_components: dict, model, device, text_encoder=None):
+    """`text_encoder`: the text encoder as prepared by accelerate (when it trains a LoRA), else the frozen one."""
     if not data.text:
         return ClassConditioning(model.null_class_label)
-    text_components["text_encoder"].to(device)
-    return TextConditioning(**text_components)
+    trainable = text_encoder is not None
+    text_encoder = text_encoder if trainable else text_components["text_encoder"].to(device)
+    return TextConditioning(text_encoder, text_components["tokenizer"], device=device, trainable=trainable)
 
 
 def create_train_dataloader(tokens: dict, data: TrainingData, args: argparse.Namespace) -> DataLoader:
@@ -1924,10 +1972,13 @@ def save_outputs(run: TrainingRun, data: TrainingData) -> None:
     args, accelerator = run.args, run.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        transformer = final_transformer(
-            run.model, run.ema_model, args, accelerator, run.pipeline_parts[1].get("id2label")
-        )
-        pipeline = make_pipeline(transformer, *run.pipeline_parts)
+        components, settings = run.pipeline_parts
+        text_encoder = components.get("text_encoder") if args.train_text_encoder else None
+        transformer = final_transformer(run.model, run.ema_model, args, accelerator, settings.get("id2label"),
+                                        text_encoder)  # fmt: skip
+        if text_encoder is not None:
+            components = {**components, "text_encoder": fused_text_encoder(text_encoder, args)}
+        pipeline = make_pipeline(transformer, components, settings)
         pipeline.save_pretrained(args.output_dir)
         repo_id = run.hub_repo_id or Path(args.output_dir).resolve().name
         summary = training_summary(args, data, run.progress.global_step)
@@ -1989,21 +2040,29 @@ def main(argv: list[str] | None = None) -> None:
     vqvae = load_vqvae(args).to(accelerator.device)
     tokens = load_or_build_token_cache(vqvae, data, args, accelerator)
     model, ema_model, ema = build_models(args, config, accelerator.device, class_plan)
-    conditioning = create_conditioning(data, text_components, model, accelerator.device)
+    trained = [model]
+    if args.train_text_encoder:
+        add_text_encoder_lora(text_components["text_encoder"], args)
+        trained.append(text_components["text_encoder"])
     dataloader = create_train_dataloader(tokens, data, args)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     learning_rate = peak_learning_rate(args, total_batch_size)
-    optimizer = create_optimizer(model, args, learning_rate)
+    optimizer = create_optimizer(trained, args, learning_rate)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
-    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
+    model = trained[0]
+    text_encoder = trained[1] if args.train_text_encoder else None
+    conditioning = create_conditioning(
+        data, text_components, accelerator.unwrap_model(model), accelerator.device, text_encoder
+    )
     progress = TrainingProgress()
     for state in (progress, ema):  # saved and restored with the checkpoints
         if state is not None:

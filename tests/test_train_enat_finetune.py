@@ -117,6 +117,10 @@ NEW_CLASS_ERRORS = {
     ),
     "8-bit adam without bitsandbytes": (["--use_8bit_adam"], "--use_8bit_adam needs bitsandbytes"),
     "lora dropout": (["--lora_rank", "4", "--lora_dropout", "1.5"], r"--lora_dropout must be in \[0, 1\)"),
+    "text encoder lora on class data": (
+        ["--lora_rank", "4", "--train_text_encoder"],
+        "--train_text_encoder trains a text encoder LoRA: it needs --lora_rank and text data",
+    ),
     "lora options without a rank": (["--lora_alpha", "8"], "--lora_alpha configure LoRA: add --lora_rank"),
     "lora target": (["--lora_rank", "4", "--lora_target_modules", "fc1"], r"\['fc1'\] match no linear layer"),
 }
@@ -299,3 +303,43 @@ def test_dataset_columns_labels_and_cache_identity(assets, tmp_path):
     changed = train_enat.list_training_data(_args(dataset_name=str(tmp_path / "ds2"), label_column="kind"))
     assert train_enat.token_cache_path(key_args, changed, vqvae) != key
     assert Image.open(changed.open_image(5)).convert("RGB").tobytes() == images[5].tobytes()
+
+
+def test_text_encoder_lora_is_trained_saved_and_fused(assets, tmp_path):
+    pytest.importorskip("peft")
+    from peft import inject_adapter_in_model
+    from peft.utils import set_peft_model_state_dict
+
+    data = ["--caption_data_dir", assets.captions, "--pretrained_model_name_or_path", assets.text_pipeline]
+    lora = ["--lora_rank", 4, "--train_text_encoder", "--learning_rate", 1e-2]
+    train_enat.main(data + common_args(tmp_path, 3, *lora))
+    out = tmp_path / "out"
+    tensors = load_file(out / train_enat.LORA_WEIGHT_NAME)
+    with safe_open(str(out / train_enat.LORA_WEIGHT_NAME), framework="pt") as handle:
+        config = json.loads(handle.metadata()["lora_adapter_metadata"])
+    text_keys = {key.removeprefix("text_encoder."): value for key, value in tensors.items()
+                 if key.startswith("text_encoder.")}  # fmt: skip
+    assert text_keys and any(key.startswith("transformer.") for key in tensors)
+    assert {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in text_keys} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+    }
+    assert any(value.abs().sum() > 0 for key, value in text_keys.items() if "lora_B" in key)
+    assert config["text_encoder.r"] == 4 and config["transformer.r"] == 4
+
+    # the saved text encoder is the base one with the adapter of the file merged in, and has no LoRA layers
+    pipe = DiffusionPipeline.from_pretrained(out)
+    base = DiffusionPipeline.from_pretrained(assets.text_pipeline).text_encoder
+    assert not any("lora" in key for key in pipe.text_encoder.state_dict())
+    args = train_enat.parse_args(data + common_args(tmp_path, 1, *lora))
+    inject_adapter_in_model(train_enat.lora_config(args, train_enat.TEXT_ENCODER_LORA_TARGET_MODULES), base)
+    set_peft_model_state_dict(base, text_keys)
+    expected = train_enat.fused_text_encoder(base, args)
+    original = DiffusionPipeline.from_pretrained(assets.text_pipeline).text_encoder.state_dict()
+    saved = pipe.text_encoder.state_dict()
+    for key, value in saved.items():
+        torch.testing.assert_close(value, expected.state_dict()[key], msg=key)
+    assert any(not torch.equal(saved[key], original[key]) for key in saved if key.endswith("q_proj.weight"))
+    assert pipe("a red tile", num_inference_steps=2).images[0].size == (8, 8)
