@@ -2,9 +2,10 @@
 
 The new classes ("rotated one", ...) replace the ten digits (`--new_classes replace`, embeddings start from the mean
 of the old ones). A scikit-learn SVC trained on upright and rotated digits (20 classes, chance 5%) must recognise the
-samples of each new class as that rotated digit. Measured on a 2-core machine shared with other jobs (load ~8), one
-thread: 150 full fine-tuning steps (batch 32) train in 35 s and reach 0.72 overall (per class 0.64-0.88; 0.08 of
-the samples look like upright digits); the thresholds below leave room for other torch builds and seeds. The opt-in
+samples of each new class as that rotated digit. Measured on a 2-core machine shared with other jobs (load 7-9), one
+thread: 150 full fine-tuning steps (batch 32) take 14-35 s for the whole test, depending on the load, and reach 0.72
+overall (per class 0.64-0.88; 0.08 of the samples look like upright digits); the thresholds below leave room for
+other torch builds and seeds. The opt-in
 variant (ENAT_RUN_SLOW=1) trains a LoRA adapter with the new class embeddings (measured numbers in its docstring).
 """
 
