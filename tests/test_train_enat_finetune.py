@@ -2,6 +2,7 @@
 the LoRA file format, and 🤗 datasets input. Tiny data and models from test_train_enat (CPU, offline)."""
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -343,3 +344,25 @@ def test_text_encoder_lora_is_trained_saved_and_fused(assets, tmp_path):
         torch.testing.assert_close(value, expected.state_dict()[key], msg=key)
     assert any(not torch.equal(saved[key], original[key]) for key in saved if key.endswith("q_proj.weight"))
     assert pipe("a red tile", num_inference_steps=2).images[0].size == (8, 8)
+
+
+def test_8bit_adam_uses_bitsandbytes_adamw8bit(assets, tmp_path, monkeypatch):
+    """bitsandbytes is not installed on the test machines: a stand-in module records that its AdamW8bit is used."""
+    import importlib.machinery
+    import types
+
+    created = []
+
+    class AdamW8bit(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            created.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    module = types.ModuleType("bitsandbytes")
+    module.__spec__ = importlib.machinery.ModuleSpec("bitsandbytes", None)
+    module.optim = types.SimpleNamespace(AdamW8bit=AdamW8bit)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", module)
+    train_enat.main(
+        _finetune_args(assets, tmp_path, 1, "--new_classes", "replace", "--use_8bit_adam", "--adam_weight_decay", 0.05)
+    )
+    assert len(created) == 1 and created[0]["weight_decay"] == 0.05
