@@ -3,7 +3,8 @@
 
 The same script runs on one GPU, several GPUs or several machines: `accelerate launch` decides, the code does not
 change. Images are tokenized once with the frozen MaskGIT VQ model into a token cache (`--cache_dir`); training then
-reads only token ids. The recipe follows the paper (see SPEC.md, "Training recipe"): mask ratio ~ Beta(12, 3) (one
+reads only token ids. The recipe follows the ENAT paper (arXiv:2411.06959, its training details and appendix; README.md,
+"Training", lists the settings): mask ratio ~ Beta(12, 3) (one
 per batch), cross-entropy with label smoothing 0.1 on the masked tokens only, feature-reuse training (with probability
 `--reuse_prob`, a "previous step" with more masked tokens goes through the EMA model, and the trained model gets its
 reuse state), conditions dropped to the null class (class data) or the empty prompt (text data) with probability
@@ -47,11 +48,16 @@ the VQ model and the text encoder when the config leaves them out):
     # resume: the same command plus
         --resume_from_checkpoint latest          # or a checkpoint folder, e.g. enat-l-256/checkpoint-5000
 
-    # LoRA fine-tuning of a converted pipeline on your own classes (one subfolder per class)
+    # teach a converted class-conditional pipeline your own classes (one subfolder per class) with LoRA; the class
+    # embedding is resized to the new classes (+ null) and trained too; leave out --lora_rank for full fine-tuning
     accelerate launch examples/train_enat.py \
         --pretrained_model_name_or_path enat-l-256 --train_data_dir my_classes --resolution 256 --random_flip \
-        --lora_rank 16 --learning_rate 1e-4 --lr_warmup_steps 100 --max_train_steps 2000 \
+        --new_classes replace --lora_rank 16 --learning_rate 1e-4 --lr_warmup_steps 100 --max_train_steps 2000 \
         --train_batch_size 32 --mixed_precision bf16 --output_dir enat-l-256-lora
+
+    # a 🤗 dataset (Hub id, local data files, `save_to_disk` folder, or `imagefolder` with --train_data_dir)
+    accelerate launch examples/train_enat.py --dataset_name USER/DATASET --image_column image --label_column label \
+        --pretrained_model_name_or_path enat-l-256 --new_classes replace ...
 
     # text-to-image on COCO (one sample per caption) or on a folder of images with same-name .txt captions
     accelerate launch --multi_gpu --num_processes 8 examples/train_enat.py \
@@ -64,15 +70,22 @@ the VQ model and the text encoder when the config leaves them out):
 
 At the end, `--output_dir` holds a diffusers pipeline folder (EMA weights; LoRA fused into the weights) that loads
 with `DiffusionPipeline.from_pretrained(output_dir)` after `import enat_diffusers`, plus `training_log.jsonl` (loss
-and lr per optimizer step), `checkpoint-*` folders, `validation/*.png` grids and, for LoRA, the adapter alone in
-`pytorch_lora_weights.safetensors` (keys prefixed `transformer.`: `transformer.load_lora_adapter(output_dir,
-weight_name="pytorch_lora_weights.safetensors")`). LoRA runs keep no EMA: the adapter weights themselves are saved,
-and the reuse "previous step" comes from the trained model (no grad, eval mode). `--push_to_hub` writes the ENAT
-model card (README.md) and uploads the folder without the checkpoints and tracker logs.
+and lr per optimizer step), `checkpoint-*` folders, `validation/*.png` grids (one labelled row per class or prompt,
+upscaled), a model card (README.md: base model, data, method) and, for LoRA, the adapter alone in
+`pytorch_lora_weights.safetensors` (keys prefixed `transformer.`, the LoRA config in diffusers' `lora_adapter_metadata`,
+and with --new_classes the resized `transformer.class_embedding.weight` and the class names in `id2label` metadata), for
+the pipelines' `load_lora_weights`. LoRA runs keep no EMA: the adapter weights themselves are saved, and the reuse
+"previous step" comes from the trained model (no grad, eval mode). `--push_to_hub` creates the Hub repo at start-up
+and uploads the folder at the end without the checkpoints and tracker logs.
 
 The token cache holds token ids only (int16, per image; with `--random_flip` also of the mirrored image); labels and
-captions come from the data listing, which is cheap. Its file name is a hash of the image paths, the resolution,
-`--random_flip` and the VQ model's config and weights, so a change of any of them builds a new cache. Captions are
+captions come from the data listing, which is cheap. Its file name is a hash of the image files (path, size and
+modification time of each), the resolution, `--random_flip` and the VQ model's config and weights, so a change of any
+of them builds a new cache.
+
+After a crash: checkpoints are complete or absent (written as `checkpoint-N.partial`, renamed when complete; older
+ones are pruned only then), the token cache is complete or absent, `--resume_from_checkpoint latest` redoes the steps
+after the newest checkpoint (the log keeps one line per step) and, after the last step, trains nothing. Captions are
 encoded by the frozen text encoder at every step (no grad); a dropped caption is the empty prompt.
 """
 
@@ -83,11 +96,14 @@ import csv
 import hashlib
 import importlib.util
 import inspect
+import io
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +117,9 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.utils import make_image_grid
-from PIL import Image
+from diffusers.training_utils import EMAModel
+from huggingface_hub.errors import HfHubHTTPError
+from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
@@ -116,16 +133,31 @@ from enat_diffusers import (
     MaskGITVQModel,
     encode_text,
 )
+from enat_diffusers.demo import resolve_pretrained_location
+from enat_diffusers.script_utils import add_deprecated_flag, require_optional
 
 logger = get_logger(__name__, log_level="INFO")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LORA_TARGET_MODULES = ["to_q", "to_kv", "to_kv_context", "to_out"]
+TEXT_ENCODER_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP / BERT-style attention
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRAINING_LOG = "training_log.jsonl"
 PAPER_TOTAL_BATCH_SIZE = 2048
-TOKEN_CACHE_VERSION = 1
+TOKEN_CACHE_VERSION = 2  # 2: the key covers each image file's size and modification time
 IGNORE_INDEX = -100
+CHECKPOINT_PREFIX = "checkpoint-"
+PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; renamed to checkpoint-N once complete
+DEPRECATED_FLAGS_REMOVED_IN = "0.3.0"
+VALIDATION_CELL_SIZE = 128  # validation images are upscaled (nearest neighbour) to at least this many pixels
+VALIDATION_LABEL_HEIGHT = 16  # the band above each grid row that names its class or prompt
+# Errors of the Hub client: OSError covers connection, offline-mode and missing-token errors; the bases of
+# HfHubHTTPError add the HTTP library's own (httpx's ConnectError is no OSError).
+HUB_ERRORS = (OSError, *HfHubHTTPError.__bases__)
+
+
+class InputError(ValueError):
+    """A problem with the arguments or the data that one sentence explains (the command line prints no traceback)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -137,11 +169,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train an ENAT transformer (class- or text-conditional).")
     data = parser.add_argument_group("data")
     data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help='A 🤗 datasets dataset (pip install "enat-diffusers[train]"): a Hub id, a local folder of data files '
+        "or one written by `save_to_disk`, or a builder such as `imagefolder` (with --train_data_dir as its data_dir). "
+        "Class data with --label_column, text data with --caption_column. The token cache key reads the image bytes "
+        "(or file size and time) of every row once per start.",
+    )
+    data.add_argument("--dataset_config_name", type=str, default=None, help="The dataset's configuration name.")
+    data.add_argument("--dataset_split", type=str, default="train", help="The split of --dataset_name to train on.")
+    data.add_argument(
+        "--image_column",
+        type=str,
+        default=None,
+        help='--dataset_name: the image column (default: "image", else the first image column).',
+    )
+    data.add_argument(
+        "--caption_column",
+        type=str,
+        default=None,
+        help="--dataset_name: a column of captions (a string or a list of strings per row) -> text-conditional data.",
+    )
+    data.add_argument(
+        "--label_column",
+        type=str,
+        default=None,
+        help='--dataset_name: the class column (default: "label"): ClassLabel (its names become id2label), integer '
+        "ids, or strings (class names, ids in sorted order).",
+    )
+    data.add_argument(
         "--train_data_dir",
         type=str,
         default=None,
         help="Class-conditional data: a folder with one subfolder of images per class (class ids in "
-        "sorted folder-name order), or a flat image folder with --labels_file.",
+        "sorted folder-name order), or a flat image folder with --labels_file. With --dataset_name: the data_dir "
+        "passed to `datasets.load_dataset`.",
     )
     data.add_argument(
         "--labels_file",
@@ -179,7 +242,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache_dir",
         type=str,
         default=None,
-        help="Where the token cache is written and looked up (default: <HF_HOME>/enat_token_cache).",
+        help="Where the token cache is written and looked up (default: <HF_HOME>/enat_token_cache). A cache is "
+        "keyed by the image files (path, size, modification time), resolution, flips and VQ model; delete its file "
+        "to force a rebuild.",
     )
     data.add_argument("--tokenize_batch_size", type=int, default=64, help="Images per VQ encoder batch when caching.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Image-loading workers when caching.")
@@ -274,8 +339,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lora_rank",
         type=int,
         default=None,
-        help="Train a LoRA adapter of this rank (alpha = rank) on the attention projections of the "
-        "pretrained transformer instead of all weights.",
+        help="Train a LoRA adapter of this rank on the pretrained transformer instead of all weights (with "
+        "--new_classes, the resized class embedding is trained too).",
+    )
+    recipe.add_argument("--lora_alpha", type=float, default=None, help="LoRA scaling alpha (default: the rank).")
+    recipe.add_argument(
+        "--lora_target_modules",
+        type=str,
+        nargs="+",
+        default=LORA_TARGET_MODULES,
+        help=f"Module names that get LoRA layers (default: the attention projections {' '.join(LORA_TARGET_MODULES)}; "
+        "the feed-forward layers are ff.net.0.proj ff.net.2, the adaLN modulation adaln_modulation). A name matches "
+        "a module whose name is it or ends with '.' + it, as in peft.",
+    )
+    recipe.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch.")
+    recipe.add_argument(
+        "--train_text_encoder",
+        action="store_true",
+        help="Text data with --lora_rank: also train a LoRA adapter (same rank, alpha, dropout) on the text encoder's "
+        f"attention projections ({' '.join(TEXT_ENCODER_LORA_TARGET_MODULES)}); saved with `text_encoder.` keys in the "
+        "same file and fused into the saved text encoder.",
+    )
+    recipe.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="bitsandbytes' 8-bit AdamW (optimizer states in 8 bits; needs bitsandbytes and, in practice, a GPU).",
+    )
+
+    classes = parser.add_argument_group("new classes (fine-tuning a class-conditional model)")
+    classes.add_argument(
+        "--new_classes",
+        type=str,
+        default=None,
+        choices=["replace", "extend"],
+        help="Teach the pretrained model the classes of the data (names from the class folders or the label "
+        "column): `replace` resizes the class embedding to the data's classes (+ the null class); `extend` keeps "
+        "the pretrained classes and appends the data's classes whose names are not among them (a data class named "
+        "like a pretrained class trains that class). New rows start from --class_init; the null class keeps its "
+        "pretrained embedding; id2label is written with the new names.",
+    )
+    classes.add_argument(
+        "--class_init",
+        type=str,
+        nargs="+",
+        default=["mean"],
+        metavar="INIT",
+        help='How new class embeddings start: "mean" (the mean of the pretrained class embeddings, null class '
+        "excluded) and/or NEW=OLD pairs that copy a pretrained class (OLD: an id or a name), e.g. "
+        '--class_init "rotated seven=seven" "rotated one=1". A class without a pair starts from the pretrained class '
+        "of the same name, if there is one, else from the mean.",
     )
 
     validation = parser.add_argument_group("validation")
@@ -287,15 +399,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     validation.add_argument(
         "--validation_class_labels",
-        type=int,
+        type=str,
         nargs="+",
         default=None,
-        help="Class ids to generate (class data; default: the first four classes).",
+        help="Class ids or class names to generate (class data; default: the first four classes).",
     )
     validation.add_argument("--validation_prompts", type=str, nargs="+", default=None, help="Prompts (text data).")
-    validation.add_argument("--num_validation_images", type=int, default=4, help="Images per class id / prompt.")
-    validation.add_argument("--validation_inference_steps", type=int, default=None)
-    validation.add_argument("--validation_guidance_scale", type=float, default=None)
+    validation.add_argument("--num_validation_images", type=int, default=4, help="Images per class label / prompt.")
+    validation.add_argument(
+        "--validation_num_inference_steps", type=int, default=None, help="Default: the pipeline's default."
+    )
+    validation.add_argument(
+        "--validation_guidance_scale",
+        type=float,
+        default=None,
+        help="Classifier-free guidance scale as in diffusers (> 1: on). Default: the pipeline's default.",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", type=str, default="enat-model")
@@ -303,14 +422,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpointing_steps",
         type=int,
         default=1000,
-        help="Save the full training state (accelerator.save_state) every N steps.",
+        help="Save the full training state (accelerator.save_state) every N steps and at the last step. A checkpoint "
+        "is written as checkpoint-N.partial and renamed when complete, so a kill never leaves a checkpoint that "
+        "cannot be resumed.",
     )
     output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most N checkpoints.")
     output.add_argument(
         "--resume_from_checkpoint",
         type=str,
         default=None,
-        help='"latest" (the newest checkpoint in --output_dir, if any) or a checkpoint folder.',
+        help='"latest" (the newest complete checkpoint in --output_dir, if any) or a checkpoint folder. Steps after '
+        "the checkpoint run again (and replace their lines in training_log.jsonl); resuming a finished run trains "
+        "nothing and writes the same pipeline.",
     )
     output.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, under --output_dir.")
     output.add_argument("--report_to", type=str, default="none", help='"none", "tensorboard", "wandb" or "all".')
@@ -318,13 +441,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     output.add_argument("--push_to_hub", action="store_true", help="Upload --output_dir to the Hub at the end.")
     output.add_argument("--hub_model_id", type=str, default=None, help="Repo id (default: the output folder name).")
     output.add_argument("--hub_token", type=str, default=None)
+    add_deprecated_flag(
+        parser,
+        "--validation_inference_steps",
+        "--validation_num_inference_steps",
+        removed_in=DEPRECATED_FLAGS_REMOVED_IN,
+    )
     args = parser.parse_args(argv)
+    args.base_model = args.pretrained_model_name_or_path  # as given (e.g. demo:digits), for the model card
+    for flag in ("pretrained_model_name_or_path", "vqvae_model_name_or_path", "text_encoder_name_or_path"):
+        if getattr(args, flag):  # demo:NAME -> the packaged demo pipeline, as in every script
+            setattr(args, flag, resolve_pretrained_location(getattr(args, flag)))
     check_args(args)
     return args
 
 
 def _data_sources(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The class-conditional and text-conditional data flags that were given."""
+    if args.dataset_name:
+        other = ("labels_file", "coco_captions_json", "coco_images_dir", "caption_data_dir")
+        given = [flag for flag in other if getattr(args, flag)]
+        if given:
+            raise InputError(f"--dataset_name replaces {', '.join('--' + flag for flag in given)}; pass one source")
+        return ([], ["dataset_name"]) if args.caption_column else (["dataset_name"], [])
+    dataset_flags = [flag for flag in ("image_column", "caption_column", "label_column") if getattr(args, flag)]
+    if dataset_flags:
+        raise InputError(f"{', '.join('--' + flag for flag in dataset_flags)} name columns of --dataset_name")
     class_sources = [flag for flag in ("train_data_dir", "labels_file") if getattr(args, flag)]
     text_sources = [
         flag for flag in ("coco_captions_json", "coco_images_dir", "caption_data_dir") if getattr(args, flag)
@@ -335,47 +477,81 @@ def _data_sources(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 def _check_data_args(args: argparse.Namespace) -> None:
     class_sources, text_sources = _data_sources(args)
     if not class_sources and not text_sources:
-        raise ValueError(
-            "no training data: pass --train_data_dir (class-conditional, optionally with --labels_file), or "
-            "--coco_captions_json with --coco_images_dir, or --caption_data_dir (text-conditional)"
+        raise InputError(
+            "no training data: pass --dataset_name (a 🤗 dataset), --train_data_dir (class-conditional, optionally "
+            "with --labels_file), or --coco_captions_json with --coco_images_dir, or --caption_data_dir "
+            "(text-conditional)"
         )
     if class_sources and text_sources:
-        raise ValueError(
+        raise InputError(
             f"pass either class-conditional data (--train_data_dir/--labels_file) or text data, not both; got "
             f"{', '.join('--' + flag for flag in class_sources + text_sources)}"
         )
     if args.labels_file and not args.train_data_dir:
-        raise ValueError("--labels_file needs --train_data_dir (the folder its file names are relative to)")
+        raise InputError("--labels_file needs --train_data_dir (the folder its file names are relative to)")
     if bool(args.coco_captions_json) != bool(args.coco_images_dir):
-        raise ValueError("--coco_captions_json and --coco_images_dir go together")
+        raise InputError("--coco_captions_json and --coco_images_dir go together")
     if args.coco_captions_json and args.caption_data_dir:
-        raise ValueError("pass either --coco_captions_json/--coco_images_dir or --caption_data_dir, not both")
+        raise InputError("pass either --coco_captions_json/--coco_images_dir or --caption_data_dir, not both")
     if args.validation_prompts and class_sources:
-        raise ValueError(
+        raise InputError(
             "--validation_prompts is for text data; class-conditional runs take --validation_class_labels"
         )
     if args.validation_class_labels and text_sources:
-        raise ValueError("--validation_class_labels is for class data; text runs take --validation_prompts")
+        raise InputError("--validation_class_labels is for class data; text runs take --validation_prompts")
     if text_sources and args.validation_steps and not args.validation_prompts:
-        raise ValueError("--validation_steps on text data needs --validation_prompts")
+        raise InputError("--validation_steps on text data needs --validation_prompts")
 
 
 def _check_model_args(args: argparse.Namespace) -> None:
     if args.model_config and args.pretrained_model_name_or_path:
-        raise ValueError(
+        raise InputError(
             "pass either --model_config (a new transformer) or --pretrained_model_name_or_path (fine-tuning), not both"
         )
     if not args.model_config and not args.pretrained_model_name_or_path:
-        raise ValueError("pass --model_config (a new transformer) or --pretrained_model_name_or_path (fine-tuning)")
+        raise InputError("pass --model_config (a new transformer) or --pretrained_model_name_or_path (fine-tuning)")
     if not args.vqvae_model_name_or_path and not args.pretrained_model_name_or_path:
-        raise ValueError("pass --vqvae_model_name_or_path (or a --pretrained_model_name_or_path with a vqvae)")
+        raise InputError("pass --vqvae_model_name_or_path (or a --pretrained_model_name_or_path with a vqvae)")
+    lora_options = [flag for flag, default in (("lora_alpha", None), ("lora_dropout", 0.0),
+                    ("lora_target_modules", LORA_TARGET_MODULES)) if getattr(args, flag) != default]  # fmt: skip
+    if args.lora_rank is None and lora_options:
+        raise InputError(f"{', '.join('--' + flag for flag in lora_options)} configure LoRA: add --lora_rank")
     if args.lora_rank is not None:
         if not args.pretrained_model_name_or_path:
-            raise ValueError("--lora_rank fine-tunes a pretrained transformer: pass --pretrained_model_name_or_path")
+            raise InputError("--lora_rank fine-tunes a pretrained transformer: pass --pretrained_model_name_or_path")
         if args.lora_rank < 1:
-            raise ValueError(f"--lora_rank must be a positive integer, got {args.lora_rank}")
+            raise InputError(f"--lora_rank must be a positive integer, got {args.lora_rank}")
         if importlib.util.find_spec("peft") is None:
-            raise ValueError("--lora_rank needs peft: pip install peft")
+            raise InputError('--lora_rank needs peft: pip install "enat-diffusers[train]"')
+        if args.lora_alpha is not None and not args.lora_alpha > 0:
+            raise InputError(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+        if not 0 <= args.lora_dropout < 1:
+            raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.train_text_encoder and (args.lora_rank is None or not _data_sources(args)[1]):
+        raise InputError("--train_text_encoder trains a text encoder LoRA: it needs --lora_rank and text data")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(
+            "--use_8bit_adam needs bitsandbytes (8-bit optimizers, for CUDA GPUs): pip install bitsandbytes"
+        )
+    if args.new_classes:
+        if not args.pretrained_model_name_or_path:
+            raise InputError("--new_classes adds classes to a pretrained model: pass --pretrained_model_name_or_path")
+        parse_class_init(args.class_init)
+    elif args.class_init != ["mean"]:
+        raise InputError("--class_init sets the embeddings of new classes: it goes with --new_classes")
+
+
+def parse_class_init(values: list[str]) -> dict[str, str]:
+    """--class_init -> {new class name: pretrained class (id or name)}; "mean" (the default for the rest) is no pair."""
+    pairs = {}
+    for value in values:
+        if value == "mean":
+            continue
+        new, separator, old = value.partition("=")
+        if not separator or not new.strip() or not old.strip():
+            raise InputError(f'--class_init takes "mean" or NEW=OLD pairs (e.g. "rotated seven=seven"), got {value!r}')
+        pairs[new.strip()] = old.strip()
+    return pairs
 
 
 def _check_number_args(args: argparse.Namespace) -> None:
@@ -389,34 +565,34 @@ def _check_number_args(args: argparse.Namespace) -> None:
         "num_validation_images",
     ):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+            raise InputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
     for flag in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+            raise InputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
     if args.lr_warmup_steps < 0 or args.dataloader_num_workers < 0:
-        raise ValueError("--lr_warmup_steps and --dataloader_num_workers must be >= 0")
+        raise InputError("--lr_warmup_steps and --dataloader_num_workers must be >= 0")
     if not 0 <= args.reuse_prob <= 1:
-        raise ValueError(f"--reuse_prob must be in [0, 1], got {args.reuse_prob}")
+        raise InputError(f"--reuse_prob must be in [0, 1], got {args.reuse_prob}")
     for flag in ("cond_drop_prob", "label_smoothing", "ema_decay"):
         if not 0 <= getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
+            raise InputError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
     if min(args.mask_ratio_beta) <= 0:
-        raise ValueError(f"--mask_ratio_beta needs two positive numbers, got {args.mask_ratio_beta}")
+        raise InputError(f"--mask_ratio_beta needs two positive numbers, got {args.mask_ratio_beta}")
     if not args.learning_rate > 0:
-        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
+        raise InputError(f"--learning_rate must be > 0, got {args.learning_rate}")
 
 
 def _check_output_args(args: argparse.Namespace) -> None:
     report_to = args.report_to
     needed = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": [], "none": []}
     if report_to not in needed:
-        raise ValueError(f"--report_to must be one of {sorted(needed)}, got {report_to!r}")
+        raise InputError(f"--report_to must be one of {sorted(needed)}, got {report_to!r}")
     missing = [package for package in needed[report_to] if importlib.util.find_spec(package) is None]
     if missing:
-        raise ValueError(f"--report_to {report_to} needs {missing[0]}: pip install {missing[0]}")
+        raise InputError(f"--report_to {report_to} needs {missing[0]}: pip install {missing[0]}")
     resume = args.resume_from_checkpoint
     if resume and resume != "latest" and _checkpoint_path(args) is None:
-        raise ValueError(f"--resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder")
+        raise InputError(f"--resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -436,11 +612,19 @@ def check_args(args: argparse.Namespace) -> None:
 class TrainingData:
     """The samples of a run. Images are listed once; several samples (captions) may share an image."""
 
-    image_paths: list[str]
+    image_paths: list[str]  # image files, or for a 🤗 dataset a name per row ("dataset[split][row]")
     image_index: list[int]  # per sample: its image in `image_paths`
     conditions: list  # per sample: a class id (int) or a caption (str)
     text: bool
     id2label: dict[int, str] | None = None
+    image_rows: object = None  # a 🤗 dataset: its image column alone, undecoded ({"bytes", "path"} per row)
+
+    def open_image(self, index: int):
+        """What `Image.open` takes for image `index`: a file path or a file-like object."""
+        if self.image_rows is None:
+            return self.image_paths[index]
+        entry = next(iter(self.image_rows[index].values()))
+        return io.BytesIO(entry["bytes"]) if entry.get("bytes") else entry["path"]
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -452,27 +636,35 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _require_dir(path: str, flag: str) -> Path:
     if not os.path.isdir(path):
-        raise ValueError(f"--{flag} {path!r} is not a folder")
+        raise InputError(f"--{flag} {path!r} is not a folder")
     return Path(path)
 
 
 def _require_files(paths: list[Path], flag: str) -> None:
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
-        raise ValueError(f"{len(missing)} image(s) named by --{flag} do not exist, e.g. {missing[:3]}")
+        raise InputError(f"{len(missing)} image(s) named by --{flag} do not exist, e.g. {missing[:3]}")
 
 
 def list_class_folders(root: Path) -> TrainingData:
     class_dirs = sorted(path for path in root.iterdir() if path.is_dir())
     if not class_dirs:
-        raise ValueError(
+        raise InputError(
             f"--train_data_dir {str(root)!r} has no class subfolders; give one subfolder per class or a --labels_file"
         )
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for label, class_dir in enumerate(class_dirs):
         files = _image_files(class_dir)
         paths += [str(path) for path in files]
         labels += [label] * len(files)
+        if not files:
+            empty.append(class_dir.name)
+    if empty:
+        # A class without images would still get an id (and shift nothing), but it could never be learned.
+        raise InputError(
+            f"--train_data_dir {str(root)!r}: the class folder(s) {empty} hold no images "
+            f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)"
+        )
     id2label = {label: class_dir.name for label, class_dir in enumerate(class_dirs)}
     return TrainingData(paths, list(range(len(paths))), labels, text=False, id2label=id2label)
 
@@ -482,14 +674,14 @@ def _read_labels_file(labels_file: str) -> dict[str, object]:
         with open(labels_file) as handle:
             mapping = json.load(handle)
         if not isinstance(mapping, dict):
-            raise ValueError(f"--labels_file {labels_file!r} must hold a json object {{file_name: label}}")
+            raise InputError(f"--labels_file {labels_file!r} must hold a json object {{file_name: label}}")
         return mapping
     with open(labels_file, newline="") as handle:
         rows = [row for row in csv.reader(handle) if row]
     if rows and not rows[0][-1].strip().lstrip("-").isdigit():
         rows = rows[1:]  # a header row
     if any(len(row) != 2 for row in rows):
-        raise ValueError(f"--labels_file {labels_file!r}: every csv row must be `file_name,label`")
+        raise InputError(f"--labels_file {labels_file!r}: every csv row must be `file_name,label`")
     return {name.strip(): label.strip() for name, label in rows}
 
 
@@ -499,9 +691,9 @@ def list_labeled_images(root: Path, labels_file: str) -> TrainingData:
     try:
         labels = [int(mapping[name]) for name in names]
     except (TypeError, ValueError) as error:
-        raise ValueError(f"--labels_file {labels_file!r}: labels must be integers ({error})") from None
+        raise InputError(f"--labels_file {labels_file!r}: labels must be integers ({error})") from None
     if any(label < 0 for label in labels):
-        raise ValueError(f"--labels_file {labels_file!r}: labels must be >= 0")
+        raise InputError(f"--labels_file {labels_file!r}: labels must be >= 0")
     paths = [root / name for name in names]
     _require_files(paths, "labels_file")
     return TrainingData([str(path) for path in paths], list(range(len(paths))), labels, text=False)
@@ -514,13 +706,13 @@ def list_coco_captions(captions_json: str, images_dir: Path) -> TrainingData:
         files = {image["id"]: image["file_name"] for image in coco["images"]}
         pairs = [(annotation["image_id"], annotation["caption"].strip()) for annotation in coco["annotations"]]
     except (KeyError, TypeError) as error:
-        raise ValueError(
+        raise InputError(
             f"--coco_captions_json {captions_json!r} is not a COCO captions file (missing {error})"
         ) from None
     image_ids = sorted({image_id for image_id, _ in pairs})
     unknown = [image_id for image_id in image_ids if image_id not in files]
     if unknown:
-        raise ValueError(f"--coco_captions_json: captions refer to unknown image ids, e.g. {unknown[:3]}")
+        raise InputError(f"--coco_captions_json: captions refer to unknown image ids, e.g. {unknown[:3]}")
     position = {image_id: index for index, image_id in enumerate(image_ids)}
     paths = [images_dir / files[image_id] for image_id in image_ids]
     _require_files(paths, "coco_images_dir")
@@ -542,12 +734,79 @@ def list_caption_folder(root: Path) -> TrainingData:
         captions += lines
         paths.append(str(path))
     if missing:
-        raise ValueError(f"--caption_data_dir: {len(missing)} image(s) have no caption file, e.g. {missing[:3]}")
+        raise InputError(f"--caption_data_dir: {len(missing)} image(s) have no caption file, e.g. {missing[:3]}")
     return TrainingData(paths, image_index, captions, text=True)
 
 
+def _load_dataset(args: argparse.Namespace):
+    datasets = require_optional("datasets", "train", "--dataset_name")
+    name = args.dataset_name
+    try:
+        if os.path.isdir(name) and any(
+            os.path.isfile(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json")
+        ):
+            loaded = datasets.load_from_disk(name)
+        else:
+            loaded = datasets.load_dataset(name, args.dataset_config_name, data_dir=args.train_data_dir)
+    except Exception as error:  # load_dataset reports a missing or unreachable dataset with many error types
+        message = (str(error).strip().splitlines() or [""])[0]
+        raise InputError(f"--dataset_name {name!r} cannot be loaded ({type(error).__name__}: {message})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if args.dataset_split not in loaded:
+            raise InputError(f"--dataset_split {args.dataset_split!r} is not a split of {name!r}: {sorted(loaded)}")
+        loaded = loaded[args.dataset_split]
+    return datasets, loaded
+
+
+def _dataset_column(features, flag: str, value: str | None, default: str | None, what: str) -> str:
+    column = value or default
+    if column not in features:
+        raise InputError(
+            f"--{flag} {column!r}: the dataset has no such column ({what}); its columns: {list(features)}"
+        )
+    return column
+
+
+def list_dataset(args: argparse.Namespace) -> TrainingData:
+    """A 🤗 dataset: images from --image_column, class labels from --label_column or captions from --caption_column."""
+    datasets, dataset = _load_dataset(args)
+    features = dataset.features
+    first_image = next((name for name, feature in features.items() if isinstance(feature, datasets.Image)), None)
+    image_column = _dataset_column(
+        features, "image_column", args.image_column, "image" if "image" in features else first_image, "images"
+    )
+    if not isinstance(features[image_column], datasets.Image):
+        raise InputError(f"--image_column {image_column!r} is a {type(features[image_column]).__name__}, not images")
+    rows = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    names = [f"{args.dataset_name}[{args.dataset_split}][{row}]" for row in range(len(dataset))]
+    if args.caption_column:
+        column = _dataset_column(features, "caption_column", args.caption_column, None, "captions")
+        image_index, captions = [], []
+        for row, value in enumerate(dataset[column]):
+            lines = [value] if isinstance(value, str) else list(value or [])
+            lines = [line.strip() for line in lines if isinstance(line, str) and line.strip()]
+            image_index += [row] * len(lines)
+            captions += lines
+        return TrainingData(names, image_index, captions, text=True, image_rows=rows)
+    column = _dataset_column(features, "label_column", args.label_column, "label", "class labels; or pass "
+                             "--caption_column for text data")  # fmt: skip
+    values, feature = dataset[column], features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        id2label = dict(enumerate(feature.names))
+    elif all(isinstance(value, str) for value in values):
+        id2label = dict(enumerate(sorted(set(values))))
+        values = [{name: i for i, name in id2label.items()}[value] for value in values]
+    elif all(isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in values):
+        id2label = None
+    else:
+        raise InputError(f"--label_column {column!r} must hold class ids (integers >= 0), class names or a ClassLabel")
+    return TrainingData(names, list(range(len(values))), list(values), text=False, id2label=id2label, image_rows=rows)
+
+
 def list_training_data(args: argparse.Namespace) -> TrainingData:
-    if args.labels_file:
+    if args.dataset_name:
+        data = list_dataset(args)
+    elif args.labels_file:
         data = list_labeled_images(_require_dir(args.train_data_dir, "train_data_dir"), args.labels_file)
     elif args.train_data_dir:
         data = list_class_folders(_require_dir(args.train_data_dir, "train_data_dir"))
@@ -556,7 +815,7 @@ def list_training_data(args: argparse.Namespace) -> TrainingData:
     else:
         data = list_caption_folder(_require_dir(args.caption_data_dir, "caption_data_dir"))
     if not len(data):
-        raise ValueError("the training data holds no samples (images with labels or captions)")
+        raise InputError("the training data holds no samples (images with labels or captions)")
     return data
 
 
@@ -565,10 +824,14 @@ def list_training_data(args: argparse.Namespace) -> TrainingData:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_image(path: str, resolution: int) -> torch.Tensor:
-    """RGB image, shorter side resized to `resolution`, center crop -> `(3, resolution, resolution)` in [-1, 1]."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+def load_image(source, resolution: int, name: str | None = None) -> torch.Tensor:
+    """RGB image (a path or a file-like `source`, called `name` in errors), shorter side resized to `resolution`,
+    center crop -> `(3, resolution, resolution)` in [-1, 1]."""
+    try:
+        with Image.open(source) as image:
+            image = image.convert("RGB")  # decodes: a truncated or damaged file fails here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(f"cannot read the image {name or source} ({error}); fix or remove it") from None
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
@@ -578,25 +841,46 @@ def load_image(path: str, resolution: int) -> torch.Tensor:
     return (pixels / 127.5 - 1.0).permute(2, 0, 1)
 
 
-class ImageFileDataset(Dataset):
-    def __init__(self, paths: list[str], resolution: int):
-        self.paths, self.resolution = paths, resolution
+class ImageDataset(Dataset):
+    """The images of the training data (files or 🤗 dataset rows), loaded for tokenization."""
+
+    def __init__(self, data: TrainingData, resolution: int):
+        self.data, self.resolution = data, resolution
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.data.image_paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        return index, load_image(self.paths[index], self.resolution)
+        return index, load_image(self.data.open_image(index), self.resolution, self.data.image_paths[index])
 
 
-def token_cache_path(args: argparse.Namespace, image_paths: list[str], vqvae: MaskGITVQModel) -> Path:
-    """The cache file: named by a hash of the image list, the resolution, flips and the VQ model (config + weights)."""
+def _image_identity(data: TrainingData):
+    """Bytes that change when an image changes: path, size and modification time of each file; for a 🤗 dataset the
+    bytes of each row's image (or its file's path, size and time)."""
+    if data.image_rows is None:
+        for path in data.image_paths:
+            stat = os.stat(path)
+            yield f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode()
+        return
+    for batch in data.image_rows.iter(batch_size=256):
+        for entry in next(iter(batch.values())):
+            if entry.get("bytes"):
+                yield hashlib.sha256(entry["bytes"]).digest()
+            else:
+                stat = os.stat(entry["path"])
+                yield f"{os.path.abspath(entry['path'])}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode()
+
+
+def token_cache_path(args: argparse.Namespace, data: TrainingData, vqvae: MaskGITVQModel) -> Path:
+    """The cache file: named by a hash of the image list (path, size and modification time of every file), the
+    resolution, flips and the VQ model (config + weights). An image replaced or edited in place gets a new size or
+    modification time and so a new cache; to force a rebuild otherwise, delete the file or pass another --cache_dir."""
     digest = hashlib.sha256()
     settings = {"version": TOKEN_CACHE_VERSION, "resolution": args.resolution, "random_flip": args.random_flip}
     settings["vq_config"] = {key: value for key, value in vqvae.config.items() if not key.startswith("_")}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for path in image_paths:
-        digest.update(os.path.abspath(path).encode() + b"\0")
+    for identity in _image_identity(data):
+        digest.update(identity)
     for name, tensor in vqvae.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -605,16 +889,17 @@ def token_cache_path(args: argparse.Namespace, image_paths: list[str], vqvae: Ma
 
 
 @torch.no_grad()
-def tokenize_images(vqvae: MaskGITVQModel, image_paths: list[str], args, accelerator: Accelerator) -> dict:
+def tokenize_images(vqvae: MaskGITVQModel, data: TrainingData, args, accelerator: Accelerator) -> dict:
     """Encodes every image (and its mirror image with --random_flip), split across processes; every process gets
     all token ids: `{"token_ids": (N, h, w)[, "flipped_token_ids": (N, h, w)]}` as int16 (int32 for large codebooks)."""
     side = args.resolution // vqvae.downsample_factor
     dtype = torch.int16 if vqvae.codebook_size <= torch.iinfo(torch.int16).max else torch.int32
     names = ["token_ids", "flipped_token_ids"] if args.random_flip else ["token_ids"]
-    tokens = {name: torch.zeros(len(image_paths), side, side, dtype=dtype) for name in names}
+    num_images = len(data.image_paths)
+    tokens = {name: torch.zeros(num_images, side, side, dtype=dtype) for name in names}
     # Padding gives every process the same number of equally sized batches, as `gather` needs.
-    with accelerator.split_between_processes(list(range(len(image_paths))), apply_padding=True) as shard:
-        dataset = Subset(ImageFileDataset(image_paths, args.resolution), shard)
+    with accelerator.split_between_processes(list(range(num_images)), apply_padding=True) as shard:
+        dataset = Subset(ImageDataset(data, args.resolution), shard)
     loader = DataLoader(dataset, batch_size=args.tokenize_batch_size, num_workers=args.dataloader_num_workers)
     for indices, images in tqdm(loader, desc="Tokenizing", disable=not accelerator.is_local_main_process):
         images = images.to(accelerator.device)
@@ -632,12 +917,12 @@ def _exists_on_every_process(path: Path, accelerator: Accelerator) -> bool:
 
 
 def load_or_build_token_cache(vqvae: MaskGITVQModel, data: TrainingData, args, accelerator: Accelerator) -> dict:
-    path = token_cache_path(args, data.image_paths, vqvae)
+    path = token_cache_path(args, data, vqvae)
     if _exists_on_every_process(path, accelerator):
         logger.info(f"Using the token cache {path}")
         return load_file(path)
     logger.info(f"Tokenizing {len(data.image_paths)} images into {path}")
-    tokens = tokenize_images(vqvae, data.image_paths, args, accelerator)
+    tokens = tokenize_images(vqvae, data, args, accelerator)
     if accelerator.is_local_main_process:  # one writer per machine, in case the cache folder is not shared
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{accelerator.process_index}.partial")
@@ -697,7 +982,7 @@ def load_vqvae_config(args: argparse.Namespace) -> dict:
     name, subfolder = _vqvae_source(args)
     config = MaskGITVQModel.load_config(name, subfolder=subfolder, revision=args.revision)
     if config.get("_class_name", "MaskGITVQModel") != "MaskGITVQModel":
-        raise ValueError(f"the VQ model at {name!r} is a {config['_class_name']}, not a MaskGITVQModel")
+        raise InputError(f"the VQ model at {name!r} is a {config['_class_name']}, not a MaskGITVQModel")
     return config
 
 
@@ -744,30 +1029,36 @@ def _read_model_config(model_config: str) -> dict:
             return json.load(handle)
     if model_config in ENAT_PRESETS:
         return dict(ENAT_PRESETS[model_config])
-    raise ValueError(
+    raise InputError(
         f"--model_config {model_config!r} must be a json file of transformer config kwargs or a preset name "
         f"({', '.join(ENAT_PRESETS)})"
     )
 
 
 def transformer_config(
-    args: argparse.Namespace, vq_config: dict, data: TrainingData, text_dims: tuple[int, int | None] | None
+    args: argparse.Namespace,
+    vq_config: dict,
+    data: TrainingData,
+    text_dims: tuple[int, int | None] | None,
+    class_plan: "ClassPlan | None" = None,
 ) -> dict:
     """The transformer config, with sample_size, codebook_size, num_classes (class data) or text_embed_dim and
     pooled_text_embed_dim (text data) filled in from the VQ model, the data and the text encoder for a new model, and
-    checked against them."""
+    checked against them. A pretrained model's num_classes is that of `class_plan` (--new_classes)."""
     if args.pretrained_model_name_or_path:
         config = dict(
             ENATTransformer2DModel.load_config(
                 args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision
             )
         )
+        if class_plan is not None:
+            config["num_classes"] = class_plan.num_classes
     else:
         config = _read_model_config(args.model_config)
         accepted = set(inspect.signature(ENATTransformer2DModel.__init__).parameters) - {"self"}
         unknown = sorted(key for key in config if key not in accepted and not key.startswith("_"))
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"--model_config has unknown keys {unknown}; ENATTransformer2DModel takes {sorted(accepted)}"
             )
         config.setdefault("sample_size", args.resolution // vq_downsample_factor(vq_config))
@@ -793,13 +1084,13 @@ def _config_values(config: dict) -> dict:
 def check_text_dims(config: dict, text_dims: tuple[int, int | None]) -> None:
     value = _config_values(config)
     if value["text_embed_dim"] != text_dims[0]:
-        raise ValueError(
+        raise InputError(
             f"the transformer's text_embed_dim ({value['text_embed_dim']}) differs from the text encoder's hidden "
             f"width ({text_dims[0]})"
         )
     pooled = value["pooled_text_embed_dim"]
     if pooled is not None and pooled != text_dims[1]:
-        raise ValueError(
+        raise InputError(
             f"the transformer's pooled_text_embed_dim ({pooled}) differs from the text encoder's pooled width "
             f"({text_dims[1]})"
         )
@@ -809,26 +1100,130 @@ def check_transformer_config(config: dict, args: argparse.Namespace, vq_config: 
     value = _config_values(config)
     factor = vq_downsample_factor(vq_config)
     if args.resolution // factor != value["sample_size"]:
-        raise ValueError(
+        raise InputError(
             f"--resolution {args.resolution} gives a {args.resolution // factor}x{args.resolution // factor} token grid "
             f"with this VQ model (factor {factor}), but the transformer's sample_size is {value['sample_size']}"
         )
     if value["codebook_size"] != vq_config["num_vq_embeddings"]:
-        raise ValueError(
+        raise InputError(
             f"the transformer's codebook_size ({value['codebook_size']}) differs from the VQ model's "
             f"num_vq_embeddings ({vq_config['num_vq_embeddings']})"
         )
     if data.text and value["text_embed_dim"] is None:
-        raise ValueError("text data needs a text-conditioned transformer (text_embed_dim set, num_classes None)")
+        raise InputError("text data needs a text-conditioned transformer (text_embed_dim set, num_classes None)")
     if not data.text:
         if value["num_classes"] is None or max(data.conditions) >= value["num_classes"]:
-            raise ValueError(
+            raise InputError(
                 f"the data has labels up to {max(data.conditions)}, but the transformer has num_classes="
                 f"{value['num_classes']}"
+                + (
+                    "; to train other classes, pass --new_classes replace or extend"
+                    if args.pretrained_model_name_or_path
+                    else ""
+                )  # fmt: skip
             )
-        bad = [label for label in args.validation_class_labels or [] if not 0 <= label < value["num_classes"]]
+        bad = [label for label in args.validation_class_labels or [] if label.isdigit() and
+               not 0 <= int(label) < value["num_classes"]]  # fmt: skip
         if bad:
-            raise ValueError(f"--validation_class_labels must be in [0, {value['num_classes'] - 1}], got {bad}")
+            raise InputError(f"--validation_class_labels must be in [0, {value['num_classes'] - 1}], got {bad}")
+
+
+def class_names(id2label: dict | None) -> dict[str, int]:
+    """Every name (comma-separated synonyms of `id2label`) -> its class id."""
+    return {
+        name.strip(): int(class_id)
+        for class_id, names in (id2label or {}).items()
+        for name in str(names).split(",")
+        if name.strip()
+    }
+
+
+def resolve_validation_class_labels(labels: list[str] | None, id2label: dict | None) -> list[int] | None:
+    """--validation_class_labels as class ids: ids stay, names are looked up in the class names of the run."""
+    if not labels:
+        return None
+    names = class_names(id2label)
+    unknown = [label for label in labels if not label.isdigit() and label not in names]
+    if unknown:
+        known = f"known names: {sorted(names)[:20]}" if names else "this run has no class names: use class ids"
+        raise InputError(f"--validation_class_labels {unknown} are neither class ids nor class names ({known})")
+    return [int(label) if label.isdigit() else names[label] for label in labels]
+
+
+@dataclass
+class ClassPlan:
+    """How --new_classes turns the pretrained class embedding into the run's."""
+
+    num_classes: int
+    id2label: dict[int, str]
+    sources: list[int | None]  # per class of the new model: the pretrained class whose row it starts from, or None
+    data_ids: list[int]  # per class of the data (its label): the class id in the new model
+
+
+def _pretrained_class(value: str, names: dict[str, int], num_classes: int) -> int:
+    class_id = int(value) if value.isdigit() else names.get(value)
+    if class_id is None or not 0 <= class_id < num_classes:
+        raise InputError(
+            f"--class_init: {value!r} is not a class of the pretrained model (ids 0..{num_classes - 1} or names "
+            f"such as {sorted(names)[:5]})"
+        )
+    return class_id
+
+
+def plan_new_classes(args: argparse.Namespace, data: TrainingData, num_classes: int, id2label: dict | None):
+    """The classes of the fine-tuned model (--new_classes) and where each class embedding row starts from: an explicit
+    --class_init pair, else the pretrained class of the same name, else the mean of the pretrained classes."""
+    if data.text:
+        raise InputError("--new_classes is for class-conditional data, not captions")
+    if not data.id2label:
+        raise InputError(
+            "--new_classes needs class names: one folder per class (--train_data_dir) or a --label_column with names"
+        )
+    if num_classes is None:
+        raise InputError("--new_classes needs a class-conditional pretrained transformer (num_classes is not set)")
+    names = class_names(id2label)
+    pairs = parse_class_init(args.class_init)
+    data_names = [data.id2label[label] for label in sorted(data.id2label)]
+    unknown = sorted(set(pairs) - set(data_names))
+    if unknown:
+        raise InputError(f"--class_init names {unknown}, which are not classes of the data ({data_names[:10]})")
+
+    def source(name: str) -> int | None:
+        if name in pairs:
+            return _pretrained_class(pairs[name], names, num_classes)
+        return names.get(name)
+
+    if args.new_classes == "replace":
+        new_id2label = dict(enumerate(data_names))
+        sources = [source(name) for name in data_names]
+        data_ids = list(range(len(data_names)))
+    else:  # extend: pretrained classes keep their ids (and rows); unknown names are appended
+        new_id2label = {int(key): str(value) for key, value in (id2label or {}).items()}
+        new_id2label.update(
+            {class_id: str(class_id) for class_id in range(num_classes) if class_id not in new_id2label}
+        )
+        sources, data_ids = list(range(num_classes)), []
+        for name in data_names:
+            if name in names and name not in pairs:
+                data_ids.append(names[name])
+                continue
+            data_ids.append(len(sources))
+            new_id2label[len(sources)] = name
+            sources.append(source(name) if name in pairs else None)
+    return ClassPlan(len(sources), new_id2label, sources, data_ids)
+
+
+@torch.no_grad()
+def resize_class_embedding(model: ENATTransformer2DModel, plan: ClassPlan) -> None:
+    """Gives `model` the classes of `plan`: a class embedding of `plan.num_classes` + 1 rows (rows copied from
+    pretrained classes or the mean of them; the null class row last, unchanged) and `num_classes` in its config."""
+    old = model.class_embedding.weight
+    old_classes = model.config.num_classes
+    mean = old[:old_classes].mean(dim=0)
+    rows = [old[source] if source is not None else mean for source in plan.sources] + [old[old_classes]]
+    model.class_embedding = torch.nn.Embedding(len(rows), old.shape[1]).to(device=old.device, dtype=old.dtype)
+    model.class_embedding.weight.copy_(torch.stack(rows))
+    model.register_to_config(num_classes=plan.num_classes)
 
 
 def build_transformer(args: argparse.Namespace, config: dict) -> ENATTransformer2DModel:
@@ -839,26 +1234,73 @@ def build_transformer(args: argparse.Namespace, config: dict) -> ENATTransformer
     return ENATTransformer2DModel.from_config(config)
 
 
-def add_lora_adapter(model: ENATTransformer2DModel, rank: int) -> None:
-    """Freezes the transformer and adds a trainable LoRA adapter (alpha = rank) on the attention projections."""
+def check_lora_target_modules(targets: list[str], config: dict) -> None:
+    """Every --lora_target_modules name must match a linear layer (peft only fails when none matches)."""
+    with torch.device("meta"):  # the module names only: no memory, no initialisation cost
+        model = ENATTransformer2DModel.from_config(config)
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    unmatched = [t for t in targets if not any(name == t or name.endswith("." + t) for name in linear)]
+    if unmatched:
+        leaves = sorted({re.sub(r"^\w+\.\d+\.", "", name) for name in linear})  # without the block prefix
+        raise InputError(f"--lora_target_modules {unmatched} match no linear layer of the transformer; e.g. {leaves}")
+
+
+def lora_config(args: argparse.Namespace, target_modules: list[str]):
     from peft import LoraConfig
 
-    model.requires_grad_(False)
-    model.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES)
+    return LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha or args.lora_rank,
+        lora_dropout=args.lora_dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(target_modules),
     )
 
 
-def create_ema_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy in eval mode whose weights follow the trained ones (`update_ema`); saved with checkpoints."""
-    return copy.deepcopy(model).requires_grad_(False).eval()
+def add_text_encoder_lora(text_encoder, args: argparse.Namespace) -> None:
+    """A trainable LoRA adapter on the frozen text encoder's attention projections (--train_text_encoder)."""
+    from peft import inject_adapter_in_model  # (transformers' add_adapter wants a newer peft than the lora extra)
+
+    text_encoder.requires_grad_(False)
+    inject_adapter_in_model(lora_config(args, TEXT_ENCODER_LORA_TARGET_MODULES), text_encoder)
 
 
-@torch.no_grad()
-def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    ema_parameters = list(ema_model.parameters())
-    parameters = [parameter.detach() for parameter in model.parameters()]
-    torch._foreach_lerp_(ema_parameters, parameters, 1.0 - decay)
+def fused_text_encoder(text_encoder, args: argparse.Namespace):
+    """A plain text encoder (no LoRA layers) with the trained adapter merged into its weights, for the saved
+    pipeline: the adapter is merged in place, then the weights move to a freshly loaded text encoder."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in text_encoder.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    state = {key.replace(".base_layer.", "."): value for key, value in text_encoder.state_dict().items()
+             if "lora_" not in key}  # fmt: skip
+    fresh, _ = load_text_encoder(args)
+    fresh.load_state_dict(state)
+    return fresh.to(text_encoder.device)
+
+
+def add_lora_adapter(model: ENATTransformer2DModel, args: argparse.Namespace, train_class_embedding: bool) -> None:
+    """Freezes the transformer and adds a trainable LoRA adapter (--lora_rank, --lora_alpha, --lora_target_modules,
+    --lora_dropout); a resized class embedding (new classes) stays trainable, as new rows cannot be learned in a
+    low-rank update of the old ones."""
+    model.requires_grad_(False)
+    model.add_adapter(lora_config(args, args.lora_target_modules))
+    if train_class_embedding:
+        model.class_embedding.requires_grad_(True)
+
+
+def create_ema(model: torch.nn.Module, decay: float, device) -> tuple[torch.nn.Module, EMAModel]:
+    """The EMA of the trained weights: diffusers' `EMAModel` (updated after every optimizer step and saved with the
+    checkpoints) and a frozen eval-mode copy of the transformer that runs with those weights (the reuse "previous
+    step", validation, the final pipeline). The copy costs one more set of weights in memory: `EMAModel` keeps its
+    own shadow tensors, and reuse training needs the EMA weights inside a module at every step.
+
+    `min_decay=decay` makes the decay constant, as in the paper's recipe (EMAModel's default ramps it up with
+    (1 + t) / (10 + t)); EMAModel's first update copies the weights after the first optimizer step."""
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+    ema = EMAModel(ema_model.parameters(), decay=decay, min_decay=decay, foreach=True)
+    return ema_model, ema
 
 
 @contextlib.contextmanager
@@ -893,16 +1335,17 @@ class ClassConditioning:
 class TextConditioning:
     """Captions, encoded on the fly by the frozen text encoder; a dropped caption becomes the empty prompt."""
 
-    def __init__(self, text_encoder, tokenizer):
+    def __init__(self, text_encoder, tokenizer, device=None, trainable: bool = False):
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.device, self.trainable = device, trainable  # trainable: a text encoder LoRA gets gradients
 
     def drop(self, prompts: list[str], probability: float) -> list[str]:
         dropped = (torch.rand(len(prompts)) < probability).tolist()
         return ["" if drop else prompt for prompt, drop in zip(prompts, dropped, strict=True)]
 
-    @torch.no_grad()
     def model_kwargs(self, prompts: list[str]) -> dict:
-        return encode_text(self.text_encoder, self.tokenizer, list(prompts), self.text_encoder.device)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return encode_text(self.text_encoder, self.tokenizer, list(prompts), self.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -982,10 +1425,13 @@ class TrainingProgress:
 
 
 def list_checkpoints(output_dir: str) -> list[Path]:
-    """`checkpoint-N` folders of `output_dir`, oldest (smallest N) first."""
+    """Complete `checkpoint-N` folders of `output_dir`, oldest (smallest N) first. Folders still being written
+    (`checkpoint-N.partial`) are not checkpoints."""
     if not os.path.isdir(output_dir):
         return []
-    steps = {path: path.name.removeprefix("checkpoint-") for path in Path(output_dir).glob("checkpoint-*")}
+    steps = {
+        path: path.name.removeprefix(CHECKPOINT_PREFIX) for path in Path(output_dir).glob(CHECKPOINT_PREFIX + "*")
+    }
     found = [path for path, step in steps.items() if path.is_dir() and step.isdigit()]
     return sorted(found, key=lambda path: int(steps[path]))
 
@@ -1001,21 +1447,63 @@ def _checkpoint_path(args: argparse.Namespace) -> Path | None:
     return None
 
 
-def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int) -> None:
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+def prune_checkpoints(args: argparse.Namespace) -> None:
+    """Removes what a kill left half-written and, with --checkpoints_total_limit, all but the newest checkpoints."""
+    for partial in Path(args.output_dir).glob(f"{CHECKPOINT_PREFIX}*{PARTIAL_SUFFIX}"):
+        shutil.rmtree(partial)
+    if args.checkpoints_total_limit is not None:
         checkpoints = list_checkpoints(args.output_dir)
-        for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit + 1)]:
+        for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit)]:
             logger.info(f"Removing checkpoint {old} (--checkpoints_total_limit {args.checkpoints_total_limit})")
             shutil.rmtree(old)
+
+
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int) -> Path:
+    """Writes `checkpoint-N` so that a kill at any moment leaves only complete checkpoints behind: every process
+    writes its part into `checkpoint-N.partial`, which is renamed once all parts are there; older checkpoints are
+    pruned only after that (the output folder is shared by the processes, as accelerate's save_state expects)."""
+    final = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{global_step}"
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)  # from a run killed while writing this step
     accelerator.wait_for_everyone()
-    save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    accelerator.save_state(save_path)
-    logger.info(f"Saved state to {save_path}")
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # the same step from an earlier run: the new state replaces it
+            stale = final.with_name(final.name + ".stale")
+            os.replace(final, stale)
+            os.replace(partial, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(partial, final)
+        prune_checkpoints(args)
+    accelerator.wait_for_everyone()
+    logger.info(f"Saved state to {final}")
+    return final
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pipelines: validation and the final folder
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def warn_about_renamed_classes(args: argparse.Namespace, data: TrainingData) -> None:
+    """Without --new_classes, class folder i trains the pretrained class i under the folder's name: say so when the
+    names differ (fine-tuning ImageNet classes on folders named after them is fine; other classes need
+    --new_classes)."""
+    index = diffusers.DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    names = {int(key): str(value) for key, value in (index.get("id2label") or {}).items()}
+    renamed = [f"{names[i]!r} -> {name!r}" for i, name in sorted(data.id2label.items())
+               if i in names and name not in class_names({i: names[i]})]  # fmt: skip
+    if renamed:
+        warnings.warn(
+            f"without --new_classes, the data's classes train the pretrained classes of the same ids under new names "
+            f"({', '.join(renamed[:3])}{', ...' if len(renamed) > 3 else ''}); pass --new_classes replace or extend "
+            "to give the model these classes instead",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def pipeline_settings(args: argparse.Namespace, data: TrainingData) -> dict:
@@ -1051,7 +1539,39 @@ def validation_inputs(pipeline, args: argparse.Namespace) -> dict:
     if isinstance(pipeline, ENATText2ImagePipeline):
         return {"prompt": args.validation_prompts, "num_images_per_prompt": args.num_validation_images}
     labels = args.validation_class_labels or list(range(min(4, pipeline.transformer.config.num_classes)))
-    return {"class_labels": labels, "num_images_per_class": args.num_validation_images}
+    # ENATPipeline's images-per-label argument is num_images_per_prompt since issue 12 (num_images_per_class before)
+    parameters = inspect.signature(pipeline.__call__).parameters
+    count = "num_images_per_prompt" if "num_images_per_prompt" in parameters else "num_images_per_class"
+    return {"class_labels": labels, count: args.num_validation_images}
+
+
+def validation_row_labels(pipeline, args: argparse.Namespace) -> list[str]:
+    """What each grid row shows: its prompt, or its class id and first class name."""
+    inputs = validation_inputs(pipeline, args)
+    if "prompt" in inputs:
+        return list(inputs["prompt"])
+    id2label = {int(key): str(value) for key, value in (pipeline.config.get("id2label") or {}).items()}
+    return [f"{label}: {id2label[label].split(',')[0]}" if label in id2label else str(label)
+            for label in inputs["class_labels"]]  # fmt: skip
+
+
+def validation_grid(images: list[Image.Image], row_labels: list[str], columns: int) -> Image.Image:
+    """One row per class / prompt under a band that names it; images upscaled (nearest neighbour, an integer factor)
+    to at least VALIDATION_CELL_SIZE pixels, so that small images stay readable."""
+    scale = max(1, math.ceil(VALIDATION_CELL_SIZE / min(images[0].size)))
+    width, height = images[0].width * scale, images[0].height * scale
+    row_height = VALIDATION_LABEL_HEIGHT + height
+    grid = Image.new("RGB", (columns * width, len(row_labels) * row_height), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, label in enumerate(row_labels):
+        while len(label) > 1 and draw.textlength(label) > grid.width - 4:
+            label = label[:-4] + "..."
+        draw.text((2, row * row_height + 2), label, fill="black")
+        for column in range(columns):
+            image = images[row * columns + column].convert("RGB")
+            cell = image.resize((width, height), Image.Resampling.NEAREST)
+            grid.paste(cell, (column * width, row * row_height + VALIDATION_LABEL_HEIGHT))
+    return grid
 
 
 def generate_validation_images(pipeline, args: argparse.Namespace, accelerator: Accelerator) -> list:
@@ -1059,7 +1579,7 @@ def generate_validation_images(pipeline, args: argparse.Namespace, accelerator: 
     with accelerator.autocast():
         return pipeline(
             **validation_inputs(pipeline, args),
-            num_inference_steps=args.validation_inference_steps,
+            num_inference_steps=args.validation_num_inference_steps,
             guidance_scale=args.validation_guidance_scale,
             generator=generator,
         ).images
@@ -1069,8 +1589,7 @@ def log_validation(pipeline, args: argparse.Namespace, accelerator: Accelerator,
     """Generates the validation images, saves them as one grid (a row per class / prompt) and logs them."""
     with eval_mode(pipeline.transformer):
         images = generate_validation_images(pipeline, args, accelerator)
-    columns = args.num_validation_images
-    grid = make_image_grid(images, rows=len(images) // columns, cols=columns)
+    grid = validation_grid(images, validation_row_labels(pipeline, args), args.num_validation_images)
     path = Path(args.output_dir) / "validation" / f"step-{global_step}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -1083,51 +1602,123 @@ def log_validation(pipeline, args: argparse.Namespace, accelerator: Accelerator,
     return path
 
 
-def save_lora_weights(transformer: ENATTransformer2DModel, output_dir: str) -> None:
+def lora_file_contents(
+    transformer: ENATTransformer2DModel, id2label: dict | None, text_encoder=None
+) -> tuple[dict, dict]:
+    """Tensors and metadata of `pytorch_lora_weights.safetensors`, in the format the pipelines' `load_lora_weights`
+    reads: `transformer.<peft key>` tensors (and `text_encoder.<peft key>` with a text encoder LoRA), diffusers'
+    `lora_adapter_metadata` (the LoRA configs, keys prefixed `transformer.` / `text_encoder.`), and for new classes
+    the whole resized `transformer.class_embedding.weight` with the class names in `id2label`."""
     from peft.utils import get_peft_model_state_dict
 
-    state_dict = {f"transformer.{key}": value for key, value in get_peft_model_state_dict(transformer).items()}
-    save_file(
-        {key: value.detach().cpu().contiguous() for key, value in state_dict.items()},
-        os.path.join(output_dir, LORA_WEIGHT_NAME),
-    )
+    state_dict, config = {}, {}
+    for prefix, module in (("transformer", transformer), ("text_encoder", text_encoder)):
+        if module is None:
+            continue
+        state_dict.update({f"{prefix}.{key}": value for key, value in get_peft_model_state_dict(module).items()})
+        module_config = module.peft_config[next(iter(module.peft_config))].to_dict()
+        config.update({f"{prefix}.{key}": sorted(value) if isinstance(value, set) else value
+                       for key, value in module_config.items()})  # fmt: skip
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True, default=str)}
+    if getattr(transformer, "class_embedding", None) is not None and transformer.class_embedding.weight.requires_grad:
+        state_dict["transformer.class_embedding.weight"] = transformer.class_embedding.weight
+        metadata["id2label"] = json.dumps({str(key): value for key, value in sorted((id2label or {}).items())})
+    return {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}, metadata
 
 
-def final_transformer(model, ema_model, args: argparse.Namespace, accelerator: Accelerator):
-    """The weights to ship: the EMA weights, or the trained model with its LoRA adapter saved and then fused."""
+def save_lora_weights(
+    transformer: ENATTransformer2DModel, output_dir: str, id2label: dict | None, text_encoder=None
+) -> None:
+    tensors, metadata = lora_file_contents(transformer, id2label, text_encoder)
+    save_file(tensors, os.path.join(output_dir, LORA_WEIGHT_NAME), metadata=metadata)
+
+
+def final_transformer(
+    model, ema_model, args: argparse.Namespace, accelerator: Accelerator, id2label: dict | None, text_encoder=None
+):
+    """The weights to ship: the EMA weights, or the trained model with its LoRA adapter (and the text encoder's, if
+    trained) saved and then fused."""
     if ema_model is not None:
         return ema_model
     transformer = accelerator.unwrap_model(model)
     if args.lora_rank is not None:
-        save_lora_weights(transformer, args.output_dir)
+        save_lora_weights(transformer, args.output_dir, id2label, text_encoder)
         transformer.fuse_lora()
         transformer.unload_lora()
     return transformer.eval()
 
 
+def data_source(args: argparse.Namespace) -> str:
+    if getattr(args, "dataset_name", None):
+        config = f" ({args.dataset_config_name})" if args.dataset_config_name else ""
+        return f"the dataset `{args.dataset_name}`{config}"
+    folder = args.train_data_dir or args.caption_data_dir or args.coco_images_dir
+    return f"the images in `{Path(folder).name}`"
+
+
 def training_summary(args: argparse.Namespace, data: TrainingData, global_step: int) -> str:
-    """The "Training" section appended to the model card."""
-    start = args.pretrained_model_name_or_path or f"a new transformer ({args.model_config})"
-    method = f"LoRA (rank {args.lora_rank}, fused into the weights)" if args.lora_rank else f"EMA {args.ema_decay}"
+    """The "Training" section of the model card: base model, data, method."""
+    start = f"`{args.base_model}`" if args.base_model else f"a new transformer ({args.model_config})"
+    if args.lora_rank:
+        alpha = args.lora_alpha or args.lora_rank
+        method = (
+            f"LoRA (rank {args.lora_rank}, alpha {alpha:g}, dropout {args.lora_dropout:g}, on "
+            f"{', '.join(args.lora_target_modules)}; fused into the weights of this folder, the adapter alone in "
+            f"`{LORA_WEIGHT_NAME}`)"
+        )
+    else:
+        method = f"all weights, EMA {args.ema_decay}"
     kind = "captions" if data.text else "class labels"
-    return (
-        f"\n## Training\n\nTrained with `examples/train_enat.py` of enat-diffusers from {start}: {global_step} steps, "
-        f"{len(data)} samples ({len(data.image_paths)} images, {kind}) at {args.resolution} px, learning rate "
-        f"{args.learning_rate}, {method}, reuse probability {args.reuse_prob}.\n"
-    )
+    lines = [
+        f"Trained with `examples/train_enat.py` of enat-diffusers from {start} on {data_source(args)}: {global_step} "
+        f"steps, {len(data)} samples ({len(data.image_paths)} images, {kind}) at {args.resolution} px, learning "
+        f"rate {args.learning_rate}, {method}, reuse probability {args.reuse_prob}."
+    ]
+    if args.new_classes:
+        names = ", ".join(f"{key}: {value}" for key, value in sorted((data.id2label or {}).items()))
+        lines.append(
+            f"Classes ({args.new_classes} the pretrained ones; new embeddings from {args.class_init}): {names}."
+        )
+    if args.lora_rank and args.base_model:
+        lines.append(
+            f"To apply the adapter to the base model: `pipe = DiffusionPipeline.from_pretrained({args.base_model!r})` "
+            "then `pipe.load_lora_weights(<this folder or repo>)`."
+        )
+    return "\n## Training\n\n" + "\n\n".join(lines) + "\n"
 
 
-def push_to_hub(pipeline, args: argparse.Namespace, summary: str) -> None:
-    """Writes the pipeline's ENAT model card and uploads --output_dir (without checkpoints and tracker logs)."""
-    api = huggingface_hub.HfApi(token=args.hub_token)
-    repo_id = api.create_repo(args.hub_model_id or Path(args.output_dir).resolve().name, exist_ok=True).repo_id
-    (Path(args.output_dir) / "README.md").write_text(pipeline.model_card(repo_id) + summary)
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=args.output_dir,
-        commit_message="End of training",
-        ignore_patterns=["checkpoint-*", f"{args.logging_dir}/*"],
-    )
+def _hub_error(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def create_hub_repo(args: argparse.Namespace) -> str:
+    """Creates the Hub repo of --push_to_hub (or finds it) at start-up, so that an unreachable Hub or a missing token
+    stops the run before any training; returns its id."""
+    name = args.hub_model_id or Path(args.output_dir).resolve().name
+    try:
+        return huggingface_hub.HfApi(token=args.hub_token).create_repo(name, exist_ok=True).repo_id
+    except HUB_ERRORS as error:
+        raise InputError(
+            f"--push_to_hub: cannot create the Hub repo {name!r} ({_hub_error(error)}); check the connection and the "
+            "token (`hf auth login` or --hub_token), or train without --push_to_hub and upload the output folder later"
+        ) from None
+
+
+def push_to_hub(args: argparse.Namespace, repo_id: str) -> None:
+    """Uploads --output_dir with its model card (without checkpoints and tracker logs)."""
+    try:
+        huggingface_hub.HfApi(token=args.hub_token).upload_folder(
+            repo_id=repo_id,
+            folder_path=args.output_dir,
+            commit_message="End of training",
+            ignore_patterns=[f"{CHECKPOINT_PREFIX}*", f"{args.logging_dir}/*"],
+        )
+    except HUB_ERRORS as error:
+        raise InputError(
+            f"training finished and the pipeline is saved in {args.output_dir}, but the upload to {repo_id} failed "
+            f"({_hub_error(error)}); upload it later with `hf upload {repo_id} {args.output_dir}`"
+        ) from None
     logger.info(f"Uploaded {args.output_dir} to {repo_id}")
 
 
@@ -1161,29 +1752,55 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
     return accelerator
 
 
-def prepare_data(args: argparse.Namespace) -> tuple[TrainingData, dict, dict]:
+def prepare_data(args: argparse.Namespace) -> tuple[TrainingData, dict, dict, ClassPlan | None]:
     """Lists the data and reads the model configs (and, for text data, loads the text encoder), checking they fit,
-    before any heavy work. Returns the data, the transformer config and the text components (empty for class data)."""
+    before any heavy work. Returns the data (labels in the ids of the trained model), the transformer config, the text
+    components (empty for class data) and, with --new_classes, the plan of the new class embedding."""
     vq_config = load_vqvae_config(args)
     factor = vq_downsample_factor(vq_config)
     if args.resolution % factor:
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of the VQ downsampling factor {factor}")
+        raise InputError(f"--resolution {args.resolution} must be a multiple of the VQ downsampling factor {factor}")
     data = list_training_data(args)
     text_components, text_dims = {}, None
     if data.text:
         text_encoder, tokenizer = load_text_encoder(args)
         text_components = {"text_encoder": text_encoder, "tokenizer": tokenizer}
         text_dims = text_embedding_dims(text_encoder, tokenizer)
-    config = transformer_config(args, vq_config, data, text_dims)
-    return data, config, text_components
+    class_plan = None
+    if args.new_classes:
+        pretrained = ENATTransformer2DModel.load_config(
+            args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision
+        )
+        index = diffusers.DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+        class_plan = plan_new_classes(args, data, pretrained.get("num_classes"), index.get("id2label"))
+        data.conditions = [class_plan.data_ids[label] for label in data.conditions]
+        data.id2label = class_plan.id2label
+    config = transformer_config(args, vq_config, data, text_dims, class_plan)
+    if args.lora_rank is not None:
+        check_lora_target_modules(args.lora_target_modules, config)
+    if not data.text and args.pretrained_model_name_or_path and not args.new_classes and data.id2label:
+        warn_about_renamed_classes(args, data)
+    if not data.text:
+        id2label = pipeline_settings(args, data).get("id2label")
+        args.validation_class_labels = resolve_validation_class_labels(args.validation_class_labels, id2label)
+    return data, config, text_components, class_plan
 
 
-def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, total_batch_size: int):
-    learning_rate = args.learning_rate
+def peak_learning_rate(args: argparse.Namespace, total_batch_size: int) -> float:
+    """--learning_rate, scaled to the total batch size with --scale_lr."""
     if args.scale_lr:
-        learning_rate *= total_batch_size / PAPER_TOTAL_BATCH_SIZE
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    return torch.optim.AdamW(
+        return args.learning_rate * total_batch_size / PAPER_TOTAL_BATCH_SIZE
+    return args.learning_rate
+
+
+def create_optimizer(models: list[torch.nn.Module], args: argparse.Namespace, learning_rate: float):
+    parameters = [parameter for model in models for parameter in model.parameters() if parameter.requires_grad]
+    optimizer_class = torch.optim.AdamW
+    if args.use_8bit_adam:  # checked to import with the arguments
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    return optimizer_class(
         parameters,
         lr=learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
@@ -1192,22 +1809,29 @@ def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, total_bat
     )
 
 
-def build_models(args: argparse.Namespace, config: dict, device) -> tuple[ENATTransformer2DModel, torch.nn.Module]:
-    """The transformer to train (with a LoRA adapter if asked) and its EMA copy (None with LoRA)."""
+def build_models(
+    args: argparse.Namespace, config: dict, device, class_plan: ClassPlan | None = None
+) -> tuple[ENATTransformer2DModel, torch.nn.Module | None, EMAModel | None]:
+    """The transformer to train (with new classes and a LoRA adapter if asked), its EMA copy and the EMA (both None
+    with LoRA)."""
     model = build_transformer(args, config)
+    if class_plan is not None:
+        resize_class_embedding(model, class_plan)
     if args.lora_rank is not None:
-        add_lora_adapter(model, args.lora_rank)
-    ema_model = create_ema_model(model).to(device) if args.lora_rank is None else None
+        add_lora_adapter(model, args, train_class_embedding=class_plan is not None)
+    ema_model, ema = create_ema(model, args.ema_decay, device) if args.lora_rank is None else (None, None)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    return model.train(), ema_model
+    return model.train(), ema_model, ema
 
 
-def create_conditioning(data: TrainingData, text_components: dict, model, device):
+def create_conditioning(data: TrainingData, text_components: dict, model, device, text_encoder=None):
+    """`text_encoder`: the text encoder as prepared by accelerate (when it trains a LoRA), else the frozen one."""
     if not data.text:
         return ClassConditioning(model.null_class_label)
-    text_components["text_encoder"].to(device)
-    return TextConditioning(**text_components)
+    trainable = text_encoder is not None
+    text_encoder = text_encoder if trainable else text_components["text_encoder"].to(device)
+    return TextConditioning(text_encoder, text_components["tokenizer"], device=device, trainable=trainable)
 
 
 def create_train_dataloader(tokens: dict, data: TrainingData, args: argparse.Namespace) -> DataLoader:
@@ -1224,6 +1848,7 @@ class TrainingRun:
     accelerator: Accelerator
     model: torch.nn.Module
     ema_model: torch.nn.Module | None
+    ema: EMAModel | None
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     dataloader: DataLoader
@@ -1231,6 +1856,8 @@ class TrainingRun:
     progress: TrainingProgress
     max_train_steps: int
     pipeline_parts: tuple[dict, dict]  # components and settings of the validation / final pipelines
+    learning_rate: float  # after warm-up (and --scale_lr)
+    hub_repo_id: str | None = None
 
     @property
     def reuse_model(self) -> torch.nn.Module:
@@ -1251,6 +1878,22 @@ def resume(run: TrainingRun) -> None:
     if checkpoint is not None:
         logger.info(f"Resuming from checkpoint {checkpoint}")
         run.accelerator.load_state(str(checkpoint))
+        if run.ema is not None and run.ema.optimization_step != run.progress.global_step:
+            # EMAModel.load_state_dict ignores a state without its keys: a checkpoint of an older train_enat.py (the
+            # EMA saved as a module state dict) would silently restart the EMA from the current weights.
+            raise InputError(
+                f"checkpoint {checkpoint} holds no EMA state of diffusers' EMAModel at step {run.progress.global_step} "
+                "(written by an older train_enat.py?); resume it with the script version that wrote it"
+            )
+        if run.ema is not None:  # the EMA state loads on the CPU
+            run.ema.to(run.accelerator.device)
+            run.ema.copy_to(run.ema_model.parameters())
+        logger.info(
+            f"Resumed at step {run.progress.global_step}: learning rate now {run.lr_scheduler.get_last_lr()[0]:.3g}"
+        )
+    if run.accelerator.is_main_process:
+        # Steps logged after the checkpoint by the run that stopped are trained (and logged) again.
+        truncate_log(run.args, run.progress.global_step)
 
 
 def optimization_step(run: TrainingRun, batch: dict) -> float:
@@ -1271,8 +1914,9 @@ def optimization_step(run: TrainingRun, batch: dict) -> float:
 def after_optimizer_step(run: TrainingRun, epoch: int, loss: float, progress_bar) -> None:
     """EMA update, step count, logs, checkpoint and validation after each optimizer step."""
     args, accelerator = run.args, run.accelerator
-    if run.ema_model is not None:
-        update_ema(run.ema_model, accelerator.unwrap_model(run.model), args.ema_decay)
+    if run.ema is not None:
+        run.ema.step(accelerator.unwrap_model(run.model).parameters())
+        run.ema.copy_to(run.ema_model.parameters())
     run.progress.global_step += 1
     step = run.progress.global_step
     logs = {"loss": loss, "lr": run.lr_scheduler.get_last_lr()[0]}
@@ -1281,7 +1925,9 @@ def after_optimizer_step(run: TrainingRun, epoch: int, loss: float, progress_bar
     accelerator.log(logs, step=step)
     if accelerator.is_main_process:
         append_log(args, {"step": step, "epoch": epoch, **logs})
-    if step % args.checkpointing_steps == 0:
+    if step % args.checkpointing_steps == 0 or step == run.max_train_steps:
+        # Also at the last step: a rerun of a finished run (or after a kill while saving the outputs) resumes there
+        # and trains nothing.
         save_checkpoint(accelerator, args, step)
     if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process:
         log_validation(make_pipeline(run.reuse_model, *run.pipeline_parts), args, accelerator, step)
@@ -1291,6 +1937,11 @@ def train(run: TrainingRun) -> None:
     """Runs optimizer steps from the current step count to `max_train_steps`, continuing a resumed epoch where the
     checkpoint left it."""
     args, accelerator = run.args, run.accelerator
+    if run.progress.global_step >= run.max_train_steps:
+        logger.info(
+            f"Step {run.progress.global_step} reached --max_train_steps {run.max_train_steps}: nothing to train"
+        )
+        return
     first_epoch, resumed_steps = divmod(run.progress.global_step, run.steps_per_epoch)
     progress_bar = tqdm(
         range(run.max_train_steps),
@@ -1321,18 +1972,42 @@ def save_outputs(run: TrainingRun, data: TrainingData) -> None:
     args, accelerator = run.args, run.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        transformer = final_transformer(run.model, run.ema_model, args, accelerator)
-        pipeline = make_pipeline(transformer, *run.pipeline_parts)
+        components, settings = run.pipeline_parts
+        text_encoder = components.get("text_encoder") if args.train_text_encoder else None
+        transformer = final_transformer(run.model, run.ema_model, args, accelerator, settings.get("id2label"),
+                                        text_encoder)  # fmt: skip
+        if text_encoder is not None:
+            components = {**components, "text_encoder": fused_text_encoder(text_encoder, args)}
+        pipeline = make_pipeline(transformer, components, settings)
         pipeline.save_pretrained(args.output_dir)
-        logger.info(f"Saved the pipeline to {args.output_dir}")
+        repo_id = run.hub_repo_id or Path(args.output_dir).resolve().name
+        summary = training_summary(args, data, run.progress.global_step)
+        (Path(args.output_dir) / "README.md").write_text(pipeline.model_card(repo_id) + summary)
+        logger.info(f"Saved the pipeline and its model card to {args.output_dir}")
         if args.push_to_hub:
-            push_to_hub(pipeline, args, training_summary(args, data, run.progress.global_step))
+            push_to_hub(args, run.hub_repo_id)
     accelerator.end_training()
 
 
 def append_log(args: argparse.Namespace, record: dict) -> None:
     with open(os.path.join(args.output_dir, TRAINING_LOG), "a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def truncate_log(args: argparse.Namespace, global_step: int) -> None:
+    """Keeps the records of steps up to `global_step` in the training log (none for a new run), so that every step
+    appears once after a resume."""
+    path = Path(args.output_dir) / TRAINING_LOG
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # e.g. a line cut short by a kill
+            if json.loads(line)["step"] <= global_step:
+                kept.append(line)
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    partial.write_text("".join(line + "\n" for line in kept))
+    os.replace(partial, path)
 
 
 def log_run_info(run: TrainingRun, data: TrainingData, total_batch_size: int) -> None:
@@ -1342,37 +2017,54 @@ def log_run_info(run: TrainingRun, data: TrainingData, total_batch_size: int) ->
     logger.info(f"  Num examples = {len(data)} ({len(data.image_paths)} images)")
     logger.info(f"  Instantaneous batch size per device = {run.args.train_batch_size}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
-    logger.info(f"  Learning rate = {run.optimizer.param_groups[0]['lr']:.3g}")
+    # The optimizer's rate at this point is the start of the warm-up (0), not the rate being trained with.
+    scaled = f", scaled from {run.args.learning_rate:.3g} by --scale_lr" if run.args.scale_lr else ""
+    logger.info(
+        f"  Learning rate = {run.learning_rate:.3g} ({run.args.lr_scheduler}, {run.args.lr_warmup_steps} warm-up "
+        f"steps{scaled})"
+    )
     logger.info(f"  Total optimization steps = {run.max_train_steps}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    data, config, text_components = prepare_data(args)
+    data, config, text_components, class_plan = prepare_data(args)
     accelerator = create_accelerator(args)
+    hub_repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            hub_repo_id = create_hub_repo(args)
 
     set_seed(args.seed)  # the same initial weights on every process
     vqvae = load_vqvae(args).to(accelerator.device)
     tokens = load_or_build_token_cache(vqvae, data, args, accelerator)
-    model, ema_model = build_models(args, config, accelerator.device)
-    conditioning = create_conditioning(data, text_components, model, accelerator.device)
+    model, ema_model, ema = build_models(args, config, accelerator.device, class_plan)
+    trained = [model]
+    if args.train_text_encoder:
+        add_text_encoder_lora(text_components["text_encoder"], args)
+        trained.append(text_components["text_encoder"])
     dataloader = create_train_dataloader(tokens, data, args)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    optimizer = create_optimizer(model, args, total_batch_size)
+    learning_rate = peak_learning_rate(args, total_batch_size)
+    optimizer = create_optimizer(trained, args, learning_rate)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
-    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
+    model = trained[0]
+    text_encoder = trained[1] if args.train_text_encoder else None
+    conditioning = create_conditioning(
+        data, text_components, accelerator.unwrap_model(model), accelerator.device, text_encoder
+    )
     progress = TrainingProgress()
-    for state in (progress, ema_model):  # saved and restored with the checkpoints
+    for state in (progress, ema):  # saved and restored with the checkpoints
         if state is not None:
             accelerator.register_for_checkpointing(state)
 
@@ -1383,6 +2075,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator=accelerator,
         model=model,
         ema_model=ema_model,
+        ema=ema,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         dataloader=dataloader,
@@ -1390,6 +2083,8 @@ def main(argv: list[str] | None = None) -> None:
         progress=progress,
         max_train_steps=max_train_steps,
         pipeline_parts=pipeline_parts,
+        learning_rate=learning_rate,
+        hub_repo_id=hub_repo_id,
     )
     log_run_info(run, data, total_batch_size)
     set_seed(args.seed, device_specific=True)  # different masks and dropout on every process
@@ -1399,4 +2094,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as error:
+        raise SystemExit(f"train_enat.py: {error}") from None

@@ -2,6 +2,8 @@
 
 import copy
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,81 +20,18 @@ from safetensors.torch import load_file
 
 from enat_diffusers import ENATPipeline, ENATText2ImagePipeline, ENATTransformer2DModel, MaskGITVQModel
 
-from .example_scripts import load_example
-from .tiny_components import NUM_CLASSES, tiny_clip, tiny_pipeline, tiny_text_pipeline, tiny_vqvae
+from .tiny_components import NUM_CLASSES, tiny_pipeline
+from .training_assets import COLORS, IMAGES_PER_CLASS, fresh_accelerate_state, make_assets, train_enat
+from .training_assets import common_args as _common_args
+from .training_assets import square as _square
 
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230)}
-IMAGES_PER_CLASS = 4  # 12 images, batch 4: 3 steps per epoch
-
-
-train_enat = load_example("train_enat")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
+_fresh_accelerate_state = pytest.fixture(autouse=True)(fresh_accelerate_state)
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _square(color, rng, size=8) -> Image.Image:
-    pixels = np.clip(np.array(color)[None, None] + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels)
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """Class folders, COCO and caption-folder text data, a tiny VQ model, a tiny CLIP, configs and pipelines."""
-    root = tmp_path_factory.mktemp("train_assets")
-    rng = np.random.default_rng(0)
-    classes, captions, coco_images = root / "classes", root / "captions", root / "coco_images"
-    coco = {"images": [], "annotations": []}
-    for name, color in COLORS.items():
-        (classes / name).mkdir(parents=True)
-        for index in range(IMAGES_PER_CLASS):
-            image = _square(color, rng)
-            image.save(classes / name / f"{index}.png")
-            captions.mkdir(exist_ok=True)
-            image.save(captions / f"{name}{index}.png")
-            (captions / f"{name}{index}.txt").write_text(f"a {name} tile\n\n{name}\n")
-            coco_images.mkdir(exist_ok=True)
-            image.save(coco_images / f"{name}{index}.jpg")
-            image_id = len(coco["images"])
-            coco["images"].append({"id": image_id, "file_name": f"{name}{index}.jpg"})
-            coco["annotations"].append({"id": 2 * image_id, "image_id": image_id, "caption": f"{name} "})
-            coco["annotations"].append({"id": 2 * image_id + 1, "image_id": image_id, "caption": f"a {name} tile"})
-    (root / "captions_train.json").write_text(json.dumps(coco))
-    tiny_vqvae().save_pretrained(root / "vq")
-    text_encoder, tokenizer = tiny_clip(root / "clip")
-    text_encoder.save_pretrained(root / "clip")
-    tokenizer.save_pretrained(root / "clip")
-    tiny_pipeline().save_pretrained(root / "pipeline")
-    tiny_text_pipeline(root / "text_tokenizer").save_pretrained(root / "text_pipeline")
-    config = {"hidden_size": 32, "num_attention_heads": 4, "num_encoder_layers": 2, "num_decoder_layers": 1}
-    (root / "config.json").write_text(json.dumps(config))
-    return SimpleNamespace(
-        root=root,
-        classes=str(classes),
-        captions=str(captions),
-        coco_json=str(root / "captions_train.json"),
-        coco_images=str(coco_images),
-        vq=str(root / "vq"),
-        clip=str(root / "clip"),
-        pipeline=str(root / "pipeline"),
-        text_pipeline=str(root / "text_pipeline"),
-        config=str(root / "config.json"),
-    )
-
-
-def _common_args(tmp_path, steps, *extra) -> list[str]:
-    return [
-        "--resolution", "8", "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"),
-        "--train_batch_size", "4", "--max_train_steps", str(steps), "--learning_rate", "3e-3",
-        "--lr_warmup_steps", "0", *map(str, extra),
-    ]  # fmt: skip
+    return make_assets(tmp_path_factory.mktemp("train_assets"))
 
 
 def _class_args(assets, tmp_path, steps=2, *extra) -> list[str]:
@@ -130,9 +69,10 @@ def test_training_lowers_the_loss_and_writes_a_loadable_pipeline(assets, tmp_pat
     assert all(record["lr"] == pytest.approx(3e-3) for record in log)
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.1, losses
 
-    # validation grids: one row per class (the data has 3), one column per image
+    # validation grids: one row per class (the data has 3) under its label band, one column per image, upscaled
+    cell, band = train_enat.VALIDATION_CELL_SIZE, train_enat.VALIDATION_LABEL_HEIGHT
     for step in (20, 40):
-        assert Image.open(out / "validation" / f"step-{step}.png").size == (2 * 8, 3 * 8)
+        assert Image.open(out / "validation" / f"step-{step}.png").size == (2 * cell, 3 * (band + cell))
 
     # the folder holds the EMA weights (as checkpointed), not the trained ones
     import enat_diffusers  # noqa: F401  (registers the classes, as a user would)
@@ -141,10 +81,14 @@ def test_training_lowers_the_loss_and_writes_a_loadable_pipeline(assets, tmp_pat
     assert isinstance(pipe, ENATPipeline)
     assert pipe.transformer.config.sample_size == 4 and pipe.transformer.config.num_classes == 3
     assert pipe.labels == {"blue": 0, "green": 1, "red": 2}
+    # (diffusers' EMAModel state: one shadow tensor per parameter, in order)
     ema_state = torch.load(out / "checkpoint-40" / "custom_checkpoint_1.pkl", weights_only=True)
+    assert ema_state["decay"] == ema_state["min_decay"] == 0.9999  # a constant decay, as in the paper
     trained_state = load_file(out / "checkpoint-40" / "model.safetensors")
     saved_state = pipe.transformer.state_dict()
-    _assert_same_tensors(saved_state, {key: value.cpu() for key, value in ema_state.items()})
+    names = [name for name, _ in pipe.transformer.named_parameters()]
+    assert len(names) == len(saved_state) == len(ema_state["shadow_params"])
+    _assert_same_tensors(saved_state, dict(zip(names, ema_state["shadow_params"], strict=True)))
     assert not all(torch.equal(saved_state[key], trained_state[key]) for key in saved_state)
     images = pipe(class_labels=["red", 0], num_inference_steps=2, generator=torch.manual_seed(0)).images
     assert len(images) == 2 and images[0].size == (8, 8)
@@ -174,9 +118,10 @@ def test_token_cache_is_built_once_and_keyed_by_resolution(assets, tmp_path):
 
 def test_resume_from_latest_continues_exactly(assets, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    common = ("--random_flip", "--checkpointing_steps", 2, "--checkpoints_total_limit", 1)
+    common = ("--random_flip", "--checkpointing_steps", 2, "--checkpoints_total_limit", 2)
     train_enat.main(_class_args(assets, first, 5, *common))
-    assert sorted(path.name for path in (first / "out").glob("checkpoint-*")) == ["checkpoint-4"]
+    # every 2 steps and at the last one
+    assert sorted(path.name for path in (first / "out").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
 
     # a second run from a copy of the step-4 checkpoint (mid-epoch: 3 steps per epoch)
     shutil.copytree(first / "out" / "checkpoint-4", second / "out" / "checkpoint-4")
@@ -204,6 +149,80 @@ def test_resume_from_latest_continues_exactly(assets, tmp_path):
     assert _log(second / "out")[0]["loss"] == pytest.approx(_log(first / "out")[-1]["loss"], abs=1e-5)
     final = [load_file(run / "out" / "transformer" / "diffusion_pytorch_model.safetensors") for run in (first, second)]
     _assert_same_tensors(*final, exact=False)
+
+
+class _Killed(BaseException):
+    """Stands for a kill (SIGKILL, power loss) at a chosen moment: nothing in the script catches it."""
+
+
+def _weights(output_dir) -> bytes:
+    return (Path(output_dir) / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def _checkpoint_names(output_dir) -> list[str]:
+    return sorted(path.name for path in Path(output_dir).iterdir() if path.name.startswith("checkpoint-"))
+
+
+def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_resumes_exactly(assets, tmp_path):
+    common = ("--checkpointing_steps", 2, "--checkpoints_total_limit", 1, "--resume_from_checkpoint", "latest")
+    train_enat.main(_class_args(assets, tmp_path / "uninterrupted", 6, *common))
+    save_state = Accelerator.save_state
+
+    def killed_while_saving_step_4(self, output_dir, **kwargs):
+        save_state(self, output_dir, **kwargs)
+        if "checkpoint-4" in str(output_dir):  # written in part: one file missing
+            (Path(output_dir) / "scheduler.bin").unlink()
+            raise _Killed
+
+    out = tmp_path / "out"
+    with mock.patch.object(Accelerator, "save_state", killed_while_saving_step_4), pytest.raises(_Killed):
+        train_enat.main(_class_args(assets, tmp_path, 6, *common))
+    # the step-2 checkpoint survives (pruning waits for a complete new checkpoint); the half-written one is no
+    # checkpoint that "latest" could pick
+    assert train_enat.list_checkpoints(str(out)) == [out / "checkpoint-2"]
+    assert [record["step"] for record in _log(out)] == [1, 2, 3, 4]
+
+    AcceleratorState._reset_state(True)
+    train_enat.main(_class_args(assets, tmp_path, 6, *common))
+    assert _checkpoint_names(out) == ["checkpoint-6"]  # the leftover is cleaned up, the limit holds
+    log, reference = _log(out), _log(tmp_path / "uninterrupted" / "out")
+    assert [record["step"] for record in log] == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 ran again, logged once
+    assert [record["loss"] for record in log] == pytest.approx([record["loss"] for record in reference], abs=1e-5)
+    final, expected = (load_file(path / "transformer" / "diffusion_pytorch_model.safetensors")
+                       for path in (out, tmp_path / "uninterrupted" / "out"))  # fmt: skip
+    _assert_same_tensors(final, expected, exact=False)
+
+
+def test_rerunning_a_finished_run_changes_nothing_even_after_a_kill_while_saving_the_pipeline(assets, tmp_path):
+    # 4 steps, 3 per epoch: the last checkpoint is mid-epoch
+    argv = _class_args(assets, tmp_path, 4, "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest")
+    out = tmp_path / "out"
+    with mock.patch.object(ENATPipeline, "save_pretrained", side_effect=_Killed), pytest.raises(_Killed):
+        train_enat.main(argv)
+    assert _checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
+
+    weights = []
+    for _ in range(2):  # the rerun writes the pipeline; a second rerun changes nothing
+        AcceleratorState._reset_state(True)
+        calls = _ForwardCalls()
+        with mock.patch.object(ENATTransformer2DModel, "forward", autospec=True, side_effect=calls):
+            train_enat.main(argv)
+        assert not [call for call in calls.calls if call[0]], "trained a step past --max_train_steps"
+        assert [record["step"] for record in _log(out)] == [1, 2, 3, 4]
+        assert _checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
+        weights.append(_weights(out))
+    assert weights[0] == weights[1]
+
+
+def test_resuming_a_checkpoint_without_an_ema_state_is_refused(assets, tmp_path):
+    argv = _class_args(assets, tmp_path, 3, "--checkpointing_steps", 2)
+    train_enat.main(argv)
+    ema_file = tmp_path / "out" / "checkpoint-2" / "custom_checkpoint_1.pkl"
+    # as written before the EMA went through diffusers' EMAModel: the EMA model's state dict
+    torch.save(load_file(tmp_path / "out" / "checkpoint-2" / "model.safetensors"), ema_file)
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match="checkpoint-2 holds no EMA state of diffusers' EMAModel at step 2"):
+        train_enat.main(argv + ["--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2"])
 
 
 class _ForwardCalls:
@@ -251,6 +270,7 @@ def test_gradient_accumulation_logs_the_mean_loss_of_each_optimizer_step(assets,
     assert max(int(state["step"]) for state in optimizer["state"].values()) == 3
 
 
+@pytest.mark.filterwarnings("ignore:without --new_classes")  # the color folders rename the tiny pipeline's classes
 def test_lora_trains_only_the_adapter_and_saves_it(assets, tmp_path):
     pytest.importorskip("peft")
     base = ENATTransformer2DModel.from_pretrained(assets.pipeline, subfolder="transformer")
@@ -306,6 +326,87 @@ def test_push_to_hub_uploads_the_output_folder(assets, tmp_path):
     assert "Trained with `examples/train_enat.py`" in card and "12 samples (12 images, class labels)" in card
 
 
+def _connection_refused():
+    """What the Hub client raises when the Hub cannot be reached (an httpx error, no OSError)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    http_error = next(base for base in HfHubHTTPError.__bases__ if not issubclass(base, OSError))
+    return http_error("[Errno 111] Connection refused")
+
+
+def test_push_to_hub_creates_the_repo_before_training_and_explains_hub_failures(assets, tmp_path):
+    tokenized = mock.patch.object(train_enat, "tokenize_images", side_effect=AssertionError("training started"))
+    create = mock.patch("huggingface_hub.HfApi.create_repo", side_effect=_connection_refused())
+    with tokenized, create, pytest.raises(ValueError, match=r"--push_to_hub: cannot create the Hub repo 'me/enat'.*"
+                                          r"Connection refused.*upload the output folder later"):  # fmt: skip
+        train_enat.main(_class_args(assets, tmp_path, 1, "--push_to_hub", "--hub_model_id", "me/enat"))
+
+    AcceleratorState._reset_state(True)
+    create = mock.patch("huggingface_hub.HfApi.create_repo", return_value=SimpleNamespace(repo_id="me/enat"))
+    upload = mock.patch("huggingface_hub.HfApi.upload_folder", side_effect=_connection_refused())
+    out = tmp_path / "out"
+    with create, upload, pytest.raises(ValueError, match=f"saved in {out}, but the upload to me/enat failed"):
+        train_enat.main(_class_args(assets, tmp_path, 1, "--push_to_hub", "--hub_model_id", "me/enat"))
+    assert DiffusionPipeline.from_pretrained(out).transformer.config.num_classes == 3
+
+
+def test_the_learning_rate_is_logged_as_trained_not_as_the_warm_up_start(assets, tmp_path, caplog):
+    argv = _class_args(assets, tmp_path, 2, "--lr_warmup_steps", 10, "--checkpointing_steps", 1)
+    with caplog.at_level("INFO", logger="train_enat"):
+        train_enat.main(argv)
+    assert "Learning rate = 0.003 (constant_with_warmup, 10 warm-up steps)" in caplog.text
+    caplog.clear()
+    AcceleratorState._reset_state(True)
+    with caplog.at_level("INFO", logger="train_enat"):
+        train_enat.main(argv[:-2] + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    assert "Resumed at step 2: learning rate now 0.0006" in caplog.text  # 2 of 10 warm-up steps
+    assert [record["lr"] for record in _log(tmp_path / "out")] == pytest.approx([3e-4, 6e-4, 9e-4])
+
+
+def test_files_named_in_the_docstring_exist():
+    root = Path(__file__).resolve().parents[1]
+    named = set(re.findall(r"[\w./-]+\.(?:md|py)\b", train_enat.__doc__))
+    assert "README.md" in named
+    missing = [name for name in named if not (root / name).exists() and not (root / "examples" / name).exists()]
+    assert not missing
+
+
+def test_validation_grid_upscales_each_image_and_names_each_row(tmp_path):
+    pipe = tiny_pipeline()
+    accelerator = Accelerator(cpu=True)
+    args = SimpleNamespace(output_dir=str(tmp_path), seed=0, num_validation_images=2, validation_class_labels=[1, 3],
+                           validation_num_inference_steps=2, validation_guidance_scale=None)  # fmt: skip
+    grid = Image.open(train_enat.log_validation(pipe, args, accelerator, 7)).convert("RGB")
+    images = train_enat.generate_validation_images(pipe, args, accelerator)
+    cell, band = train_enat.VALIDATION_CELL_SIZE, train_enat.VALIDATION_LABEL_HEIGHT
+    assert grid.size == (2 * cell, 2 * (band + cell))
+    for index, image in enumerate(images):  # nearest-neighbour upscaling: every pixel becomes a block
+        row, column = divmod(index, 2)
+        box = (column * cell, row * (band + cell) + band, (column + 1) * cell, (row + 1) * (band + cell))
+        assert np.array_equal(np.asarray(grid.crop(box)), np.asarray(image.resize((cell, cell), Image.NEAREST)))
+    bands = [np.asarray(grid.crop((0, row * (band + cell), 2 * cell, row * (band + cell) + band))) for row in (0, 1)]
+    assert all((strip < 128).any() for strip in bands)  # text drawn on each band ...
+    assert not np.array_equal(*bands)  # ... naming its row
+    assert train_enat.validation_row_labels(pipe, args) == ["1: goldfish", "3: tiger shark"]
+
+
+def test_validation_class_labels_take_names_and_ids():
+    id2label = {0: "blue", 1: "green, verde", 2: "red"}
+    assert train_enat.resolve_validation_class_labels(["verde", "0", "red"], id2label) == [1, 0, 2]
+    with pytest.raises(ValueError, match=r"\['purple'\] are neither class ids nor class names"):
+        train_enat.resolve_validation_class_labels(["purple"], id2label)
+
+
+def test_model_flags_accept_demo_names_and_old_flag_names_warn(assets, tmp_path):
+    from enat_diffusers.demo import demo_path
+
+    argv = ["--train_data_dir", assets.classes, "--pretrained_model_name_or_path", "demo:digits"]
+    with pytest.warns(FutureWarning, match="--validation_inference_steps is deprecated.*--validation_num_inference"):
+        args = train_enat.parse_args(argv + ["--validation_inference_steps", "3"])
+    assert args.pretrained_model_name_or_path == str(demo_path("digits"))
+    assert args.validation_num_inference_steps == 3
+
+
 @pytest.mark.parametrize("source", ["coco", "caption_folder"])
 def test_text_conditional_training(assets, tmp_path, source):
     if source == "coco":  # a new model with a separate text encoder
@@ -332,7 +433,8 @@ def test_text_conditional_training(assets, tmp_path, source):
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
     assert isinstance(pipe, ENATText2ImagePipeline) and pipe.transformer.config.text_embed_dim == 8
     assert pipe("a red tile", num_inference_steps=2).images[0].size == (8, 8)
-    assert Image.open(tmp_path / "out" / "validation" / "step-3.png").size == (8, 2 * 8)
+    cell, band = train_enat.VALIDATION_CELL_SIZE, train_enat.VALIDATION_LABEL_HEIGHT
+    assert Image.open(tmp_path / "out" / "validation" / "step-3.png").size == (cell, 2 * (band + cell))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -393,7 +495,14 @@ def test_config_checks_against_the_vq_model_and_the_pretrained_transformer(asset
 
 
 def _args(**kwargs):
-    fields = ("train_data_dir", "labels_file", "coco_captions_json", "coco_images_dir", "caption_data_dir")
+    fields = (
+        "dataset_name",
+        "train_data_dir",
+        "labels_file",
+        "coco_captions_json",
+        "coco_images_dir",
+        "caption_data_dir",
+    )
     return SimpleNamespace(**dict.fromkeys(fields) | kwargs)
 
 
@@ -490,3 +599,53 @@ def test_condition_dropout():
     assert classes.drop(labels, 0.0).equal(labels)
     text = train_enat.TextConditioning(text_encoder=None, tokenizer=None)
     assert text.drop(["a", "b"], 0.0) == ["a", "b"] and text.drop(["a", "b"], 0.999999) == ["", ""]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Damaged and changed data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _copy_classes(assets, tmp_path) -> Path:
+    classes = tmp_path / "classes"
+    shutil.copytree(assets.classes, classes)
+    return classes
+
+
+def test_token_cache_is_rebuilt_when_an_image_changes_in_place(assets, tmp_path):
+    classes = _copy_classes(assets, tmp_path)
+    argv = _class_args(assets, tmp_path, 1) + ["--train_data_dir", str(classes)]
+    train_enat.main(argv)
+    (first_cache,) = (tmp_path / "cache").iterdir()
+    edited = classes / "red" / "0.png"
+    stat = edited.stat()
+    _square(COLORS["blue"], np.random.default_rng(1)).save(edited)  # same path, other pixels
+    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # even when the clock is coarse
+
+    encode = MaskGITVQModel.encode
+    AcceleratorState._reset_state(True)
+    with mock.patch.object(MaskGITVQModel, "encode", autospec=True, side_effect=encode) as spy:
+        train_enat.main(argv)
+    assert spy.call_count > 0
+    caches = sorted((tmp_path / "cache").iterdir())
+    assert len(caches) == 2
+    (new_cache,) = [path for path in caches if path != first_cache]
+    changed = (load_file(new_cache)["token_ids"] != load_file(first_cache)["token_ids"]).flatten(1).any(1)
+    assert changed.nonzero().flatten().tolist() == [train_enat.list_class_folders(classes).image_paths.index(
+        str(edited))]  # fmt: skip
+
+
+def test_a_truncated_image_is_named_in_the_error(assets, tmp_path):
+    classes = _copy_classes(assets, tmp_path)
+    damaged = classes / "green" / "2.png"
+    damaged.write_bytes(damaged.read_bytes()[:60])
+    with pytest.raises(ValueError, match=f"cannot read the image {damaged}"):
+        train_enat.main(_class_args(assets, tmp_path, 1) + ["--train_data_dir", str(classes)])
+
+
+def test_an_empty_class_folder_is_refused_by_name(assets, tmp_path):
+    classes = _copy_classes(assets, tmp_path)
+    (classes / "purple").mkdir()
+    heavy_work = mock.patch.object(train_enat, "create_accelerator", side_effect=AssertionError("heavy work started"))
+    with heavy_work, pytest.raises(ValueError, match=r"class folder\(s\) \['purple'\] hold no images"):
+        train_enat.main(_class_args(assets, tmp_path, 1) + ["--train_data_dir", str(classes)])
