@@ -24,6 +24,7 @@ from diffusers.utils import logging
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..hub import ENATHubMixin
+from .lora_enat import ENATLoraLoaderMixin
 
 logger = logging.get_logger(__name__)
 
@@ -155,7 +156,7 @@ def parse_id2label(id2label: dict | None) -> dict[str, int]:
     return labels
 
 
-class ENATBasePipeline(ENATHubMixin, DiffusionPipeline):
+class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
     r"""
     Base of the ENAT pipelines. Serves both kinds of `ENATTransformer2DModel`: class-conditional (`class_labels`,
     ids or names from `id2label`) and text-conditioned (`prompt` / `prompt_embeds` with an optional text encoder and
