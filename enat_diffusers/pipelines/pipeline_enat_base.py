@@ -11,12 +11,14 @@ import difflib
 import inspect
 import math
 import numbers
+import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from diffusers import AmusedScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -177,6 +179,8 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
       so that saved folders restore them.
     - Set `_card_call` (the example call of the Hub model card) and `_card_pipeline_tag`.
     - Add the class to `enat_diffusers.pipelines.ENAT_PIPELINES`, the one list that registration with diffusers uses.
+    - Optionally set `_auto_pipeline_task` (`"text2image"`, `"image2image"` or `"inpainting"`) to be found by
+      diffusers' `AutoPipelineFor...` of that task (family `"enat"`).
 
     The module written next to `model_index.json` for diffusers' custom-pipeline loading is named after the module
     that defines the class (`pipeline_enat.py` for `ENATPipeline`).
@@ -185,6 +189,7 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
     model_cpu_offload_seq = "transformer->vqvae"
     _callback_tensor_inputs = ["latents"]
     _card_call: str | None = None
+    _auto_pipeline_task: str | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -382,7 +387,23 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
             )
         if latents is not None:
             self.check_latents(latents, batch_size)
+        self.check_scheduler()
         return batch_size
+
+    def check_scheduler(self) -> None:
+        """diffusers' `AmusedScheduler` knows fewer masking schedules than `ENATScheduler` (the ones its `__init__`
+        declares); a config converted from ours may name another one, which it would only refuse at the first step."""
+        if not isinstance(self.scheduler, AmusedScheduler):
+            return
+        annotation = inspect.signature(AmusedScheduler.__init__).parameters["masking_schedule"].annotation
+        supported = typing.get_args(annotation)
+        schedule = self.scheduler.config.masking_schedule
+        if supported and schedule not in supported:
+            raise ValueError(
+                f"AmusedScheduler has no {schedule!r} masking schedule (it knows {', '.join(map(repr, supported))}): "
+                f"swap with AmusedScheduler.from_config(pipe.scheduler.config, masking_schedule={supported[0]!r}), or "
+                f"use ENATScheduler for {schedule!r}"
+            )
 
     def _check_class_inputs(self, class_labels, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
         text_arguments = {
