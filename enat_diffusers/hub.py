@@ -1,9 +1,11 @@
 """Model cards for ENAT pipelines and models pushed to the Hugging Face Hub."""
 
+import contextlib
 import tempfile
 from pathlib import Path
 
 import huggingface_hub
+import huggingface_hub.errors
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from huggingface_hub import ModelCard
 
@@ -72,16 +74,31 @@ class ENATHubMixin:
         Uploads what `save_pretrained` writes to the Hub repo `repo_id` (created if needed), with the ENAT model card
         unless `subfolder` is given. Same arguments as diffusers' `push_to_hub`; returns the commit's URL.
         """
-        repo_id = huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with _hub_errors_in_one_sentence(repo_id):
+            repo_id = huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            if not subfolder:
-                self.model_card(repo_id, token=token).save(str(Path(folder) / "README.md"))
-            return huggingface_hub.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                path_in_repo=subfolder,
-                token=token,
-                commit_message=commit_message or f"Upload {type(self).__name__}",
-                create_pr=create_pr,
-            )
+            with _hub_errors_in_one_sentence(repo_id):
+                if not subfolder:
+                    self.model_card(repo_id, token=token).save(str(Path(folder) / "README.md"))
+                return huggingface_hub.upload_folder(
+                    repo_id=repo_id,
+                    folder_path=folder,
+                    path_in_repo=subfolder,
+                    token=token,
+                    commit_message=commit_message or f"Upload {type(self).__name__}",
+                    create_pr=create_pr,
+                )
+
+
+@contextlib.contextmanager
+def _hub_errors_in_one_sentence(repo_id: str):
+    """Network and authentication failures of the Hub calls as one sentence instead of a transport traceback."""
+    try:
+        yield
+    except huggingface_hub.errors.HTTPError as error:  # transport errors and the Hub's HTTP errors
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        hint = "log in with `hf auth login` or pass `token=`" if status in (401, 403) else "check the network"
+        raise ConnectionError(
+            f"pushing to the Hub repo {repo_id!r} failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no message'}); {hint}"
+        ) from None

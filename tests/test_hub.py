@@ -96,3 +96,16 @@ def test_push_to_a_subfolder_writes_no_card(hub):
     tiny_pipeline().push_to_hub("someone/enat-tiny", subfolder="v2")
     (upload,) = hub.uploads
     assert upload["readme"] is None and upload["path_in_repo"] == "v2"
+
+
+def test_an_unreachable_hub_is_one_sentence(hub):
+    import huggingface_hub.errors
+
+    def unreachable(repo_id, **_kwargs):
+        raise huggingface_hub.errors.HTTPError("[Errno -3] Temporary failure in name resolution")
+
+    with (
+        mock.patch.object(huggingface_hub, "create_repo", unreachable),
+        pytest.raises(ConnectionError, match=r"pushing to the Hub repo 'someone/x' failed .*; check the network"),
+    ):
+        tiny_pipeline().push_to_hub("someone/x")
