@@ -39,8 +39,9 @@ class ENATHubMixin:
     def _card_usage(self, repo_id: str) -> str:
         raise NotImplementedError
 
-    def model_card(self, repo_id: str, token: str | None = None) -> ModelCard:
-        """The model card (`README.md`) pushed with the weights to `repo_id`."""
+    def model_card(self, repo_id: str, token: str | None = None) -> str:
+        """The text of the model card (`README.md`) pushed with the weights to `repo_id`: the card already in the
+        repo if there is one (offline or new repos: diffusers' template), with our description, tags and usage."""
         from diffusers import DiffusionPipeline
 
         card = load_or_create_model_card(
@@ -57,7 +58,7 @@ class ENATHubMixin:
             card.data.license = "apache-2.0"
         if self._card_pipeline_tag and card.data.pipeline_tag is None:
             card.data.pipeline_tag = self._card_pipeline_tag
-        return card
+        return str(ModelCard(str(card)))
 
     def push_to_hub(
         self,
@@ -80,7 +81,7 @@ class ENATHubMixin:
             self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
             with _hub_errors_in_one_sentence(repo_id):
                 if not subfolder:
-                    self.model_card(repo_id, token=token).save(str(Path(folder) / "README.md"))
+                    (Path(folder) / "README.md").write_text(self.model_card(repo_id, token=token))
                 return huggingface_hub.upload_folder(
                     repo_id=repo_id,
                     folder_path=folder,
