@@ -133,3 +133,25 @@ def test_foreign_or_missing_weights_are_refused(tmp_path):
         pipe.load_lora_weights({"unet.down.lora_A.weight": torch.zeros(1)})
     with pytest.raises(FileNotFoundError, match="no LoRA weights 'pytorch_lora_weights.safetensors'"):
         pipe.load_lora_weights(tmp_path)
+
+
+def test_the_text_pipeline_loads_a_lora_the_same_way(tmp_path):
+    from .tiny_components import tiny_text_pipeline
+
+    trained = tiny_text_pipeline(tmp_path / "clip")
+    trained.transformer.add_adapter(LoraConfig(r=2, target_modules=LORA_TARGETS, init_lora_weights=False))
+    trained.save_lora_weights(
+        tmp_path / "lora",
+        transformer_lora_layers=get_peft_model_state_dict(trained.transformer),
+        transformer_lora_adapter_metadata=trained.transformer.peft_config["default"].to_dict(),
+    )
+    pipe = tiny_text_pipeline(tmp_path / "clip")
+    original = _latents_text(pipe)
+    pipe.load_lora_weights(tmp_path / "lora")
+    assert torch.equal(_latents_text(pipe), _latents_text(trained)) and not torch.equal(_latents_text(pipe), original)
+    pipe.unload_lora_weights()
+    assert torch.equal(_latents_text(pipe), original)
+
+
+def _latents_text(pipe):
+    return pipe("a cat", num_inference_steps=3, generator=torch.manual_seed(0), output_type="latent").images

@@ -192,7 +192,9 @@ class ENATLoraLoaderMixin(LoraBaseMixin):
         Writes `transformer_lora_layers` (`peft.get_peft_model_state_dict(transformer)`, keys without the
         `transformer.` prefix) to `<save_directory>/pytorch_lora_weights.safetensors`, with the LoRA config
         (`transformer_lora_adapter_metadata`, e.g. `transformer.peft_config["default"].to_dict()`), a resized
-        `class_embedding` `(num_classes + 1, hidden_size)` and its `id2label`. Returns the file's path.
+        `class_embedding` `(num_classes + 1, hidden_size)` and its `id2label`. Returns the file's path. Without the
+        LoRA config, loading infers the rank from the weights and takes `lora_alpha = r` (diffusers' convention), so
+        pass it when `lora_alpha != r`.
         """
         if not transformer_lora_layers:
             raise ValueError("`transformer_lora_layers` is required: peft.get_peft_model_state_dict(transformer)")
