@@ -182,6 +182,8 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
     - Optionally set `_auto_pipeline_task` (`"text2image"`, `"image2image"` or `"inpainting"`) to be found by
       diffusers' `AutoPipelineFor...` of that task (family `"enat"`).
 
+    An intermediate base class that is not a pipeline of its own sets `_abstract = True` (then these checks skip it).
+
     The module written next to `model_index.json` for diffusers' custom-pipeline loading is named after the module
     that defines the class (`pipeline_enat.py` for `ENATPipeline`).
     """
@@ -473,7 +475,7 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
             if isinstance(negative_prompt, list) and len(negative_prompt) != num_prompts:
                 raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries for {num_prompts} prompts")
         if negative_prompt_embeds is not None:
-            reference = prompt_embeds if prompt_embeds is not None else None
+            reference = prompt_embeds
             expected_shape = (num_prompts, "text_length", config.text_embed_dim)
             if (
                 not isinstance(negative_prompt_embeds, torch.Tensor)
