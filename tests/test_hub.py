@@ -5,10 +5,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
+import huggingface_hub
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils import hub_utils
 
 from .tiny_components import fill_hub_cache, tiny_pipeline, tiny_text_pipeline
 
@@ -37,8 +37,8 @@ class FakeHub:
 def hub(tmp_path):
     fake = FakeHub(tmp_path / "uploaded")
     with (
-        mock.patch.object(hub_utils, "create_repo", fake.create_repo),
-        mock.patch.object(hub_utils, "upload_folder", fake.upload_folder),
+        mock.patch.object(huggingface_hub, "create_repo", fake.create_repo),
+        mock.patch.object(huggingface_hub, "upload_folder", fake.upload_folder),
     ):
         yield fake
 
@@ -83,3 +83,29 @@ def test_pushed_folder_loads_back_as_the_card_says(hub, tmp_path):
     assert all(
         torch.equal(a, b) for a, b in zip(loaded.transformer.parameters(), pipe.transformer.parameters(), strict=True)
     )
+
+
+def test_the_card_comes_through_public_seams_only():
+    """diffusers' private `_upload_folder` is not overridden: `push_to_hub` is, with public pieces."""
+    from enat_diffusers.hub import ENATHubMixin
+
+    assert "_upload_folder" not in vars(ENATHubMixin) and "push_to_hub" in vars(ENATHubMixin)
+
+
+def test_push_to_a_subfolder_writes_no_card(hub):
+    tiny_pipeline().push_to_hub("someone/enat-tiny", subfolder="v2")
+    (upload,) = hub.uploads
+    assert upload["readme"] is None and upload["path_in_repo"] == "v2"
+
+
+def test_an_unreachable_hub_is_one_sentence(hub):
+    import huggingface_hub.errors
+
+    def unreachable(repo_id, **_kwargs):
+        raise huggingface_hub.errors.HTTPError("[Errno -3] Temporary failure in name resolution")
+
+    with (
+        mock.patch.object(huggingface_hub, "create_repo", unreachable),
+        pytest.raises(ConnectionError, match=r"pushing to the Hub repo 'someone/x' failed .*; check the network"),
+    ):
+        tiny_pipeline().push_to_hub("someone/x")

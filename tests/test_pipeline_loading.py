@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -56,9 +57,11 @@ def test_diffusion_pipeline_from_pretrained_folder(saved):
     _assert_same_pipeline(DiffusionPipeline.from_pretrained(folder), pipe)
 
 
-def test_enat_pipeline_from_pretrained_with_dtype(saved):
+def test_enat_pipeline_from_pretrained_with_dtype_warns_nothing(saved):
     pipe, folder = saved
-    loaded = ENATPipeline.from_pretrained(folder, torch_dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = ENATPipeline.from_pretrained(folder, dtype=torch.float16)
     assert loaded.transformer.dtype == torch.float16 and loaded.vqvae.dtype == torch.float16
     _assert_same_pipeline(loaded, pipe)
 
@@ -180,3 +183,58 @@ def test_a_subclass_that_follows_the_rules_saves_and_loads_its_defaults(tmp_path
     pipe.save_pretrained(tmp_path)
     assert "from tests.test_pipeline_loading import Minimal" in (tmp_path / "test_pipeline_loading.py").read_text()
     assert Minimal.from_pretrained(tmp_path).config.default_guidance_scale == 5.0
+
+
+def test_passing_a_component_to_from_pretrained_is_type_checked_without_a_warning(saved, capfd):
+    pipe, folder = saved
+    capfd.readouterr()
+    loaded = ENATPipeline.from_pretrained(folder, transformer=pipe.transformer)
+    assert loaded.transformer is pipe.transformer
+    assert "non-standard module" not in capfd.readouterr().err
+    with pytest.raises(ValueError, match="ENATScheduler'>, but should be <class 'diffusers.*ModelMixin'>"):
+        ENATPipeline.from_pretrained(folder, transformer=pipe.scheduler)
+
+
+def test_swapping_to_amused_scheduler_and_back_warns_nothing_and_keeps_our_settings(capfd):
+    from diffusers import AmusedScheduler
+
+    enat = ENATScheduler(mask_token_id=16, mask_temperature=2.0, sample_temperature=3.0)
+    capfd.readouterr()
+    amused = AmusedScheduler.from_config(enat.config)
+    back = ENATScheduler.from_config(amused.config)
+    assert "will be ignored" not in capfd.readouterr().err
+    assert amused.config.mask_token_id == 16 and AmusedScheduler in enat.compatibles
+    assert (back.config.mask_temperature, back.config.sample_temperature) == (2.0, 3.0)
+
+
+def test_amused_scheduler_without_the_masking_schedule_fails_before_any_model_runs():
+    from diffusers import AmusedScheduler
+
+    pipe = tiny_pipeline()
+    pipe.scheduler = AmusedScheduler.from_config(ENATScheduler(mask_token_id=16, masking_schedule="pow").config)
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match="AmusedScheduler has no 'pow' masking schedule .*use ENATScheduler"):
+        pipe([1], num_inference_steps=2)
+    handle.remove()
+    assert calls == []
+
+
+def test_auto_pipeline_for_text2image_loads_and_converts_the_text_pipeline(tmp_path):
+    from diffusers import AutoPipelineForText2Image
+
+    from .tiny_components import tiny_text_pipeline
+
+    pipe = tiny_text_pipeline(tmp_path / "clip")
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = AutoPipelineForText2Image.from_pretrained(tmp_path / "saved")
+    assert type(loaded) is ENATText2ImagePipeline
+    assert type(AutoPipelineForText2Image.from_pipe(pipe)) is ENATText2ImagePipeline
+
+
+def test_auto_pipeline_for_text2image_refuses_the_class_conditional_pipeline(saved):
+    from diffusers import AutoPipelineForText2Image
+
+    _, folder = saved
+    with pytest.raises(ValueError, match="ENATPipeline"):
+        AutoPipelineForText2Image.from_pretrained(folder)

@@ -18,6 +18,8 @@ ALLOWED_SKIP_REASONS = {
     "needs a dataset",
     "needs the reference repository",
 }
+# What a warning on stderr looks like: Python's warnings, diffusers' and transformers' logger warnings we know of.
+WARNING_MARKS = ("Warning:", "will be ignored", "non-standard module", "deprecated", "cannot verify")
 BLOCK = re.compile(r"^```(?P<language>python|bash)\n(?P<code>.*?)^```", re.MULTILINE | re.DOTALL)
 
 
@@ -58,3 +60,6 @@ def test_readme_block_runs(language, code, skip_reason, tmp_path):
         (tmp_path / folder).symlink_to(REPO / folder, target_is_directory=True)
     result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{language} block failed:\n{code}\n--- stderr ---\n{result.stderr[-3000:]}"
+    if language == "python":  # the documented Python paths warn nothing (progress bars are all they print there)
+        noise = [line for line in result.stderr.splitlines() if any(mark in line for mark in WARNING_MARKS)]
+        assert not noise, f"python block warned:\n{code}\n--- warnings ---\n" + "\n".join(noise[:10])

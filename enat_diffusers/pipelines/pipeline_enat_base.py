@@ -11,12 +11,14 @@ import difflib
 import inspect
 import math
 import numbers
+import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from diffusers import AmusedScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -24,6 +26,7 @@ from diffusers.utils import logging
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..hub import ENATHubMixin
+from .lora_enat import ENATLoraLoaderMixin
 
 logger = logging.get_logger(__name__)
 
@@ -155,7 +158,7 @@ def parse_id2label(id2label: dict | None) -> dict[str, int]:
     return labels
 
 
-class ENATBasePipeline(ENATHubMixin, DiffusionPipeline):
+class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
     r"""
     Base of the ENAT pipelines. Serves both kinds of `ENATTransformer2DModel`: class-conditional (`class_labels`,
     ids or names from `id2label`) and text-conditioned (`prompt` / `prompt_embeds` with an optional text encoder and
@@ -176,6 +179,10 @@ class ENATBasePipeline(ENATHubMixin, DiffusionPipeline):
       so that saved folders restore them.
     - Set `_card_call` (the example call of the Hub model card) and `_card_pipeline_tag`.
     - Add the class to `enat_diffusers.pipelines.ENAT_PIPELINES`, the one list that registration with diffusers uses.
+    - Optionally set `_auto_pipeline_task` (`"text2image"`, `"image2image"` or `"inpainting"`) to be found by
+      diffusers' `AutoPipelineFor...` of that task (family `"enat"`).
+
+    An intermediate base class that is not a pipeline of its own sets `_abstract = True` (then these checks skip it).
 
     The module written next to `model_index.json` for diffusers' custom-pipeline loading is named after the module
     that defines the class (`pipeline_enat.py` for `ENATPipeline`).
@@ -184,6 +191,7 @@ class ENATBasePipeline(ENATHubMixin, DiffusionPipeline):
     model_cpu_offload_seq = "transformer->vqvae"
     _callback_tensor_inputs = ["latents"]
     _card_call: str | None = None
+    _auto_pipeline_task: str | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -381,7 +389,23 @@ class ENATBasePipeline(ENATHubMixin, DiffusionPipeline):
             )
         if latents is not None:
             self.check_latents(latents, batch_size)
+        self.check_scheduler()
         return batch_size
+
+    def check_scheduler(self) -> None:
+        """diffusers' `AmusedScheduler` knows fewer masking schedules than `ENATScheduler` (the ones its `__init__`
+        declares); a config converted from ours may name another one, which it would only refuse at the first step."""
+        if not isinstance(self.scheduler, AmusedScheduler):
+            return
+        annotation = inspect.signature(AmusedScheduler.__init__).parameters["masking_schedule"].annotation
+        supported = typing.get_args(annotation)
+        schedule = self.scheduler.config.masking_schedule
+        if supported and schedule not in supported:
+            raise ValueError(
+                f"AmusedScheduler has no {schedule!r} masking schedule (it knows {', '.join(map(repr, supported))}): "
+                f"swap with AmusedScheduler.from_config(pipe.scheduler.config, masking_schedule={supported[0]!r}), or "
+                f"use ENATScheduler for {schedule!r}"
+            )
 
     def _check_class_inputs(self, class_labels, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
         text_arguments = {
@@ -451,7 +475,7 @@ class ENATBasePipeline(ENATHubMixin, DiffusionPipeline):
             if isinstance(negative_prompt, list) and len(negative_prompt) != num_prompts:
                 raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries for {num_prompts} prompts")
         if negative_prompt_embeds is not None:
-            reference = prompt_embeds if prompt_embeds is not None else None
+            reference = prompt_embeds
             expected_shape = (num_prompts, "text_length", config.text_embed_dim)
             if (
                 not isinstance(negative_prompt_embeds, torch.Tensor)

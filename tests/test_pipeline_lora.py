@@ -1,0 +1,157 @@
+"""LoRA through the pipelines: load/unload/fuse/unfuse/save in diffusers' pipeline-loader shape."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+
+from .tiny_components import CODEBOOK_SIZE, GRID, NUM_CLASSES, TINY_TRANSFORMER_CONFIG, tiny_pipeline, tiny_transformer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+LORA_TARGETS = ["to_q", "to_kv", "to_out"]
+
+
+def _trained_lora(seed: int = 1):
+    """A tiny transformer with a LoRA whose B matrices are not zero (as after training)."""
+    transformer = tiny_transformer()
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3)
+    return transformer
+
+
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory):
+    transformer = _trained_lora()
+    folder = tmp_path_factory.mktemp("lora")
+    path = tiny_pipeline().save_lora_weights(
+        folder,
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+    )
+    return folder, path
+
+
+def _logits(transformer, labels=(1, 2)):
+    ids = torch.full((len(labels), GRID, GRID), CODEBOOK_SIZE)
+    ids[:, 0] = torch.arange(GRID)
+    with torch.no_grad():
+        return transformer(ids, class_labels=torch.tensor(labels)).logits
+
+
+def _latents(pipe, labels=(1, 2)):
+    return pipe(list(labels), num_inference_steps=4, generator=torch.manual_seed(0), output_type="latent").images
+
+
+def test_saved_file_has_the_contract_layout(lora_folder):
+    _, path = lora_folder
+    assert path.name == "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+        metadata = handle.metadata()
+    assert keys and all(key.startswith("transformer.") and "lora" in key and ".default." not in key for key in keys)
+    assert json.loads(metadata["lora_adapter_metadata"])["transformer.r"] == 4
+
+
+def test_pipeline_loading_equals_the_transformers_own_loader_and_unload_restores(lora_folder):
+    folder, path = lora_folder
+    pipe = tiny_pipeline()
+    original_logits, original_latents = _logits(pipe.transformer), _latents(pipe)
+    pipe.load_lora_weights(folder)
+    by_hand = tiny_transformer()
+    by_hand.load_lora_adapter(str(path), prefix="transformer")
+    with_lora = _logits(pipe.transformer)
+    assert torch.equal(with_lora, _logits(by_hand)) and not torch.allclose(with_lora, original_logits, atol=1e-3)
+    assert torch.equal(with_lora, _logits(_trained_lora()))
+    assert not torch.equal(_latents(pipe), original_latents)
+    pipe.unload_lora_weights()
+    assert torch.equal(_logits(pipe.transformer), original_logits) and torch.equal(_latents(pipe), original_latents)
+
+
+def test_fuse_and_unfuse(lora_folder):
+    folder, _ = lora_folder
+    pipe = tiny_pipeline()
+    original = _logits(pipe.transformer)
+    pipe.load_lora_weights(folder, adapter_name="style")
+    unfused = _logits(pipe.transformer)
+    pipe.fuse_lora()
+    assert pipe.fused_loras == {"style"}
+    assert torch.allclose(_logits(pipe.transformer), unfused, atol=1e-5)
+    pipe.unload_lora_weights()  # fused weights stay
+    assert torch.allclose(_logits(pipe.transformer), unfused, atol=1e-5)
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(folder)
+    pipe.fuse_lora()
+    pipe.unfuse_lora()
+    assert torch.allclose(_logits(pipe.transformer), unfused, atol=1e-5)
+    pipe.unload_lora_weights()
+    assert torch.allclose(_logits(pipe.transformer), original, atol=1e-5)
+
+
+def test_a_state_dict_loads_like_the_file(lora_folder):
+    folder, path = lora_folder
+    with safe_open(str(path), framework="pt") as handle:
+        state_dict = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    from_file, from_dict = tiny_pipeline(), tiny_pipeline()
+    from_file.load_lora_weights(folder)
+    from_dict.load_lora_weights(state_dict)
+    assert torch.equal(_logits(from_file.transformer), _logits(from_dict.transformer))
+
+
+def test_new_classes_resize_the_class_embedding_and_unload_restores_it(tmp_path):
+    transformer = _trained_lora()
+    extra = {5: "seahorse", 6: "octopus, devil fish"}
+    weight = torch.cat([transformer.class_embedding.weight[:NUM_CLASSES], torch.randn(2, TINY_TRANSFORMER_CONFIG["hidden_size"]),
+                        transformer.class_embedding.weight[NUM_CLASSES:]])  # fmt: skip
+    id2label = {**tiny_pipeline().config.id2label, **extra}
+    tiny_pipeline().save_lora_weights(
+        tmp_path, transformer_lora_layers=get_peft_model_state_dict(transformer), class_embedding=weight,
+        id2label=id2label,
+    )  # fmt: skip
+    pipe = tiny_pipeline()
+    original = _latents(pipe)
+    pipe.load_lora_weights(tmp_path)
+    assert pipe.transformer.config.num_classes == NUM_CLASSES + 2 and pipe.transformer.null_class_label == 7
+    assert pipe.get_label_ids(["devil fish", "goldfish"]) == [6, 1]
+    images = pipe(["octopus", "seahorse"], num_inference_steps=2, output_type="latent").images
+    assert images.shape == (2, GRID, GRID)
+    pipe.unload_lora_weights()
+    assert pipe.transformer.config.num_classes == NUM_CLASSES and "octopus" not in pipe.labels
+    assert torch.equal(_latents(pipe), original)
+
+
+def test_foreign_or_missing_weights_are_refused(tmp_path):
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="not an ENAT LoRA"):
+        pipe.load_lora_weights({"unet.down.lora_A.weight": torch.zeros(1)})
+    with pytest.raises(FileNotFoundError, match="no LoRA weights 'pytorch_lora_weights.safetensors'"):
+        pipe.load_lora_weights(tmp_path)
+
+
+def test_the_text_pipeline_loads_a_lora_the_same_way(tmp_path):
+    from .tiny_components import tiny_text_pipeline
+
+    trained = tiny_text_pipeline(tmp_path / "clip")
+    trained.transformer.add_adapter(LoraConfig(r=2, target_modules=LORA_TARGETS, init_lora_weights=False))
+    trained.save_lora_weights(
+        tmp_path / "lora",
+        transformer_lora_layers=get_peft_model_state_dict(trained.transformer),
+        transformer_lora_adapter_metadata=trained.transformer.peft_config["default"].to_dict(),
+    )
+    pipe = tiny_text_pipeline(tmp_path / "clip")
+    original = _latents_text(pipe)
+    pipe.load_lora_weights(tmp_path / "lora")
+    assert torch.equal(_latents_text(pipe), _latents_text(trained)) and not torch.equal(_latents_text(pipe), original)
+    pipe.unload_lora_weights()
+    assert torch.equal(_latents_text(pipe), original)
+
+
+def _latents_text(pipe):
+    return pipe("a cat", num_inference_steps=3, generator=torch.manual_seed(0), output_type="latent").images
