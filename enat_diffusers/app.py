@@ -374,14 +374,15 @@ def _mark_tokens(
     return image
 
 
-def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
-    """The Gradio page of `app`. Sampling runs through Gradio's queue, up to `concurrency_limit` requests at once."""
+def page_handlers(app: ENATApp):
+    """The functions behind the page's events, `(generate, show_steps)`: they turn every failure into a `gr.Error`
+    sentence shown in the page (the traceback of an unexpected one goes to the terminal), so the app keeps
+    serving."""
     from .script_utils import require_optional
 
     gr = require_optional("gradio", "app", "The ENAT app")
-    pipeline_config = app.pipeline.config
 
-    def run(condition, num_images, steps, guidance_scale, masking_schedule, seed, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for progress)
+    def generate(condition, num_images, steps, guidance_scale, masking_schedule, seed, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for progress)
         def on_step(step_index: int, num_steps: int) -> None:
             progress((step_index + 1, num_steps), desc="sampling", unit="steps")
 
@@ -390,14 +391,14 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
             frames = app.step_frames(result, 0)
         except AppInputError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        except Exception as error:  # the page gets a sentence, the terminal the traceback
+        except Exception as error:
             logger.exception("generation failed")
             raise gr.Error(f"Generation failed: {type(error).__name__}: {error}", print_exception=False) from None
         gallery = [(upscale(image), caption) for image, caption in zip(result.images, result.captions, strict=True)]
         status = f"{len(result.images)} image(s), {len(result.steps)} steps each."
         return gallery, [(frame.image, frame.caption) for frame in frames], status, result
 
-    def show_steps(result, event: gr.SelectData):
+    def show_steps(result: GenerationResult | None, event: gr.SelectData):
         if result is None:
             return gr.update()
         try:
@@ -407,6 +408,17 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
         return gr.update(
             value=[(frame.image, frame.caption) for frame in frames], label=f"Step by step: image {event.index + 1}"
         )
+
+    return generate, show_steps
+
+
+def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
+    """The Gradio page of `app`. Sampling runs through Gradio's queue, up to `concurrency_limit` requests at once."""
+    from .script_utils import require_optional
+
+    gr = require_optional("gradio", "app", "The ENAT app")
+    pipeline_config = app.pipeline.config
+    run, show_steps = page_handlers(app)
 
     title = f"ENAT: {app.model_name}" if app.model_name else "ENAT"
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
@@ -449,9 +461,16 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="enat-status")
                 gallery = gr.Gallery(
-                    label="Images", format="png", columns=4, buttons=["download", "fullscreen"], elem_id="enat-gallery"
+                    label="Images",
+                    format="png",
+                    columns=4,
+                    object_fit="contain",
+                    buttons=["download", "fullscreen"],
+                    elem_id="enat-gallery",
                 )
-                step_view = gr.Gallery(label="Step by step: image 1", format="png", columns=4, elem_id="enat-steps")
+                step_view = gr.Gallery(
+                    label="Step by step: image 1", format="png", columns=4, object_fit="contain", elem_id="enat-steps"
+                )
                 gr.Markdown(STEP_VIEW_LEGEND)
         result_state = gr.State()
         random_seed.click(lambda: random.randint(0, MAX_SEED), outputs=seed, queue=False)
