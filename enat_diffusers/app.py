@@ -16,6 +16,7 @@ how much of it is already fixed.
 
 import argparse
 import copy
+import difflib
 import logging
 import math
 import random
@@ -178,10 +179,11 @@ class ENATApp:
                     raise AppInputError(f"Class: {class_id} is not a class id of this model (0 to {num_classes - 1}).")
                 ids.append(class_id)
                 continue
-            try:
-                ids.extend(self.pipeline.get_label_ids(label))
-            except ValueError as error:
-                raise AppInputError(f"Class: {error}") from None
+            if label not in self.pipeline.labels:
+                matches = difflib.get_close_matches(label, list(self.pipeline.labels), n=3, cutoff=0.5)
+                hint = f" Did you mean {' or '.join(repr(match) for match in matches)}?" if matches else ""
+                raise AppInputError(f"Class: unknown class name {label!r}.{hint} Pick a class from the list.")
+            ids.extend(self.pipeline.get_label_ids(label))
         return ids
 
     def check_request(
