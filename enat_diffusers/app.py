@@ -487,7 +487,7 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m enat_diffusers.app", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
