@@ -199,7 +199,7 @@ def test_two_concurrent_requests_give_the_images_each_gives_alone(app):
             assert torch.equal(record.after, reference_record.after)
 
 
-def test_page_shows_errors_as_messages_and_keeps_serving(app):
+def test_page_reports_progress_per_step_shows_errors_as_messages_and_keeps_serving(app):
     gr = pytest.importorskip("gradio", reason="the page handlers need the app extra: pip install -e '.[app]'")
     from enat_diffusers.app import page_handlers
 
@@ -211,7 +211,11 @@ def test_page_shows_errors_as_messages_and_keeps_serving(app):
     with pytest.raises(gr.Error, match="Steps:"):
         generate(["seven"], 1, 99, 2.5, "cosine", 0)
 
-    gallery, step_view, status, result = generate(["seven"], 3, 5, 2.5, "cosine", 0)
+    progress_updates = []
+    gallery, step_view, status, result = generate(
+        ["seven"], 3, 5, 2.5, "cosine", 0, progress=lambda done, **details: progress_updates.append(done)
+    )
+    assert progress_updates == [(step, 5) for step in range(1, 6)]
     assert [caption for _, caption in gallery] == ["seven · seed 0", "seven · seed 1", "seven · seed 2"]
     assert all(image.size == (256, 256) for image, _ in gallery)
     assert len(step_view) == 5

@@ -37,10 +37,12 @@ sync_api = pytest.importorskip(
 )
 
 
+@pytest.fixture(scope="module")
 def chromium_executable() -> str:
+    """Checked before the app is started, so that a machine without a browser skips at once."""
     path = os.environ.get("ENAT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path:
-        pytest.skip("no Chromium executable (install Debian's chromium package, or set ENAT_CHROMIUM)")
+    if not path or not os.access(path, os.X_OK):
+        pytest.skip(f"no Chromium executable ({path or 'chromium not on PATH'}): install Debian's chromium package")
     return path
 
 
@@ -51,7 +53,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_url(chromium_executable, tmp_path_factory):
     """Starts the app as a user does, with the digits demo on one thread, and stops it afterwards."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("app") / "server.log"
@@ -97,8 +99,8 @@ def app_url(tmp_path_factory):
 
 
 @pytest.fixture
-def page(tmp_path):
-    executable = chromium_executable()
+def page(chromium_executable, tmp_path):
+    executable = chromium_executable
     with sync_api.sync_playwright() as playwright:
         try:
             context = playwright.chromium.launch_persistent_context(
