@@ -141,6 +141,10 @@ class ENATApp:
         return isinstance(self.pipeline, ENATText2ImagePipeline)
 
     @property
+    def images_label(self) -> str:
+        return "Images" if self.is_text_to_image else "Images per class"
+
+    @property
     def num_tokens(self) -> int:
         return self.pipeline.token_grid_size**2
 
@@ -196,9 +200,9 @@ class ENATApp:
         seed: int,
     ) -> tuple[dict, list[str]]:
         """The pipeline's conditioning arguments and one caption per image, or an `AppInputError` naming the input."""
-        num_images = _whole_number(num_images, "Images per class" if not self.is_text_to_image else "Images")
+        num_images = _whole_number(num_images, self.images_label)
         if not 1 <= num_images <= MAX_IMAGES_PER_CONDITION:
-            raise AppInputError(f"Images: choose 1 to {MAX_IMAGES_PER_CONDITION}, got {num_images}.")
+            raise AppInputError(f"{self.images_label}: choose 1 to {MAX_IMAGES_PER_CONDITION}, got {num_images}.")
         steps = _whole_number(num_inference_steps, "Steps")
         if not 1 <= steps <= self.num_tokens:
             raise AppInputError(
@@ -225,7 +229,7 @@ class ENATApp:
         class_ids = self.parse_class_labels(condition)
         if len(class_ids) * num_images > MAX_IMAGES_PER_REQUEST:
             raise AppInputError(
-                f"Images: {len(class_ids)} classes x {num_images} images is more than {MAX_IMAGES_PER_REQUEST} "
+                f"{self.images_label}: {len(class_ids)} classes x {num_images} images is more than {MAX_IMAGES_PER_REQUEST} "
                 "images per request."
             )
         names = self.class_names()
@@ -432,7 +436,6 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
             with gr.Column(scale=1):
                 if app.is_text_to_image:
                     condition = gr.Textbox(label="Prompt", elem_id="enat-condition")
-                    images_label = "Images"
                 else:
                     condition = gr.Dropdown(
                         choices=app.class_choices(),
@@ -443,13 +446,16 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
                         info="Pick classes, or type a class name or id.",
                         elem_id="enat-condition",
                     )
-                    images_label = "Images per class"
-                num_images = gr.Slider(1, MAX_IMAGES_PER_CONDITION, value=1, step=1, label=images_label)
+                num_images = gr.Slider(1, MAX_IMAGES_PER_CONDITION, value=1, step=1, label=app.images_label)
                 steps = gr.Slider(
                     1, app.num_tokens, value=pipeline_config.default_num_inference_steps, step=1, label="Steps"
                 )
                 guidance = gr.Slider(
-                    0, MAX_GUIDANCE_SCALE, value=pipeline_config.default_guidance_scale, step=0.5, label="Guidance"
+                    0,
+                    MAX_GUIDANCE_SCALE,
+                    value=pipeline_config.default_guidance_scale,
+                    step=0.5,
+                    label="Guidance scale",
                 )
                 masking_schedule = gr.Dropdown(
                     choices=list(app.masking_schedules),

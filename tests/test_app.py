@@ -134,7 +134,7 @@ def test_step_frames_frame_revealed_tokens_and_fade_masked_ones(app):
         ({"condition": []}, r"Class: choose at least one class"),
         ({"num_inference_steps": 40}, r"Steps: this model has 16 tokens per image, so choose 1 to 16 steps, got 40"),
         ({"num_inference_steps": 2.5}, r"Steps: enter a whole number"),
-        ({"num_images": 9}, r"Images: choose 1 to 8"),
+        ({"num_images": 9}, r"Images per class: choose 1 to 8"),
         ({"condition": ["1", "2", "3"], "num_images": 6}, r"3 classes x 6 images is more than 16"),
         ({"guidance_scale": -1.0}, r"Guidance scale: choose a number from 0"),
         ({"masking_schedule": "zigzag"}, r"Masking schedule: choose one of cosine, linear, arccos, pow"),
