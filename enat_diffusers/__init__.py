@@ -12,7 +12,14 @@ from .models import (
     MaskGITVQModel,
     MaskGITVQModelOutput,
 )
-from .pipelines import ENATPipeline, ENATText2ImagePipeline, encode_text
+from .pipelines import (
+    ENAT_PIPELINES,
+    ENATBasePipeline,
+    ENATPipeline,
+    ENATPromptEmbeds,
+    ENATText2ImagePipeline,
+    encode_text,
+)
 from .schedulers import ENATScheduler, ENATSchedulerOutput
 
 __version__ = "0.1.0.dev0"
@@ -20,8 +27,11 @@ __version__ = "0.1.0.dev0"
 register_with_diffusers()
 
 __all__ = [
+    "ENAT_PIPELINES",
     "ENAT_PRESETS",
+    "ENATBasePipeline",
     "ENATPipeline",
+    "ENATPromptEmbeds",
     "ENATConditioning",
     "ENATReuseState",
     "ENATScheduler",

@@ -11,15 +11,14 @@ import diffusers
 import diffusers.pipelines
 
 from .models import transformer_enat, vq_maskgit
-from .pipelines import ENATPipeline, ENATText2ImagePipeline
+from .pipelines import ENAT_PIPELINES
 from .schedulers import scheduling_enat
 
-PIPELINE_CLASSES = (ENATPipeline, ENATText2ImagePipeline)
 COMPONENT_MODULES = (transformer_enat, vq_maskgit, scheduling_enat)
 
 
 def register_with_diffusers() -> None:
-    for pipeline_class in PIPELINE_CLASSES:
+    for pipeline_class in ENAT_PIPELINES:
         setattr(diffusers, pipeline_class.__name__, pipeline_class)
     for module in COMPONENT_MODULES:
         setattr(diffusers.pipelines, module.__name__, module)

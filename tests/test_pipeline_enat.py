@@ -1,12 +1,14 @@
 """ENATPipeline: sampling behaviour, guidance with reuse, generators, callbacks, errors, scheduler swaps."""
 
+import json
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from diffusers import AmusedScheduler
 
-from enat_diffusers import ENATScheduler
+from enat_diffusers import ENATPipeline, ENATScheduler
 
 from .tiny_components import CODEBOOK_SIZE, GRID, NUM_CLASSES, TransformerCalls, tiny_pipeline
 
@@ -54,7 +56,7 @@ def test_guidance_runs_both_streams_in_one_forward_with_reuse(pipe):
     pipe([1, 2], num_inference_steps=5, output_type="latent")
     recorder.remove()
     assert recorder.calls == [(4, False)] + [(4, True)] * 4
-    assert pipe.num_timesteps == 5 and pipe.do_classifier_free_guidance and pipe.guidance_scale == 2.5
+    assert pipe.num_timesteps == 5 and pipe.do_classifier_free_guidance and pipe.guidance_scale == 3.5
 
 
 def test_the_condition_is_prepared_once_per_call(pipe):
@@ -81,24 +83,55 @@ def test_guidance_changes_the_result_and_the_schedule_matters(pipe):
     assert not torch.equal(unguided, linear) and not torch.equal(linear, constant)
 
 
-def test_reuse_matches_the_guided_logits_of_the_reference_formula(pipe, monkeypatch):
-    """The first step is unguided and step k uses weight scale * k / T (the reference's linear ramp)."""
+def _guided_and_stream_logits(pipe, monkeypatch, **kwargs):
+    """The logits the scheduler got at every step, and the transformer's (conditional; unconditional) logits."""
     seen = []
     original_step = pipe.scheduler.step
 
-    def spy(model_output, timestep, sample, **kwargs):
+    def spy(model_output, timestep, sample, **step_kwargs):
         seen.append(model_output.clone())
-        return original_step(model_output, timestep, sample, **kwargs)
+        return original_step(model_output, timestep, sample, **step_kwargs)
 
     monkeypatch.setattr(pipe.scheduler, "step", spy)
     outputs = []
     handle = pipe.transformer.register_forward_hook(lambda _m, _a, output: outputs.append(output.logits.clone()))
-    pipe([1, 2], num_inference_steps=4, guidance_scale=3.0, output_type="latent")
+    pipe([1, 2], output_type="latent", **kwargs)
     handle.remove()
+    monkeypatch.undo()
+    return seen, outputs
+
+
+def test_guidance_has_diffusers_meaning_with_the_reference_linear_ramp(pipe, monkeypatch):
+    """`uncond + s_k * (cond - uncond)` with `s_k = 1 + (s - 1) * k / T`; bit for bit the reference's
+    `cond + cfg * k / T * (cond - uncond)` with `cfg = s - 1`."""
+    seen, outputs = _guided_and_stream_logits(pipe, monkeypatch, num_inference_steps=4, guidance_scale=3.5)
     for step, (guided, logits) in enumerate(zip(seen, outputs, strict=True)):
         conditional, unconditional = logits.chunk(2)
-        expected = conditional + 3.0 * step / 4 * (conditional - unconditional)
-        assert torch.allclose(guided, expected)
+        scale = 1 + (3.5 - 1) * step / 4
+        assert torch.allclose(guided, unconditional + scale * (conditional - unconditional), atol=1e-5)
+        reference_weight = (1.0 * step / 4) * 2.5  # the reference sampler's weight with its cfg = 2.5
+        assert torch.equal(guided, conditional + reference_weight * (conditional - unconditional))
+
+
+def test_constant_guidance_uses_the_scale_at_every_step(pipe, monkeypatch):
+    seen, outputs = _guided_and_stream_logits(
+        pipe, monkeypatch, num_inference_steps=3, guidance_scale=2.0, guidance_schedule="constant"
+    )
+    for guided, logits in zip(seen, outputs, strict=True):
+        conditional, unconditional = logits.chunk(2)
+        assert torch.allclose(guided, unconditional + 2.0 * (conditional - unconditional), atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
+def test_guidance_scale_up_to_one_runs_a_single_unguided_stream(pipe, scale):
+    recorder = TransformerCalls(pipe.transformer)
+    pipe([1, 2], num_inference_steps=2, guidance_scale=scale, output_type="latent")
+    recorder.remove()
+    assert recorder.calls == [(2, False), (2, True)] and not pipe.do_classifier_free_guidance
+
+
+def test_default_guidance_scale_is_the_reference_cfg_plus_one():
+    assert tiny_pipeline().config.default_guidance_scale == 3.5
 
 
 def test_amused_scheduler_in_enat_pipeline_recomputes_every_step(pipe):
@@ -132,7 +165,7 @@ def test_class_names_and_ids(pipe):
     by_name = _latents(pipe, ["goldfish", "tench"], seed=0)
     by_id = _latents(pipe, [1, 0], seed=0)
     assert torch.equal(by_name, by_id)
-    latents = pipe(2, num_images_per_class=3, output_type="latent").images
+    latents = pipe(2, num_images_per_prompt=3, output_type="latent").images
     assert latents.shape == (3, GRID, GRID)
 
 
@@ -175,14 +208,14 @@ def test_callback_sees_every_step_and_can_interrupt(pipe):
         ({"class_labels": []}, TypeError, "non-empty"),
         ({"num_inference_steps": 0}, ValueError, r"`num_inference_steps` must be an integer in \[1, 16\]"),
         ({"num_inference_steps": 17}, ValueError, r"`num_inference_steps` must be an integer in \[1, 16\]"),
-        ({"guidance_scale": -1.0}, ValueError, "`guidance_scale` must be a number >= 0"),
+        ({"guidance_scale": -1.0}, ValueError, "`guidance_scale` must be a finite number >= 0"),
         ({"guidance_schedule": "cosine"}, ValueError, "`guidance_schedule` must be one of"),
         ({"generator": [torch.Generator()]}, ValueError, "list of 1 generators, but 2 images"),
         ({"latents": torch.zeros(2, 3, 3, dtype=torch.long)}, ValueError, r"`latents` must have shape \(2, 4, 4\)"),
         ({"latents": torch.full((2, GRID, GRID), CODEBOOK_SIZE + 1)}, ValueError, "token ids in"),
         ({"latents": torch.zeros(2, GRID, GRID)}, TypeError, "integer torch.Tensor"),
         ({"output_type": "jpeg"}, ValueError, "`output_type` must be one of"),
-        ({"num_images_per_class": 0}, ValueError, "`num_images_per_class`"),
+        ({"num_images_per_prompt": 0}, ValueError, "`num_images_per_prompt`"),
         ({"callback_on_step_end_tensor_inputs": ["logits"]}, ValueError, "may only name"),
     ],
 )
@@ -227,3 +260,154 @@ def test_half_precision_sampling_keeps_every_logit_finite(dtype):
     hook.remove()
     assert finite == [True] * 6
     assert np.isfinite(images.images).all() and images.images.shape[0] == 2
+
+
+# --- images per class label: diffusers' name, the old one deprecated ---------------------------------------------
+
+
+def test_num_images_per_prompt_repeats_each_class_label(pipe):
+    generators = [torch.Generator().manual_seed(i) for i in range(4)]
+    latents = pipe([1, 3], num_images_per_prompt=2, generator=generators, output_type="latent").images
+    alone = pipe([3], generator=[torch.Generator().manual_seed(2)], output_type="latent").images
+    assert latents.shape == (4, GRID, GRID) and torch.equal(latents[2], alone[0])
+
+
+def test_num_images_per_class_still_works_with_a_deprecation_warning(pipe):
+    with pytest.warns(FutureWarning, match="`num_images_per_class` is deprecated.*use `num_images_per_prompt`"):
+        old = pipe([1], num_images_per_class=2, generator=torch.manual_seed(0), output_type="latent").images
+    new = pipe([1], num_images_per_prompt=2, generator=torch.manual_seed(0), output_type="latent").images
+    assert torch.equal(old, new)
+
+
+# --- interruption ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output_type", ["latent", "pt", "np", "pil"])
+def test_interrupt_returns_the_last_prediction_in_every_output_type(pipe, monkeypatch, output_type):
+    predictions = []
+    original_step = pipe.scheduler.step
+
+    def spy(*args, **kwargs):
+        output = original_step(*args, **kwargs)
+        predictions.append(output.pred_original_sample.clone())
+        return output
+
+    monkeypatch.setattr(pipe.scheduler, "step", spy)
+
+    def interrupt_after_step_1(pipeline, step_index, _timestep, _kwargs):
+        pipeline._interrupt = step_index == 1
+        return {}
+
+    recorder = TransformerCalls(pipe.transformer)
+    arguments = {"num_inference_steps": 6, "generator": torch.manual_seed(0)}
+    images = pipe([1, 2], output_type=output_type, callback_on_step_end=interrupt_after_step_1, **arguments).images
+    recorder.remove()
+    assert len(recorder.calls) == 2 and pipe.interrupt
+    expected = pipe.decode_latents(predictions[-1], output_type)
+    if output_type == "latent":
+        assert torch.equal(images, predictions[-1]) and (images != CODEBOOK_SIZE).all()
+    elif output_type == "pil":
+        assert [np.asarray(image).tolist() for image in images] == [np.asarray(image).tolist() for image in expected]
+    else:
+        assert np.array_equal(np.asarray(images), np.asarray(expected))
+
+
+def test_a_new_call_after_an_interrupted_one_runs_every_step(pipe):
+    pipe([1], num_inference_steps=4, callback_on_step_end=lambda p, *_: setattr(p, "_interrupt", True) or {})
+    recorder = TransformerCalls(pipe.transformer)
+    pipe([1], num_inference_steps=4, output_type="latent")
+    recorder.remove()
+    assert len(recorder.calls) == 4
+
+
+# --- argument checks (issue 14) ----------------------------------------------------------------------------------
+
+
+def test_numpy_and_torch_integer_scalars_are_accepted_where_ints_are(pipe):
+    arguments = {"generator": torch.manual_seed(0), "output_type": "latent"}
+    expected = pipe([1, 2], num_inference_steps=4, num_images_per_prompt=2, **arguments).images
+    arguments["generator"] = torch.manual_seed(0)
+    actual = pipe(
+        [np.int64(1), torch.tensor(2)],
+        num_inference_steps=np.int64(4),
+        num_images_per_prompt=torch.tensor(2),
+        **arguments,
+    ).images
+    assert torch.equal(expected, actual)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_images_per_prompt": True}, ValueError, "`num_images_per_prompt` must be a positive integer"),
+        ({"num_inference_steps": True}, ValueError, "`num_inference_steps` must be an integer"),
+        ({"guidance_scale": True}, ValueError, "`guidance_scale` must be a finite number"),
+        ({"guidance_scale": float("nan")}, ValueError, "`guidance_scale` must be a finite number"),
+        ({"guidance_scale": float("inf")}, ValueError, "`guidance_scale` must be a finite number"),
+        ({"class_labels": [True]}, TypeError, "ints or class names"),
+        ({"generator": [torch.Generator(), 3]}, TypeError, r"only hold torch.Generator objects, got \['int'\]"),
+        ({"generator": "seed"}, TypeError, "`generator` must be a torch.Generator"),
+        ({"callback_on_step_end": "print"}, TypeError, "`callback_on_step_end` must be callable"),
+        ({"num_images_per_prompt": 10**6}, ValueError, "one call makes at most 4096"),
+    ],
+)
+def test_hostile_arguments_are_refused_before_any_model_runs(pipe, kwargs, error, message):
+    recorder = TransformerCalls(pipe.transformer)
+    with pytest.raises(error, match=message):
+        pipe(**{"class_labels": [1, 2], **kwargs})
+    recorder.remove()
+    assert recorder.calls == []
+
+
+def test_non_finite_default_guidance_scale_in_the_config_is_refused():
+    pipe = tiny_pipeline(default_guidance_scale=float("nan"))
+    with pytest.raises(ValueError, match="`guidance_scale` must be a finite number"):
+        pipe([1])
+
+
+def test_a_callback_returning_none_gets_a_clear_error(pipe):
+    with pytest.raises(TypeError, match="`callback_on_step_end` must return a dict"):
+        pipe([1], num_inference_steps=2, callback_on_step_end=lambda *_: None)
+
+
+def test_non_finite_logits_stop_sampling_naming_the_likely_cause(pipe):
+    with torch.no_grad():
+        for parameter in pipe.transformer.decoder_blocks[-1].parameters():
+            parameter.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN or infinite.*NaN/inf.*float16"):
+        pipe([1], num_inference_steps=2, output_type="latent")
+
+
+def test_a_class_name_listed_for_two_classes_is_refused_at_load(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["id2label"] = {"0": "tench, fish", "1": "goldfish, fish"}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="lists the name 'fish' for classes 0 and 1"):
+        ENATPipeline.from_pretrained(tmp_path)
+
+
+# --- the pipeline layer: public, keyword-only seams shared by every ENAT pipeline ---------------------------------
+
+
+def test_check_inputs_is_public_and_returns_the_number_of_images(pipe):
+    assert pipe.check_inputs(class_labels=[1, "goldfish"], num_images_per_prompt=3, num_inference_steps=4,
+                             guidance_scale=3.5) == 6  # fmt: skip
+    with pytest.raises(ValueError, match="class-conditional: pass `class_labels`, not prompt"):
+        pipe.check_inputs(class_labels=[1], prompt="a cat", num_inference_steps=4, guidance_scale=3.5)
+    with pytest.raises(TypeError):
+        pipe.check_inputs([1], 4, 3.5)  # keyword-only
+
+
+def test_prepare_condition_kwargs_gives_both_streams_of_class_labels(pipe):
+    pipe.start_call(guidance_scale=3.5, guidance_schedule="linear")
+    guided = pipe.prepare_condition_kwargs(class_labels=[1, "goldfish"], num_images_per_prompt=2)
+    assert guided["class_labels"].tolist() == [1, 1, 1, 1] + [NUM_CLASSES] * 4
+    pipe.start_call(guidance_scale=1.0, guidance_schedule="linear")
+    assert pipe.prepare_condition_kwargs(class_labels=[2])["class_labels"].tolist() == [2]
+
+
+def test_prepare_latents_is_a_fully_masked_grid_or_the_given_tokens(pipe):
+    assert torch.equal(pipe.prepare_latents(2), torch.full((2, GRID, GRID), CODEBOOK_SIZE))
+    given = torch.zeros(1, GRID, GRID, dtype=torch.int32)
+    assert pipe.prepare_latents(1, latents=given).dtype == torch.long

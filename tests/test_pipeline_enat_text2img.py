@@ -1,12 +1,13 @@
 """Text conditioning of the transformer and ENATText2ImagePipeline."""
 
+import inspect
 import logging
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from enat_diffusers import ENAT_PRESETS, ENATText2ImagePipeline, ENATTransformer2DModel
+from enat_diffusers import ENAT_PRESETS, ENATPromptEmbeds, ENATText2ImagePipeline, ENATTransformer2DModel
 
 from .tiny_components import (
     CODEBOOK_SIZE,
@@ -157,13 +158,13 @@ def test_generator_list_per_image(pipe):
 
 def test_guidance_streams_use_the_empty_prompt_and_batch_in_one_forward(pipe, monkeypatch):
     encoded = []
-    original = pipe.encode_prompt
+    original = pipe._encode_text
 
-    def spy(prompt, *args, **kwargs):
-        encoded.append(prompt)
-        return original(prompt, *args, **kwargs)
+    def spy(prompts, *args, **kwargs):
+        encoded.append(prompts)
+        return original(prompts, *args, **kwargs)
 
-    monkeypatch.setattr(pipe, "encode_prompt", spy)
+    monkeypatch.setattr(pipe, "_encode_text", spy)
     recorder = TransformerCalls(pipe.transformer)
     pipe(["a red bus", "a cat"], num_images_per_prompt=2, num_inference_steps=3, output_type="latent")
     recorder.remove()
@@ -171,21 +172,62 @@ def test_guidance_streams_use_the_empty_prompt_and_batch_in_one_forward(pipe, mo
     assert recorder.calls == [(8, False), (8, True), (8, True)]
 
 
-def test_prompt_embeds_give_the_same_images_as_prompts(pipe):
-    conditional = pipe.encode_prompt(["a cat"])
-    unconditional = pipe.encode_prompt([""])
-    from_embeds = pipe(
-        prompt_embeds=conditional["encoder_hidden_states"],
-        prompt_attention_mask=conditional["encoder_attention_mask"],
-        pooled_prompt_embeds=conditional["pooled_text_embeds"],
-        negative_prompt_embeds=unconditional["encoder_hidden_states"],
-        negative_prompt_attention_mask=unconditional["encoder_attention_mask"],
-        negative_pooled_prompt_embeds=unconditional["pooled_text_embeds"],
-        generator=torch.Generator().manual_seed(0),
-        output_type="latent",
-    ).images
-    from_prompt = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="latent").images
+def _latents(pipe, seed=0, **kwargs):
+    arguments = {"output_type": "latent", "num_inference_steps": 4, **kwargs}
+    return pipe(generator=torch.Generator().manual_seed(seed), **arguments).images
+
+
+def test_prompt_embeds_give_the_same_images_as_prompts_by_name(pipe):
+    encoded = pipe.encode_prompt(["a cat"])
+    from_embeds = _latents(
+        pipe,
+        prompt_embeds=encoded.prompt_embeds,
+        prompt_attention_mask=encoded.prompt_attention_mask,
+        pooled_prompt_embeds=encoded.pooled_prompt_embeds,
+        negative_prompt_embeds=encoded.negative_prompt_embeds,
+        negative_prompt_attention_mask=encoded.negative_prompt_attention_mask,
+        negative_pooled_prompt_embeds=encoded.negative_pooled_prompt_embeds,
+    )
+    assert torch.equal(from_embeds, _latents(pipe, prompt="a cat"))
+
+
+def test_encode_prompt_output_unpacks_into_the_call_and_reproduces_the_prompt(pipe):
+    embeds = pipe.encode_prompt(["a cat", "a red bus"], "a dog")
+    assert isinstance(embeds, ENATPromptEmbeds) and isinstance(embeds, tuple)
+    call_arguments = inspect.signature(pipe.__call__).parameters
+    assert set(embeds.keys()) <= set(call_arguments) and len(embeds) == 6
+    from_embeds = _latents(pipe, **embeds, num_images_per_prompt=2)
+    from_prompt = _latents(pipe, prompt=["a cat", "a red bus"], negative_prompt="a dog", num_images_per_prompt=2)
     assert torch.equal(from_embeds, from_prompt)
+
+
+def test_encode_prompt_returns_tensors_without_autograd_history(pipe):
+    assert any(parameter.requires_grad for parameter in pipe.text_encoder.parameters())
+    embeds = pipe.encode_prompt("a cat")
+    assert all(tensor is None or not tensor.requires_grad for tensor in embeds)
+
+
+def test_prompt_embeds_alone_get_the_empty_prompt_as_negative(pipe):
+    embeds = pipe.encode_prompt("a cat", do_classifier_free_guidance=False)
+    assert embeds.negative_prompt_embeds is None
+    positive = {key: embeds[key] for key in ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")}
+    assert torch.equal(_latents(pipe, **positive), _latents(pipe, prompt="a cat"))
+
+
+def test_a_pipeline_without_text_encoder_samples_from_precomputed_embeddings(pipe, tmp_path):
+    embeds = pipe.encode_prompt("a cat")
+    expected = _latents(pipe, prompt="a cat")
+    pipe.save_pretrained(tmp_path / "saved")
+    bare = ENATText2ImagePipeline.from_pretrained(tmp_path / "saved", text_encoder=None, tokenizer=None)
+    bare.set_progress_bar_config(disable=True)
+    assert bare.text_encoder is None and bare.tokenizer is None
+    assert torch.equal(_latents(bare, **embeds), expected)
+    positive = {key: embeds[key] for key in ("prompt_embeds", "prompt_attention_mask", "pooled_prompt_embeds")}
+    with pytest.raises(ValueError, match="pass `negative_prompt_embeds`"):
+        _latents(bare, **positive)
+    assert _latents(bare, **positive, guidance_scale=1.0).shape == (1, GRID, GRID)
+    with pytest.raises(ValueError, match="no text encoder and tokenizer: pass `prompt_embeds`"):
+        _latents(bare, prompt="a cat")
 
 
 def test_negative_prompt_changes_the_result(pipe):
@@ -203,6 +245,12 @@ def test_long_prompts_are_truncated_with_a_warning(pipe, caplog):
     assert "truncated" in caplog.text
 
 
+def test_the_truncation_warning_does_not_echo_a_huge_prompt(pipe, caplog):
+    with caplog.at_level(logging.WARNING):
+        pipe.encode_prompt("cat " * 20_000, do_classifier_free_guidance=False)
+    assert "truncated" in caplog.text and len(caplog.text) < 1000
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
@@ -211,10 +259,27 @@ def test_long_prompts_are_truncated_with_a_warning(pipe, caplog):
         ({"prompt": ["a", "b"], "negative_prompt": ["c"]}, ValueError, "1 entries for 2 prompts"),
         ({"prompt": 3}, TypeError, "`prompt` must be a string"),
         (
-            {"prompt_embeds": torch.zeros(1, 8, 8), "negative_prompt_embeds": torch.zeros(2, 8, 8)},
+            {
+                "prompt_embeds": torch.zeros(1, 8, 8),
+                "pooled_prompt_embeds": torch.zeros(1, 8),
+                "negative_prompt_embeds": torch.zeros(2, 8, 8),
+            },
             ValueError,
-            "must have the shape of",
+            r"`negative_prompt_embeds` must have the shape of `prompt_embeds` \(1, 8, 8\), got \(2, 8, 8\)",
         ),
+        ({"prompt_embeds": torch.zeros(0, 8, 8)}, ValueError, r"\(batch_size >= 1, text_length, 8\), got \(0, 8, 8\)"),
+        ({"prompt_embeds": torch.zeros(1, 8, 5)}, ValueError, r"\(batch_size >= 1, text_length, 8\), got \(1, 8, 5\)"),
+        ({"prompt_embeds": torch.zeros(1, 8, 8)}, ValueError, r"needs `pooled_prompt_embeds` of shape \(1, 8\)"),
+        (
+            {"prompt_embeds": torch.zeros(1, 8, 8), "pooled_prompt_embeds": torch.zeros(1, 3)},
+            ValueError,
+            r"`pooled_prompt_embeds` must have shape \(1, 8\), got \(1, 3\)",
+        ),
+        ({"prompt": "a", "negative_prompt": 5}, TypeError, "`negative_prompt` must be a string or a list of strings"),
+        ({"prompt": "a", "negative_prompt": ["b", None]}, TypeError, "`negative_prompt` must be a string"),
+        ({"prompt": "a", "callback_on_step_end": 3}, TypeError, "`callback_on_step_end` must be callable"),
+        ({"prompt": "a", "generator": [None]}, TypeError, "only hold torch.Generator"),
+        ({"prompt": "a", "guidance_scale": float("nan")}, ValueError, "`guidance_scale` must be a finite number"),
         (
             {"prompt": "a", "negative_prompt": "b", "negative_prompt_embeds": torch.zeros(1, 8, 8)},
             ValueError,

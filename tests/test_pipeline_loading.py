@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from enat_diffusers import ENATPipeline, ENATScheduler, ENATTransformer2DModel, MaskGITVQModel
+from enat_diffusers import ENATPipeline, ENATScheduler, ENATText2ImagePipeline, ENATTransformer2DModel, MaskGITVQModel
 
 from .tiny_components import fill_hub_cache, public_config, tiny_pipeline
 
@@ -129,3 +129,54 @@ def test_plain_loading_without_import_fails_as_documented(saved, tmp_path):
         tmp_path,
     )
     assert result.returncode != 0 and "ENATPipeline" in result.stderr
+
+
+def test_registration_uses_the_one_list_of_pipelines():
+    import diffusers
+
+    import enat_diffusers
+    from enat_diffusers.pipelines import pipeline_enat_base
+
+    assert set(enat_diffusers.ENAT_PIPELINES) == {ENATPipeline, ENATText2ImagePipeline}
+    assert all(getattr(diffusers, cls.__name__) is cls for cls in enat_diffusers.ENAT_PIPELINES)
+    concrete = {cls for cls in _subclasses(pipeline_enat_base.ENATBasePipeline) if cls.__module__.startswith("enat_")}
+    assert concrete == set(enat_diffusers.ENAT_PIPELINES)
+
+
+def _subclasses(cls):
+    for subclass in cls.__subclasses__():
+        yield subclass
+        yield from _subclasses(subclass)
+
+
+def test_a_pipeline_subclass_that_misses_a_rule_is_refused_when_defined():
+    from enat_diffusers import ENATBasePipeline
+
+    with pytest.raises(
+        TypeError, match=r"must define \['_card_call', '_card_pipeline_tag', 'default_guidance_scale'\]"
+    ):
+
+        class Incomplete(ENATBasePipeline):
+            def __init__(self, transformer, vqvae, scheduler, default_num_inference_steps: int = 8):
+                super().__init__(default_num_inference_steps=default_num_inference_steps, default_guidance_scale=2)
+
+
+def test_a_subclass_that_follows_the_rules_saves_and_loads_its_defaults(tmp_path):
+    from enat_diffusers import ENATBasePipeline
+
+    class Minimal(ENATBasePipeline):
+        _card_call = "pipe(class_labels=[0])"
+        _card_pipeline_tag = "unconditional-image-generation"
+
+        def __init__(self, transformer, vqvae, scheduler, default_num_inference_steps=8, default_guidance_scale=3.5):
+            super().__init__(
+                default_num_inference_steps=default_num_inference_steps, default_guidance_scale=default_guidance_scale
+            )
+            self.register_modules(transformer=transformer, vqvae=vqvae, scheduler=scheduler)
+
+    source = tiny_pipeline()
+    pipe = Minimal(source.transformer, source.vqvae, source.scheduler, default_guidance_scale=5.0)
+    assert pipe.guidance_scale == 5.0 and pipe.image_processor is not None and not pipe.interrupt
+    pipe.save_pretrained(tmp_path)
+    assert "from tests.test_pipeline_loading import Minimal" in (tmp_path / "test_pipeline_loading.py").read_text()
+    assert Minimal.from_pretrained(tmp_path).config.default_guidance_scale == 5.0

@@ -1,4 +1,16 @@
 from .pipeline_enat import ENATPipeline
-from .pipeline_enat_text2img import ENATText2ImagePipeline, encode_text
+from .pipeline_enat_base import ENATBasePipeline, ENATPromptEmbeds, encode_text
+from .pipeline_enat_text2img import ENATText2ImagePipeline
 
-__all__ = ["ENATPipeline", "ENATText2ImagePipeline", "encode_text"]
+# The package's pipelines: the one list that registration with diffusers (and anything else listing them) uses.
+# A new pipeline adds itself here.
+ENAT_PIPELINES = (ENATPipeline, ENATText2ImagePipeline)
+
+__all__ = [
+    "ENAT_PIPELINES",
+    "ENATBasePipeline",
+    "ENATPipeline",
+    "ENATPromptEmbeds",
+    "ENATText2ImagePipeline",
+    "encode_text",
+]

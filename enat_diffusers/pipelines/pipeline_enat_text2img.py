@@ -5,14 +5,12 @@ from collections.abc import Callable
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import SchedulerMixin
-from diffusers.utils import logging, replace_example_docstring
+from diffusers.utils import replace_example_docstring
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..models.transformer_enat import ENATTransformer2DModel
 from ..models.vq_maskgit import MaskGITVQModel
-from .sampling_enat import ENATSamplingMixin
-
-logger = logging.get_logger(__name__)
+from .pipeline_enat_base import ENATBasePipeline, encode_text
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -26,135 +24,48 @@ EXAMPLE_DOC_STRING = """
         ```
 """
 
-TEXT_CONDITION_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "pooled_text_embeds")
+__all__ = ["ENATText2ImagePipeline", "encode_text"]
 
 
-def encode_text(
-    text_encoder: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    device: torch.device | str | None = None,
-) -> dict[str, torch.Tensor | None]:
-    """
-    Encodes prompts into the text conditioning of an `ENATTransformer2DModel`, the same way for training and
-    sampling: padded to the tokenizer's `model_max_length`, truncated (with a warning) beyond it.
-
-    Returns:
-        `dict` with `encoder_hidden_states` `(B, T, C)`, `encoder_attention_mask` `(B, T)` (bool) and
-        `pooled_text_embeds` `(B, C')`: the encoder's `text_embeds` or `pooler_output`, or None if it has neither.
-    """
-    device = device or text_encoder.device
-    max_length = tokenizer.model_max_length
-    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    untruncated = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-    if untruncated.shape[-1] > max_length:
-        removed = tokenizer.batch_decode(untruncated[:, max_length - 1 : -1])
-        logger.warning(f"prompts were truncated to {max_length} tokens; removed: {removed}")
-    attention_mask = tokens.attention_mask.to(device)
-    output = text_encoder(tokens.input_ids.to(device), attention_mask=attention_mask)
-    pooled = getattr(output, "text_embeds", None)
-    if pooled is None:
-        pooled = getattr(output, "pooler_output", None)
-    return {
-        "encoder_hidden_states": output.last_hidden_state,
-        "encoder_attention_mask": attention_mask.bool(),
-        "pooled_text_embeds": pooled,
-    }
-
-
-class ENATText2ImagePipeline(ENATSamplingMixin, DiffusionPipeline):
+class ENATText2ImagePipeline(ENATBasePipeline):
     r"""
     Text-to-image generation with a text-conditioned ENAT transformer and a MaskGIT VQ tokenizer. The unconditional
     guidance stream uses the encoding of `negative_prompt`, the empty prompt by default.
 
     Args:
-        text_encoder ([`~transformers.PreTrainedModel`]): Any transformers text encoder (CLIP by default) whose hidden
-            width is the transformer's `text_embed_dim`.
-        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): Its tokenizer.
+        text_encoder ([`~transformers.PreTrainedModel`], *optional*): Any transformers text encoder (CLIP by default)
+            whose hidden width is the transformer's `text_embed_dim`. Optional with `tokenizer`: without them the
+            pipeline samples from precomputed `prompt_embeds` (e.g. `encode_prompt` of a pipeline that has them).
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`], *optional*): Its tokenizer.
         transformer ([`ENATTransformer2DModel`]): A text-conditioned ENAT transformer.
         vqvae ([`MaskGITVQModel`]): Turns token ids into images.
         scheduler ([`SchedulerMixin`]): An [`ENATScheduler`] or diffusers' `AmusedScheduler`.
         default_num_inference_steps (`int`, defaults to 8): Used when `__call__` gets no `num_inference_steps`.
-        default_guidance_scale (`float`, defaults to 2.5): Used when `__call__` gets no `guidance_scale`.
+        default_guidance_scale (`float`, defaults to 3.5): Used when `__call__` gets no `guidance_scale`.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vqvae"
-    custom_pipeline_module = "pipeline_enat_text2img"
+    _optional_components = ["text_encoder", "tokenizer"]
     _card_pipeline_tag = "text-to-image"
     _card_call = 'image = pipe("a photo of a red bus", generator=torch.manual_seed(0)).images[0]'
     _card_tags = ("text-to-image",)
 
     def __init__(
         self,
-        text_encoder: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
+        text_encoder: PreTrainedModel | None,
+        tokenizer: PreTrainedTokenizerBase | None,
         transformer: ENATTransformer2DModel,
         vqvae: MaskGITVQModel,
         scheduler: SchedulerMixin,
         default_num_inference_steps: int = 8,
-        default_guidance_scale: float = 2.5,
+        default_guidance_scale: float = 3.5,
     ):
-        super().__init__()
+        super().__init__(
+            default_num_inference_steps=default_num_inference_steps, default_guidance_scale=default_guidance_scale
+        )
         self.register_modules(
             text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vqvae=vqvae, scheduler=scheduler
         )
-        self.register_to_config(
-            default_num_inference_steps=default_num_inference_steps, default_guidance_scale=default_guidance_scale
-        )
-        self._init_sampling_state()
-
-    def encode_prompt(
-        self, prompt: str | list[str], device: torch.device | None = None, num_images_per_prompt: int = 1
-    ) -> dict[str, torch.Tensor | None]:
-        """The transformer's text conditioning for `prompt`, repeated `num_images_per_prompt` times per prompt."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        conditioning = encode_text(self.text_encoder, self.tokenizer, prompts, device or self._execution_device)
-        return _repeat_rows(conditioning, num_images_per_prompt)
-
-    def _check_prompt_inputs(
-        self, prompt, negative_prompt, prompt_embeds: torch.Tensor | None, negative_prompt_embeds: torch.Tensor | None
-    ) -> int:
-        """Validates the prompt arguments and returns the number of prompts."""
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
-        if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-                raise TypeError("`prompt` must be a string or a non-empty list of strings")
-            num_prompts = len(prompts)
-        else:
-            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
-                raise ValueError("`prompt_embeds` must be a (batch_size, text_length, text_embed_dim) tensor")
-            num_prompts = prompt_embeds.shape[0]
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass at most one of `negative_prompt` and `negative_prompt_embeds`")
-        if isinstance(negative_prompt, list) and len(negative_prompt) != num_prompts:
-            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries for {num_prompts} prompts")
-        if (
-            negative_prompt_embeds is not None
-            and prompt_embeds is not None
-            and negative_prompt_embeds.shape != prompt_embeds.shape
-        ):
-            raise ValueError(
-                f"`negative_prompt_embeds` {tuple(negative_prompt_embeds.shape)} must have the shape of "
-                f"`prompt_embeds` {tuple(prompt_embeds.shape)}"
-            )
-        return num_prompts
-
-    def _embeds_conditioning(
-        self,
-        embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        pooled: torch.Tensor | None,
-        num_images_per_prompt: int,
-    ) -> dict[str, torch.Tensor | None]:
-        device = self._execution_device
-        conditioning = {
-            "encoder_hidden_states": embeds.to(device),
-            "encoder_attention_mask": None if attention_mask is None else attention_mask.to(device).bool(),
-            "pooled_text_embeds": None if pooled is None else pooled.to(device),
-        }
-        return _repeat_rows(conditioning, num_images_per_prompt)
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -189,20 +100,24 @@ class ENATText2ImagePipeline(ENATSamplingMixin, DiffusionPipeline):
             negative_prompt (`str` or `list[str]`, *optional*):
                 Prompt of the unconditional guidance stream; the empty prompt by default.
             prompt_embeds (`torch.Tensor` of shape `(batch_size, text_length, text_embed_dim)`, *optional*):
-                Precomputed text hidden states (e.g. from `encode_prompt`), with `prompt_attention_mask`
-                `(batch_size, text_length)` and `pooled_prompt_embeds` `(batch_size, pooled_dim)` where the model
-                uses a pooled embedding.
+                Precomputed text hidden states, with `prompt_attention_mask` `(batch_size, text_length)` (all ones if
+                not given) and `pooled_prompt_embeds` `(batch_size, pooled_dim)` where the model uses a pooled
+                embedding. `pipe(**pipe.encode_prompt(prompt))` equals `pipe(prompt)`. With guidance and without
+                `negative_prompt_embeds`, the empty prompt is encoded for the unconditional stream (that needs the
+                text encoder).
             negative_prompt_embeds (`torch.Tensor`, *optional*):
                 Precomputed unconditional hidden states, shaped like `prompt_embeds`, with
                 `negative_prompt_attention_mask` and `negative_pooled_prompt_embeds`.
             num_images_per_prompt (`int`, defaults to 1):
-                Images generated for each prompt.
+                Images generated for each prompt. At most 4096 images per call in all.
             num_inference_steps (`int`, *optional*):
                 Sampling steps, in `[1, number of tokens]`; defaults to the pipeline config.
             guidance_scale (`float`, *optional*):
-                Classifier-free guidance weight `w` in `cond + w * (cond - uncond)`; 0 disables guidance.
+                Classifier-free guidance scale `s` in `uncond + s * (cond - uncond)`, as in diffusers: guidance is on
+                when `s > 1`. The paper's / reference code's `cfg` is `s - 1`. Defaults to the pipeline config.
             guidance_schedule (`str`, defaults to `"linear"`):
-                `"linear"` ramps the weight from 0 at the first step (as ENAT's sampler); `"constant"` keeps it.
+                `"linear"` ramps the scale from 1 at the first step, `s_k = 1 + (s - 1) * k / T` (as ENAT's sampler);
+                `"constant"` keeps `s`.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 One generator, or one per image: image `i` then only depends on generator `i`.
             latents (`torch.LongTensor` of shape `(batch_size, side, side)`, *optional*):
@@ -212,7 +127,9 @@ class ENATText2ImagePipeline(ENATSamplingMixin, DiffusionPipeline):
             return_dict (`bool`, defaults to `True`):
                 Return an [`ImagePipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, *optional*):
-                Called as `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)` after every step.
+                Called as `callback_on_step_end(pipe, step_index, timestep, callback_kwargs)` after every step; it
+                returns a dict. `pipe._interrupt = True` there stops sampling after that step; the result is then that
+                step's `pred_original_sample`, in any `output_type`.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
                 Tensors passed to the callback; only `"latents"`.
 
@@ -221,81 +138,61 @@ class ENATText2ImagePipeline(ENATSamplingMixin, DiffusionPipeline):
         Returns:
             [`ImagePipelineOutput`] or `tuple`: generated images (token ids for `output_type="latent"`).
         """
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        num_inference_steps, guidance_scale = self._resolve_defaults(num_inference_steps, guidance_scale)
-        num_prompts = self._check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt}")
-        batch_size = num_prompts * num_images_per_prompt
-        self._check_sampling_inputs(
-            batch_size,
-            num_inference_steps,
-            guidance_scale,
-            guidance_schedule,
-            generator,
-            latents,
-            output_type,
-            callback_on_step_end_tensor_inputs,
+        callback_on_step_end_tensor_inputs = self.callback_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
         )
-        self._guidance_scale = guidance_scale
-        self._interrupt = False
-
-        if prompt_embeds is None:
-            conditioning = self.encode_prompt(prompt, num_images_per_prompt=num_images_per_prompt)
-        else:
-            conditioning = self._embeds_conditioning(
-                prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, num_images_per_prompt
-            )
-        if self.do_classifier_free_guidance:
-            if negative_prompt_embeds is None:
-                negative_prompt = negative_prompt if negative_prompt is not None else ""
-                negatives = [negative_prompt] * num_prompts if isinstance(negative_prompt, str) else negative_prompt
-                unconditional = self.encode_prompt(negatives, num_images_per_prompt=num_images_per_prompt)
-            else:
-                unconditional = self._embeds_conditioning(
-                    negative_prompt_embeds,
-                    negative_prompt_attention_mask,
-                    negative_pooled_prompt_embeds,
-                    num_images_per_prompt,
-                )
-            conditioning = _stack_streams(conditioning, unconditional)
-        dtype = self.transformer.dtype
-        conditioning = {
-            k: v.to(dtype) if v is not None and v.is_floating_point() else v for k, v in conditioning.items()
+        device = self._execution_device
+        text_arguments = {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "prompt_embeds": prompt_embeds,
+            "prompt_attention_mask": prompt_attention_mask,
+            "pooled_prompt_embeds": pooled_prompt_embeds,
+            "negative_prompt_embeds": negative_prompt_embeds,
+            "negative_prompt_attention_mask": negative_prompt_attention_mask,
+            "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
         }
-        latents = self._sample(
-            batch_size,
-            conditioning,
-            num_inference_steps,
-            guidance_schedule,
-            generator,
-            latents,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+
+        # 0. Defaults from the pipeline config; check every argument before any model runs
+        num_inference_steps, guidance_scale = self.resolve_defaults(num_inference_steps, guidance_scale)
+        batch_size = self.check_inputs(
+            **text_arguments,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            guidance_schedule=guidance_schedule,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        return self._decode(latents, output_type, return_dict)
+        self.start_call(guidance_scale=guidance_scale, guidance_schedule=guidance_schedule)
 
+        # 1. Condition: the prompts' encodings, then the negative prompts' for the unconditional stream when guided
+        condition_kwargs = self.prepare_condition_kwargs(
+            **text_arguments, num_images_per_prompt=num_images_per_prompt, device=device
+        )
 
-def _repeat_rows(conditioning: dict[str, torch.Tensor | None], repeats: int) -> dict[str, torch.Tensor | None]:
-    return {k: None if v is None else v.repeat_interleave(repeats, dim=0) for k, v in conditioning.items()}
+        # 2. Starting tokens
+        latents = self.prepare_latents(batch_size, latents=latents, device=device)
 
+        # 3. Timesteps
+        timesteps = self.prepare_timesteps(num_inference_steps, device=device)
 
-def _stack_streams(
-    conditional: dict[str, torch.Tensor | None], unconditional: dict[str, torch.Tensor | None]
-) -> dict[str, torch.Tensor | None]:
-    """Batches both guidance streams as `[conditional; unconditional]`; a missing mask means "attend to all"."""
-    stacked = {}
-    for key in TEXT_CONDITION_KEYS:
-        first, second = conditional[key], unconditional[key]
-        if key == "encoder_attention_mask" and (first is None) != (second is None):
-            first = first if first is not None else torch.ones_like(second)
-            second = second if second is not None else torch.ones_like(first)
-        if (first is None) != (second is None):
-            raise ValueError(f"`{key}` is given for only one of the guidance streams")
-        if first is not None and first.shape[1:] != second.shape[1:]:
-            raise ValueError(
-                f"the conditional and unconditional `{key}` differ in shape: {tuple(first.shape)} vs "
-                f"{tuple(second.shape)}"
-            )
-        stacked[key] = None if first is None else torch.cat([first, second])
-    return stacked
+        # 4. Sampling loop
+        latents = self.denoise(
+            latents,
+            condition_kwargs=condition_kwargs,
+            timesteps=timesteps,
+            generator=generator,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+
+        # 5. Decode
+        images = self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
