@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .demo import DEMO_PREFIX, resolve_pretrained_location
-from .pipelines import ENATPipeline, ENATText2ImagePipeline
+from .pipelines import ENAT_PIPELINES, ENATPipeline, ENATText2ImagePipeline
 from .schedulers import ENATScheduler
 from .schedulers.scheduling_enat import _MASKING_SCHEDULES
 
@@ -114,10 +114,9 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None):
         pipeline = DiffusionPipeline.from_pretrained(location)
     except (OSError, ValueError) as error:
         raise SystemExit(f"--model {model!r} could not be loaded as a pipeline: {error}") from None
-    if not isinstance(pipeline, (ENATPipeline, ENATText2ImagePipeline)):
-        raise SystemExit(
-            f"--model {model!r} is a {type(pipeline).__name__}; the app takes ENATPipeline or ENATText2ImagePipeline"
-        )
+    if not isinstance(pipeline, ENAT_PIPELINES):
+        names = " or ".join(cls.__name__ for cls in ENAT_PIPELINES)
+        raise SystemExit(f"--model {model!r} is a {type(pipeline).__name__}; the app takes {names}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipeline.to(device)
 
@@ -209,9 +208,9 @@ class ENATApp:
                 f"Steps: this model has {self.num_tokens} tokens per image, so choose 1 to {self.num_tokens} steps, "
                 f"got {steps}."
             )
-        if not isinstance(guidance_scale, (int, float)) or not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
+        if not isinstance(guidance_scale, (int, float)) or not 1 <= guidance_scale <= MAX_GUIDANCE_SCALE:
             raise AppInputError(
-                f"Guidance scale: choose a number from 0 to {MAX_GUIDANCE_SCALE:g}, got {guidance_scale}."
+                f"Guidance scale: choose a number from 1 (no guidance) to {MAX_GUIDANCE_SCALE:g}, got {guidance_scale}."
             )
         if masking_schedule not in self.masking_schedules:
             raise AppInputError(
@@ -234,7 +233,7 @@ class ENATApp:
             )
         names = self.class_names()
         captions = [names[i] for i in class_ids for _ in range(num_images)]
-        return {"class_labels": class_ids, "num_images_per_class": num_images}, captions
+        return {"class_labels": class_ids, "num_images_per_prompt": num_images}, captions
 
     # ----------------------------------------------------------------------------------------------------------
     # sampling
@@ -326,7 +325,7 @@ class ENATApp:
             raise AppInputError(f"Step view: there is no image {image_index + 1} in this result.")
         mask_token_id = self.pipeline.mask_token_id
         predictions = torch.stack([record.prediction[image_index] for record in result.steps])
-        pictures = self._decode(predictions)
+        pictures = self.pipeline.decode_latents(predictions.to(self.pipeline.vqvae.device), output_type="pil")
         frames = []
         num_steps = len(result.steps)
         for step_index, (record, picture) in enumerate(zip(result.steps, pictures, strict=True)):
@@ -341,12 +340,6 @@ class ENATApp:
             image = _mark_tokens(upscale(picture), revealed, reused, masked)
             frames.append(StepFrame(image=image, caption=caption, revealed=revealed, reused=reused, masked=masked))
         return frames
-
-    @torch.no_grad()
-    def _decode(self, tokens: torch.LongTensor) -> list[Image.Image]:
-        vqvae = self.pipeline.vqvae
-        images = vqvae.decode(tokens.to(vqvae.device)).sample
-        return self.pipeline.image_processor.postprocess(images.float(), output_type="pil")
 
 
 def _whole_number(value, name: str) -> int:
@@ -451,11 +444,12 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
                     1, app.num_tokens, value=pipeline_config.default_num_inference_steps, step=1, label="Steps"
                 )
                 guidance = gr.Slider(
-                    0,
+                    1,
                     MAX_GUIDANCE_SCALE,
                     value=pipeline_config.default_guidance_scale,
                     step=0.5,
                     label="Guidance scale",
+                    info="1: no guidance; higher follows the class (or prompt) more closely.",
                 )
                 masking_schedule = gr.Dropdown(
                     choices=list(app.masking_schedules),

@@ -117,7 +117,7 @@ def test_step_frames_frame_revealed_tokens_and_fade_masked_ones(app):
     # A still-masked token after the first step shows the prediction mixed with grey.
     first = frames[0]
     row, column = first.masked.nonzero()[0].tolist()
-    prediction = app._decode(result.steps[0].prediction[:1])[0]
+    prediction = app.pipeline.decode_latents(result.steps[0].prediction[:1])[0]
     predicted_pixel = np.asarray(upscale(prediction), dtype=np.float32)[
         row * cell + cell // 2, column * cell + cell // 2
     ]
@@ -136,7 +136,7 @@ def test_step_frames_frame_revealed_tokens_and_fade_masked_ones(app):
         ({"num_inference_steps": 2.5}, r"Steps: enter a whole number"),
         ({"num_images": 9}, r"Images per class: choose 1 to 8"),
         ({"condition": ["1", "2", "3"], "num_images": 6}, r"3 classes x 6 images is more than 16"),
-        ({"guidance_scale": -1.0}, r"Guidance scale: choose a number from 0"),
+        ({"guidance_scale": 0.5}, r"Guidance scale: choose a number from 1 \(no guidance\)"),
         ({"masking_schedule": "zigzag"}, r"Masking schedule: choose one of cosine, linear, arccos, pow"),
         ({"seed": -3}, r"Seed: choose a whole number from 0"),
     ],
@@ -165,7 +165,7 @@ def test_two_concurrent_requests_give_the_images_each_gives_alone(app):
             "condition": ["two"],
             "num_images": 2,
             "num_inference_steps": 6,
-            "guidance_scale": 0.0,
+            "guidance_scale": 1.0,
             "masking_schedule": "linear",
             "seed": 2,
         },
