@@ -466,7 +466,6 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
                     label="Images",
                     format="png",
                     columns=4,
-                    height="auto",
                     object_fit="contain",
                     buttons=["download", "fullscreen"],
                     elem_id="enat-gallery",
