@@ -109,9 +109,8 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None):
     """Loads an ENAT pipeline from a folder, a Hub id or `demo:NAME`; exits with one sentence if that fails."""
     from diffusers import DiffusionPipeline
 
-    location = resolve_pretrained_location(model)
     try:
-        pipeline = DiffusionPipeline.from_pretrained(location)
+        pipeline = DiffusionPipeline.from_pretrained(resolve_pretrained_location(model))
     except (OSError, ValueError) as error:
         raise SystemExit(f"--model {model!r} could not be loaded as a pipeline: {error}") from None
     if not isinstance(pipeline, ENAT_PIPELINES):

@@ -1,6 +1,7 @@
 """The browser app's functions called directly (enat_diffusers.app): images, the step view, errors and concurrency.
 The page itself, in a real browser, is tested by test_app_browser.py."""
 
+import re
 import threading
 
 import numpy as np
@@ -16,6 +17,7 @@ from enat_diffusers.app import (
     AppInputError,
     ENATApp,
     display_scale,
+    load_pipeline,
     parse_args,
     upscale,
 )
@@ -240,3 +242,10 @@ def test_command_line_serves_the_digits_demo_on_this_machine_only_by_default():
     assert (args.model, args.host, args.port) == ("demo:digits-text", "0.0.0.0", 8000)
     with pytest.raises(SystemExit):
         parse_args(["--port", "70000"])
+
+
+@pytest.mark.parametrize("model", ["demo:nope", "empty folder"])
+def test_a_model_that_cannot_be_loaded_stops_the_app_with_one_sentence(model, tmp_path):
+    model = str(tmp_path) if model == "empty folder" else model
+    with pytest.raises(SystemExit, match=rf"--model '{re.escape(model)}' could not be loaded as a pipeline: "):
+        load_pipeline(model)
