@@ -139,6 +139,12 @@ class ENATApp:
         return isinstance(self.pipeline, ENATText2ImagePipeline)
 
     @property
+    def per_image_seeds(self) -> bool:
+        """ENATScheduler draws each image from its own generator, so image `i` gets seed `seed + i`; diffusers'
+        AmusedScheduler takes one generator for the batch, so its images share the request's seed."""
+        return isinstance(self.pipeline.scheduler, ENATScheduler)
+
+    @property
     def images_label(self) -> str:
         return "Images" if self.is_text_to_image else "Images per class"
 
@@ -262,8 +268,9 @@ class ENATApp:
         on_step: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
         """
-        Samples `num_images` images per class (or for the prompt); image `i` uses the seed `seed + i` alone, so it is
-        the same image whatever else is requested. `on_step(step_index, num_steps)` is called after each step.
+        Samples `num_images` images per class (or for the prompt); with ENATScheduler image `i` uses the seed
+        `seed + i` alone, so it is the same image whatever else is requested (see `per_image_seeds`).
+        `on_step(step_index, num_steps)` is called after each step.
         """
         config = self.pipeline.config
         num_inference_steps = (
@@ -301,17 +308,22 @@ class ENATApp:
                 on_step(step_index, steps)
             return {}
 
-        generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(captions))]
+        if self.per_image_seeds:
+            seeds = [seed + i for i in range(len(captions))]
+            generator = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+            captions = [f"{caption} · seed {s}" for caption, s in zip(captions, seeds, strict=True)]
+        else:
+            seeds = [seed] * len(captions)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            captions = [f"{caption} · seed {seed} #{i + 1}" for i, caption in enumerate(captions)]
         output = pipeline(
             **inputs,
             num_inference_steps=steps,
             guidance_scale=float(guidance_scale),
-            generator=generators,
+            generator=generator,
             callback_on_step_end=record,
             callback_on_step_end_tensor_inputs=["latents"],
         )
-        seeds = [seed + i for i in range(len(captions))]
-        captions = [f"{caption} · seed {s}" for caption, s in zip(captions, seeds, strict=True)]
         return GenerationResult(images=list(output.images), captions=captions, seeds=seeds, steps=records)
 
     # ----------------------------------------------------------------------------------------------------------

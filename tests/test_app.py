@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from diffusers import AmusedScheduler
 
 from enat_diffusers import ENATScheduler, load_demo_pipeline
 from enat_diffusers.app import (
@@ -249,3 +250,19 @@ def test_a_model_that_cannot_be_loaded_stops_the_app_with_one_sentence(model, tm
     model = str(tmp_path) if model == "empty folder" else model
     with pytest.raises(SystemExit, match=rf"--model '{re.escape(model)}' could not be loaded as a pipeline: "):
         load_pipeline(model)
+
+
+def test_a_pipeline_with_diffusers_amused_scheduler_works_with_one_seed_per_request():
+    pipeline = load_demo_pipeline("digits")
+    pipeline.scheduler = AmusedScheduler.from_config(pipeline.scheduler.config)
+    amused_app = ENATApp(pipeline)
+    assert amused_app.masking_schedules == ("cosine", "linear") and not amused_app.per_image_seeds
+    result = amused_app.generate(["seven"], num_images=2, num_inference_steps=5, masking_schedule="linear", seed=4)
+    assert result.captions == ["seven · seed 4 #1", "seven · seed 4 #2"]
+    again = amused_app.generate(["seven"], num_images=2, num_inference_steps=5, masking_schedule="linear", seed=4)
+    for image, same in zip(result.images, again.images, strict=True):
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(same))
+    frames = amused_app.step_frames(result, 1)
+    assert len(frames) == 5 and not frames[-1].masked.any()
+    with pytest.raises(AppInputError, match="Masking schedule: choose one of cosine, linear, got 'arccos'"):
+        amused_app.generate(["seven"], masking_schedule="arccos")
