@@ -184,3 +184,29 @@ def test_a_bad_request_shows_a_message_in_the_page_and_the_app_keeps_serving(app
     images = gallery_images(page, "enat-gallery")
     sync_api.expect(images).to_have_count(1, timeout=GENERATION_TIMEOUT_MS)
     assert images.first.get_attribute("alt") == "three · seed 0"
+
+
+def test_two_tabs_generating_at_once_get_the_images_each_gets_alone(app_url, page):
+    tabs = [page, page.context.new_page()]
+    for tab, seed in zip(tabs, ("10", "20"), strict=True):
+        tab.goto(app_url)
+        tab.wait_for_selector("#enat-generate")
+        pick_class(tab, "seven (7)")
+        tab.get_by_role("spinbutton", name="number input for Images per class").fill("2")
+        tab.get_by_role("spinbutton", name="number input for Images per class").press("Enter")
+        tab.get_by_role("spinbutton", name="Seed").fill(seed)
+    for tab in tabs:
+        tab.click("#enat-generate")
+
+    def sources(tab, first_caption: str) -> list[str]:
+        images = gallery_images(tab, "enat-gallery")
+        sync_api.expect(images.first).to_have_attribute("alt", first_caption, timeout=GENERATION_TIMEOUT_MS)
+        sync_api.expect(images).to_have_count(2)
+        # Gradio names each served image file after a hash of its bytes: equal sources mean equal PNGs.
+        return images.evaluate_all("images => images.map(image => image.src)")
+
+    together = [sources(tabs[0], "seven · seed 10"), sources(tabs[1], "seven · seed 20")]
+    assert together[0] != together[1]
+    tabs[0].get_by_role("spinbutton", name="Seed").fill("20")
+    tabs[0].click("#enat-generate")
+    assert sources(tabs[0], "seven · seed 20") == together[1]
