@@ -1,0 +1,537 @@
+"""A browser app for any ENAT pipeline: generate images and watch, step by step, which tokens ENAT reveals.
+
+    python -m enat_diffusers.app                         # the packaged digits demo on http://127.0.0.1:7860
+    python -m enat_diffusers.app --model demo:digits-text
+    python -m enat_diffusers.app --model path/to/enat-l-256 --port 8000
+
+Needs the optional Gradio dependency: `pip install "enat-diffusers[app]"`. The sampling code below does not import
+Gradio, so it can be used (and tested) without a browser; `build_demo` turns it into a Gradio page.
+
+The step view shows, after each sampling step, the token grid decoded to pixels. Tokens revealed at that step (the
+critical tokens ENAT re-encodes) get an orange frame, tokens that were already visible (whose features ENAT reuses)
+a thin blue one. A still-masked token has no value yet: it is shown as the step's prediction for it (the token the
+scheduler sampled there before re-masking it), faded towards grey, so one sees what the model currently guesses and
+how much of it is already fixed.
+"""
+
+import argparse
+import copy
+import difflib
+import logging
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageDraw
+
+from .demo import DEMO_PREFIX, resolve_pretrained_location
+from .pipelines import ENAT_PIPELINES, ENATPipeline, ENATText2ImagePipeline
+from .schedulers import ENATScheduler
+from .schedulers.scheduling_enat import _MASKING_SCHEDULES
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = f"{DEMO_PREFIX}digits"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+# Requests that may sample at the same time; each gets its own pipeline copy (see `ENATApp.request_pipeline`).
+DEFAULT_CONCURRENCY = 2
+# Images and step frames are enlarged (nearest neighbour, whole factors) to at least this many pixels per side.
+DISPLAY_SIZE = 256
+MAX_IMAGES_PER_CONDITION = 8
+MAX_IMAGES_PER_REQUEST = 16
+MAX_SEED = 2**32 - 1
+MAX_GUIDANCE_SCALE = 20.0
+# diffusers' AmusedScheduler knows these two; ENATScheduler all of `_MASKING_SCHEDULES`.
+AMUSED_MASKING_SCHEDULES = ("cosine", "linear")
+
+REVEALED_COLOR = (255, 140, 0)
+REUSED_COLOR = (30, 144, 255)
+MASKED_GREY = (128, 128, 128)
+# Share of grey mixed into a still-masked token's predicted pixels.
+MASKED_FADE = 0.7
+STEP_VIEW_LEGEND = (
+    "**Step by step.** After each step, the token grid decoded to pixels. "
+    "<span style='color:rgb(255,140,0)'>&#9632;</span> orange frame: revealed at this step (the critical tokens); "
+    "<span style='color:rgb(30,144,255)'>&#9632;</span> blue frame: visible before, reused; "
+    "faded grey: still masked, showing the step's prediction for it. Click an image above to see its steps."
+)
+
+
+class AppInputError(ValueError):
+    """A request the app cannot run; its message is shown in the page as it is."""
+
+
+@dataclass
+class StepRecord:
+    """Token grids `(batch, side, side)` of one sampling step, for every image of the request."""
+
+    before: torch.LongTensor
+    after: torch.LongTensor
+    prediction: torch.LongTensor
+
+
+@dataclass
+class StepFrame:
+    """One frame of the step view: the picture and the token masks it marks, each `(side, side)` bool."""
+
+    image: Image.Image
+    caption: str
+    revealed: torch.BoolTensor
+    reused: torch.BoolTensor
+    masked: torch.BoolTensor
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    captions: list[str]
+    seeds: list[int]
+    steps: list[StepRecord]
+
+
+def display_scale(side: int) -> int:
+    """Whole nearest-neighbour factor that makes `side` pixels at least `DISPLAY_SIZE`."""
+    return max(1, math.ceil(DISPLAY_SIZE / side))
+
+
+def upscale(image: Image.Image) -> Image.Image:
+    scale = display_scale(min(image.size))
+    if scale == 1:
+        return image
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None):
+    """Loads an ENAT pipeline from a folder, a Hub id or `demo:NAME`; exits with one sentence if that fails."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(resolve_pretrained_location(model))
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--model {model!r} could not be loaded as a pipeline: {error}") from None
+    if not isinstance(pipeline, ENAT_PIPELINES):
+        names = " or ".join(cls.__name__ for cls in ENAT_PIPELINES)
+        raise SystemExit(f"--model {model!r} is a {type(pipeline).__name__}; the app takes {names}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return pipeline.to(device)
+
+
+class ENATApp:
+    """
+    What the page does, without Gradio: check a request, sample with a pipeline copy of its own, and turn the
+    recorded token grids into the step view.
+    """
+
+    def __init__(self, pipeline: ENATPipeline | ENATText2ImagePipeline, model_name: str = ""):
+        self.pipeline = pipeline
+        self.model_name = model_name
+        self.pipeline.set_progress_bar_config(disable=True)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # what the page offers
+
+    @property
+    def is_text_to_image(self) -> bool:
+        return isinstance(self.pipeline, ENATText2ImagePipeline)
+
+    @property
+    def per_image_seeds(self) -> bool:
+        """ENATScheduler draws each image from its own generator, so image `i` gets seed `seed + i`; diffusers'
+        AmusedScheduler takes one generator for the batch, so its images share the request's seed."""
+        return isinstance(self.pipeline.scheduler, ENATScheduler)
+
+    @property
+    def images_label(self) -> str:
+        return "Images" if self.is_text_to_image else "Images per class"
+
+    @property
+    def num_tokens(self) -> int:
+        return self.pipeline.token_grid_size**2
+
+    @property
+    def masking_schedules(self) -> tuple[str, ...]:
+        if isinstance(self.pipeline.scheduler, ENATScheduler):
+            return _MASKING_SCHEDULES
+        return AMUSED_MASKING_SCHEDULES
+
+    def class_names(self) -> dict[int, str]:
+        """The first name `id2label` gives each class (the id itself where there is none)."""
+        id2label = {int(key): names for key, names in (self.pipeline.config.get("id2label") or {}).items()}
+        num_classes = self.pipeline.transformer.config.num_classes
+        return {i: id2label[i].split(",")[0].strip() if i in id2label else str(i) for i in range(num_classes)}
+
+    def class_choices(self) -> list[tuple[str, str]]:
+        """Dropdown entries `(shown, value)`; the value is what `parse_class_labels` reads back."""
+        return [(name if name == str(i) else f"{name} ({i})", str(i)) for i, name in self.class_names().items()]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # checking a request (before any sampling)
+
+    def parse_class_labels(self, selection: str | Sequence[str] | None) -> list[int]:
+        """Class ids from dropdown values: ids, or any class name `id2label` knows; a typed entry may list several,
+        separated by commas."""
+        entries = [selection] if isinstance(selection, (str, int)) else list(selection or [])
+        labels = [part.strip() for entry in entries for part in str(entry).split(",") if part.strip()]
+        if not labels:
+            raise AppInputError("Class: choose at least one class.")
+        num_classes = self.pipeline.transformer.config.num_classes
+        ids = []
+        for label in labels:
+            if re.fullmatch(r"\d+", label):
+                class_id = int(label)
+                if class_id >= num_classes:
+                    raise AppInputError(f"Class: {class_id} is not a class id of this model (0 to {num_classes - 1}).")
+                ids.append(class_id)
+                continue
+            if label not in self.pipeline.labels:
+                matches = difflib.get_close_matches(label, list(self.pipeline.labels), n=3, cutoff=0.5)
+                hint = f" Did you mean {' or '.join(repr(match) for match in matches)}?" if matches else ""
+                raise AppInputError(f"Class: unknown class name {label!r}.{hint} Pick a class from the list.")
+            ids.extend(self.pipeline.get_label_ids(label))
+        return ids
+
+    def check_request(
+        self,
+        condition: str | Sequence[str] | None,
+        num_images: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        masking_schedule: str,
+        seed: int,
+    ) -> tuple[dict, list[str]]:
+        """The pipeline's conditioning arguments and one caption per image, or an `AppInputError` naming the input."""
+        num_images = _whole_number(num_images, self.images_label)
+        if not 1 <= num_images <= MAX_IMAGES_PER_CONDITION:
+            raise AppInputError(f"{self.images_label}: choose 1 to {MAX_IMAGES_PER_CONDITION}, got {num_images}.")
+        steps = _whole_number(num_inference_steps, "Steps")
+        if not 1 <= steps <= self.num_tokens:
+            raise AppInputError(
+                f"Steps: this model has {self.num_tokens} tokens per image, so choose 1 to {self.num_tokens} steps, "
+                f"got {steps}."
+            )
+        if not isinstance(guidance_scale, (int, float)) or not 1 <= guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise AppInputError(
+                f"Guidance scale: choose a number from 1 (no guidance) to {MAX_GUIDANCE_SCALE:g}, got {guidance_scale}."
+            )
+        if masking_schedule not in self.masking_schedules:
+            raise AppInputError(
+                f"Masking schedule: choose one of {', '.join(self.masking_schedules)}, got {masking_schedule!r}."
+            )
+        seed = _whole_number(seed, "Seed")
+        if not 0 <= seed <= MAX_SEED:
+            raise AppInputError(f"Seed: choose a whole number from 0 to {MAX_SEED}, got {seed}.")
+
+        if self.is_text_to_image:
+            prompt = (condition or "").strip() if isinstance(condition, str) else ""
+            if not prompt:
+                raise AppInputError("Prompt: enter a prompt.")
+            return {"prompt": prompt, "num_images_per_prompt": num_images}, [prompt] * num_images
+        class_ids = self.parse_class_labels(condition)
+        if len(class_ids) * num_images > MAX_IMAGES_PER_REQUEST:
+            raise AppInputError(
+                f"{self.images_label}: {len(class_ids)} classes x {num_images} images is more than {MAX_IMAGES_PER_REQUEST} "
+                "images per request."
+            )
+        names = self.class_names()
+        captions = [names[i] for i in class_ids for _ in range(num_images)]
+        return {"class_labels": class_ids, "num_images_per_prompt": num_images}, captions
+
+    # ----------------------------------------------------------------------------------------------------------
+    # sampling
+
+    def request_pipeline(self, masking_schedule: str):
+        """
+        A shallow copy of the pipeline for one request: the models are shared (read-only at inference), but the
+        per-call state that the pipeline keeps on itself (`_guidance_scale`, `_interrupt`, ...) and the scheduler
+        (`set_timesteps` stores the schedule on it) are the request's own, so concurrent requests cannot change
+        each other's sampling.
+        """
+        pipeline = copy.copy(self.pipeline)
+        scheduler_config = self.pipeline.scheduler.config
+        pipeline.scheduler = type(self.pipeline.scheduler).from_config(
+            scheduler_config, masking_schedule=masking_schedule
+        )
+        return pipeline
+
+    def generate(
+        self,
+        condition: str | Sequence[str] | None,
+        num_images: int = 1,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        masking_schedule: str | None = None,
+        seed: int = 0,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> GenerationResult:
+        """
+        Samples `num_images` images per class (or for the prompt); with ENATScheduler image `i` uses the seed
+        `seed + i` alone, so it is the same image whatever else is requested (see `per_image_seeds`).
+        `on_step(step_index, num_steps)` is called after each step.
+        """
+        config = self.pipeline.config
+        num_inference_steps = (
+            config.default_num_inference_steps if num_inference_steps is None else num_inference_steps
+        )
+        guidance_scale = config.default_guidance_scale if guidance_scale is None else guidance_scale
+        masking_schedule = masking_schedule or self.pipeline.scheduler.config.masking_schedule
+        inputs, captions = self.check_request(
+            condition, num_images, num_inference_steps, guidance_scale, masking_schedule, seed
+        )
+        seed, steps = int(seed), int(num_inference_steps)
+        pipeline = self.request_pipeline(masking_schedule)
+        mask_token_id = pipeline.mask_token_id
+        records: list[StepRecord] = []
+        predictions: list[torch.LongTensor] = []
+
+        # The callback only sees `latents`; the step's prediction for the still-masked tokens comes from the
+        # scheduler output, recorded by wrapping this request's own scheduler.
+        scheduler_step = pipeline.scheduler.step
+
+        def recording_step(*args, **kwargs):
+            output = scheduler_step(*args, **kwargs)
+            predictions.append(output.pred_original_sample.detach().cpu())
+            return output
+
+        pipeline.scheduler.step = recording_step
+        side = pipeline.token_grid_size
+        previous = [torch.full((len(captions), side, side), mask_token_id, dtype=torch.long)]
+
+        def record(pipe, step_index, timestep, callback_kwargs):
+            latents = callback_kwargs["latents"].detach().cpu()
+            records.append(StepRecord(before=previous[0], after=latents, prediction=predictions[-1]))
+            previous[0] = latents
+            if on_step is not None:
+                on_step(step_index, steps)
+            return {}
+
+        if self.per_image_seeds:
+            seeds = [seed + i for i in range(len(captions))]
+            generator = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+            captions = [f"{caption} · seed {s}" for caption, s in zip(captions, seeds, strict=True)]
+        else:
+            seeds = [seed] * len(captions)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            captions = [f"{caption} · seed {seed} #{i + 1}" for i, caption in enumerate(captions)]
+        output = pipeline(
+            **inputs,
+            num_inference_steps=steps,
+            guidance_scale=float(guidance_scale),
+            generator=generator,
+            callback_on_step_end=record,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+        return GenerationResult(images=list(output.images), captions=captions, seeds=seeds, steps=records)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the step view
+
+    def step_frames(self, result: GenerationResult, image_index: int = 0) -> list[StepFrame]:
+        """One frame per sampling step of image `image_index`: the step's prediction decoded to pixels, enlarged,
+        with revealed tokens framed orange, reused ones blue and still-masked ones faded."""
+        if not 0 <= image_index < len(result.images):
+            raise AppInputError(f"Step view: there is no image {image_index + 1} in this result.")
+        mask_token_id = self.pipeline.mask_token_id
+        predictions = torch.stack([record.prediction[image_index] for record in result.steps])
+        pictures = self.pipeline.decode_latents(predictions.to(self.pipeline.vqvae.device), output_type="pil")
+        frames = []
+        num_steps = len(result.steps)
+        for step_index, (record, picture) in enumerate(zip(result.steps, pictures, strict=True)):
+            masked_before = record.before[image_index] == mask_token_id
+            masked = record.after[image_index] == mask_token_id
+            revealed = masked_before & ~masked
+            reused = ~masked_before
+            caption = (
+                f"step {step_index + 1}/{num_steps}: {int(revealed.sum())} revealed, {int(reused.sum())} reused, "
+                f"{int(masked.sum())} masked"
+            )
+            image = _mark_tokens(upscale(picture), revealed, reused, masked)
+            frames.append(StepFrame(image=image, caption=caption, revealed=revealed, reused=reused, masked=masked))
+        return frames
+
+
+def _whole_number(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise AppInputError(f"{name}: enter a whole number, got {value!r}.")
+    return int(value)
+
+
+def _mark_tokens(
+    image: Image.Image, revealed: torch.BoolTensor, reused: torch.BoolTensor, masked: torch.BoolTensor
+) -> Image.Image:
+    image = image.convert("RGB")
+    side = revealed.shape[0]
+    cell_w, cell_h = image.width / side, image.height / side
+    grey = Image.new("RGB", image.size, MASKED_GREY)
+    faded = Image.blend(image, grey, MASKED_FADE)
+    draw = ImageDraw.Draw(image)
+    thick = max(2, round(min(cell_w, cell_h) / 10))
+
+    def box(row: int, column: int, inset: int = 0) -> tuple[int, int, int, int]:
+        left, top = round(column * cell_w), round(row * cell_h)
+        right, bottom = round((column + 1) * cell_w) - 1, round((row + 1) * cell_h) - 1
+        return left + inset, top + inset, right - inset, bottom - inset
+
+    for row, column in masked.nonzero().tolist():
+        image.paste(faded.crop(box(row, column)), box(row, column)[:2])
+    for row, column in reused.nonzero().tolist():
+        draw.rectangle(box(row, column), outline=REUSED_COLOR, width=1)
+    for row, column in revealed.nonzero().tolist():
+        draw.rectangle(box(row, column), outline=REVEALED_COLOR, width=thick)
+    return image
+
+
+def page_handlers(app: ENATApp):
+    """The functions behind the page's events, `(generate, show_steps)`: they turn every failure into a `gr.Error`
+    sentence shown in the page (the traceback of an unexpected one goes to the terminal), so the app keeps
+    serving."""
+    from .script_utils import require_optional
+
+    gr = require_optional("gradio", "app", "The ENAT app")
+
+    def generate(condition, num_images, steps, guidance_scale, masking_schedule, seed, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for progress)
+        def on_step(step_index: int, num_steps: int) -> None:
+            progress((step_index + 1, num_steps), desc="sampling", unit="steps")
+
+        try:
+            result = app.generate(condition, num_images, steps, guidance_scale, masking_schedule, seed, on_step)
+            frames = app.step_frames(result, 0)
+        except AppInputError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except Exception as error:
+            logger.exception("generation failed")
+            raise gr.Error(f"Generation failed: {type(error).__name__}: {error}", print_exception=False) from None
+        gallery = [(upscale(image), caption) for image, caption in zip(result.images, result.captions, strict=True)]
+        status = f"{len(result.images)} image(s), {len(result.steps)} steps each."
+        return gallery, [(frame.image, frame.caption) for frame in frames], status, result
+
+    def show_steps(result: GenerationResult | None, event: gr.SelectData):
+        if result is None:
+            return gr.update()
+        try:
+            frames = app.step_frames(result, event.index)
+        except AppInputError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        return gr.update(
+            value=[(frame.image, frame.caption) for frame in frames], label=f"Step by step: image {event.index + 1}"
+        )
+
+    return generate, show_steps
+
+
+def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
+    """The Gradio page of `app`. Sampling runs through Gradio's queue, up to `concurrency_limit` requests at once."""
+    from .script_utils import require_optional
+
+    gr = require_optional("gradio", "app", "The ENAT app")
+    pipeline_config = app.pipeline.config
+    run, show_steps = page_handlers(app)
+
+    title = f"ENAT: {app.model_name}" if app.model_name else "ENAT"
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(
+            f"# {title}\nMasked-token image generation with ENAT: each step reveals some tokens and reuses the "
+            "features of those already visible."
+        )
+        with gr.Tab("Generate"), gr.Row():
+            with gr.Column(scale=1):
+                if app.is_text_to_image:
+                    condition = gr.Textbox(label="Prompt", elem_id="enat-condition")
+                else:
+                    condition = gr.Dropdown(
+                        choices=app.class_choices(),
+                        value=None,
+                        multiselect=True,
+                        allow_custom_value=True,
+                        label="Class",
+                        info="Pick classes, or type a class name or id.",
+                        elem_id="enat-condition",
+                    )
+                num_images = gr.Slider(1, MAX_IMAGES_PER_CONDITION, value=1, step=1, label=app.images_label)
+                steps = gr.Slider(
+                    1, app.num_tokens, value=pipeline_config.default_num_inference_steps, step=1, label="Steps"
+                )
+                guidance = gr.Slider(
+                    1,
+                    MAX_GUIDANCE_SCALE,
+                    value=pipeline_config.default_guidance_scale,
+                    step=0.5,
+                    label="Guidance scale",
+                    info="1: no guidance; higher follows the class (or prompt) more closely.",
+                )
+                masking_schedule = gr.Dropdown(
+                    choices=list(app.masking_schedules),
+                    value=app.pipeline.scheduler.config.masking_schedule,
+                    label="Masking schedule",
+                )
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", scale=3)
+                    random_seed = gr.Button("Random seed", scale=1, elem_id="enat-random-seed")
+                generate = gr.Button("Generate", variant="primary", elem_id="enat-generate")
+            with gr.Column(scale=2):
+                status = gr.Markdown(elem_id="enat-status")
+                gallery = gr.Gallery(
+                    label="Images",
+                    format="png",
+                    columns=4,
+                    object_fit="contain",
+                    buttons=["download", "fullscreen"],
+                    elem_id="enat-gallery",
+                )
+                step_view = gr.Gallery(
+                    label="Step by step: image 1", format="png", columns=4, object_fit="contain", elem_id="enat-steps"
+                )
+                gr.Markdown(STEP_VIEW_LEGEND)
+        result_state = gr.State()
+        random_seed.click(lambda: random.randint(0, MAX_SEED), outputs=seed, queue=False)
+        generate.click(
+            run,
+            inputs=[condition, num_images, steps, guidance, masking_schedule, seed],
+            outputs=[gallery, step_view, status, result_state],
+            concurrency_limit=concurrency_limit,
+        )
+        gallery.select(show_steps, inputs=result_state, outputs=step_view, concurrency_limit=concurrency_limit)
+    return demo.queue()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m enat_diffusers.app", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"An ENAT pipeline folder, Hub id or demo:NAME (default: {DEFAULT_MODEL}).",
+    )
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"Address to serve on (default {DEFAULT_HOST}: this machine only)."
+    )
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"Port (default {DEFAULT_PORT}).")
+    parser.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"Requests sampled at the same time (default {DEFAULT_CONCURRENCY}); more wait in the queue.",
+    )
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    if args.concurrency < 1:
+        parser.error(f"--concurrency must be a positive integer, got {args.concurrency}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from .script_utils import require_optional
+
+    require_optional("gradio", "app", "The ENAT app")
+    app = ENATApp(load_pipeline(args.model, args.device), model_name=args.model)
+    demo = build_demo(app, concurrency_limit=args.concurrency)
+    demo.launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The browser app's functions called directly (enat_diffusers.app): images, the step view, errors and concurrency.
+The page itself, in a real browser, is tested by test_app_browser.py."""
+
+import re
+import threading
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AmusedScheduler
+
+from enat_diffusers import ENATScheduler, load_demo_pipeline
+from enat_diffusers.app import (
+    DEFAULT_HOST,
+    MASKED_FADE,
+    MASKED_GREY,
+    REVEALED_COLOR,
+    AppInputError,
+    ENATApp,
+    display_scale,
+    load_pipeline,
+    parse_args,
+    upscale,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+NUM_TOKENS = 16  # the digits demo: 4x4 tokens, 16x16 pixels
+
+
+@pytest.fixture(scope="module")
+def app():
+    return ENATApp(load_demo_pipeline("digits"), model_name="demo:digits")
+
+
+def alone(app: ENATApp, class_id: int, seed: int, steps: int, guidance_scale: float, masking_schedule: str):
+    """The image the pipeline makes by itself for one class and seed, with that masking schedule."""
+    scheduler = ENATScheduler.from_config(app.pipeline.scheduler.config, masking_schedule=masking_schedule)
+    pipeline = type(app.pipeline).from_pipe(app.pipeline, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    output = pipeline(
+        class_labels=[class_id],
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=[torch.Generator().manual_seed(seed)],
+        output_type="np",
+    )
+    return output.images[0]
+
+
+def test_each_image_is_the_pipelines_image_for_its_class_and_the_seed_in_its_caption(app):
+    result = app.generate(
+        ["seven", "2"], num_images=2, num_inference_steps=6, guidance_scale=2.0, masking_schedule="linear", seed=11
+    )
+    assert result.seeds == [11, 12, 13, 14]
+    assert result.captions == ["seven · seed 11", "seven · seed 12", "two · seed 13", "two · seed 14"]
+    for image, class_id, seed in zip(result.images, [7, 7, 2, 2], result.seeds, strict=True):
+        expected = alone(app, class_id, seed, steps=6, guidance_scale=2.0, masking_schedule="linear")
+        np.testing.assert_allclose(np.asarray(image, dtype=np.float32) / 255, expected, atol=1 / 255)
+
+
+def test_a_request_leaves_the_shared_pipeline_as_it_was(app):
+    schedule, guidance = app.pipeline.scheduler.config.masking_schedule, app.pipeline.guidance_scale
+    app.generate(["3"], num_images=1, num_inference_steps=4, guidance_scale=7.5, masking_schedule="arccos", seed=0)
+    assert app.pipeline.scheduler.config.masking_schedule == schedule == "cosine"
+    assert app.pipeline.guidance_scale == guidance
+    assert app.pipeline.scheduler.num_inference_steps is None
+
+
+def test_class_names_synonyms_and_ids_select_the_same_class(app):
+    assert app.parse_class_labels(["seven"]) == app.parse_class_labels("7") == app.parse_class_labels(["digit 7"])
+    assert app.parse_class_labels(["3, nine"]) == [3, 9]
+    assert ("seven (7)", "7") in app.class_choices()
+    assert len(app.class_choices()) == 10
+
+
+def test_gallery_images_are_enlarged_by_a_whole_factor_without_blending(app):
+    image = app.generate(["seven"], num_images=1, seed=3).images[0]
+    assert image.size == (16, 16)
+    large = upscale(image)
+    assert large.size == (256, 256) and display_scale(16) == 16
+    pixels = np.asarray(large)
+    np.testing.assert_array_equal(pixels[::16, ::16], np.asarray(image))
+    np.testing.assert_array_equal(pixels[15::16, 15::16], np.asarray(image))
+
+
+@pytest.mark.parametrize("masking_schedule", ["cosine", "linear"])
+def test_step_view_has_one_frame_per_step_revealing_every_token_once(app, masking_schedule):
+    steps = 6
+    result = app.generate(["four"], num_images=2, num_inference_steps=steps, masking_schedule=masking_schedule, seed=5)
+    frames = app.step_frames(result, image_index=1)
+    assert len(frames) == steps
+    schedule = ENATScheduler.from_config(app.pipeline.scheduler.config, masking_schedule=masking_schedule)
+    schedule.set_timesteps(steps)
+    seen = torch.zeros(4, 4, dtype=torch.bool)
+    for step_index, frame in enumerate(frames):
+        # revealed: masked before this step and visible after it; reused: visible before it
+        assert not (frame.revealed & seen).any()
+        assert torch.equal(frame.reused, seen)
+        seen |= frame.revealed
+        assert torch.equal(frame.masked, ~seen)
+        assert int(frame.masked.sum()) == schedule.num_masked_after_step(step_index, NUM_TOKENS)
+        assert frame.caption.startswith(f"step {step_index + 1}/{steps}: {int(frame.revealed.sum())} revealed")
+    assert seen.all()
+
+
+def test_step_frames_frame_revealed_tokens_and_fade_masked_ones(app):
+    result = app.generate(["eight"], num_images=1, num_inference_steps=8, seed=2)
+    frames = app.step_frames(result)
+    cell = 256 // 4
+    # The last step's prediction is the final image: a reused token's inside shows its final pixels.
+    last = frames[-1]
+    final = np.asarray(upscale(result.images[0]))
+    row, column = last.reused.nonzero()[0].tolist()
+    inside = (slice(row * cell + 8, (row + 1) * cell - 8), slice(column * cell + 8, (column + 1) * cell - 8))
+    np.testing.assert_array_equal(np.asarray(last.image)[inside], final[inside])
+    # A revealed token is framed in the revealed colour.
+    row, column = last.revealed.nonzero()[0].tolist()
+    assert np.asarray(last.image)[row * cell, column * cell + cell // 2].tolist() == list(REVEALED_COLOR)
+    # A still-masked token after the first step shows the prediction mixed with grey.
+    first = frames[0]
+    row, column = first.masked.nonzero()[0].tolist()
+    prediction = app.pipeline.decode_latents(result.steps[0].prediction[:1])[0]
+    predicted_pixel = np.asarray(upscale(prediction), dtype=np.float32)[
+        row * cell + cell // 2, column * cell + cell // 2
+    ]
+    shown = np.asarray(first.image, dtype=np.float32)[row * cell + cell // 2, column * cell + cell // 2]
+    expected = (1 - MASKED_FADE) * predicted_pixel + MASKED_FADE * np.array(MASKED_GREY)
+    np.testing.assert_allclose(shown, expected, atol=1.0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"condition": ["sevn"]}, r"Class: unknown class name 'sevn'. Did you mean 'seven'"),
+        ({"condition": ["12"]}, r"Class: 12 is not a class id of this model \(0 to 9\)"),
+        ({"condition": []}, r"Class: choose at least one class"),
+        ({"num_inference_steps": 40}, r"Steps: this model has 16 tokens per image, so choose 1 to 16 steps, got 40"),
+        ({"num_inference_steps": 2.5}, r"Steps: enter a whole number"),
+        ({"num_images": 9}, r"Images per class: choose 1 to 8"),
+        ({"condition": ["1", "2", "3"], "num_images": 6}, r"3 classes x 6 images is more than 16"),
+        ({"guidance_scale": 0.5}, r"Guidance scale: choose a number from 1 \(no guidance\)"),
+        ({"masking_schedule": "zigzag"}, r"Masking schedule: choose one of cosine, linear, arccos, pow"),
+        ({"seed": -3}, r"Seed: choose a whole number from 0"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_sentence_naming_the_input_before_sampling(app, overrides, message):
+    request = {
+        "condition": ["seven"],
+        "num_images": 1,
+        "num_inference_steps": 8,
+        "guidance_scale": 2.5,
+        "masking_schedule": "cosine",
+        "seed": 0,
+    }
+    steps_run = []
+    with pytest.raises(AppInputError, match=message):
+        app.generate(**{**request, **overrides}, on_step=lambda step, total: steps_run.append(step))
+    assert steps_run == []
+
+
+def test_two_concurrent_requests_give_the_images_each_gives_alone(app):
+    # Different seeds, step counts, guidance and schedules: a shared scheduler or shared `_guidance_scale` would mix
+    # them up. A barrier makes both requests sample in lockstep for their first steps.
+    requests = [
+        {"condition": ["seven"], "num_images": 2, "num_inference_steps": 8, "guidance_scale": 3.0, "seed": 1},
+        {
+            "condition": ["two"],
+            "num_images": 2,
+            "num_inference_steps": 6,
+            "guidance_scale": 1.0,
+            "masking_schedule": "linear",
+            "seed": 2,
+        },
+    ]
+    expected = [app.generate(**request) for request in requests]
+    barrier = threading.Barrier(2, timeout=60)
+    results, errors = [None, None], []
+
+    def in_lockstep(step_index: int, num_steps: int) -> None:
+        if step_index < 5:
+            barrier.wait()
+
+    def run(index: int) -> None:
+        try:
+            results[index] = app.generate(**requests[index], on_step=in_lockstep)
+        except Exception as error:  # reported below, in the test's thread
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    for result, reference in zip(results, expected, strict=True):
+        assert result.seeds == reference.seeds
+        for image, reference_image in zip(result.images, reference.images, strict=True):
+            np.testing.assert_array_equal(np.asarray(image), np.asarray(reference_image))
+        for record, reference_record in zip(result.steps, reference.steps, strict=True):
+            assert torch.equal(record.after, reference_record.after)
+
+
+def test_page_reports_progress_per_step_shows_errors_as_messages_and_keeps_serving(app):
+    gr = pytest.importorskip("gradio", reason="the page handlers need the app extra: pip install -e '.[app]'")
+    from enat_diffusers.app import page_handlers
+
+    generate, _ = page_handlers(app)
+    with pytest.raises(gr.Error) as error:
+        generate(["sevn"], 1, 8, 2.5, "cosine", 0)
+    assert "Class:" in error.value.message and "seven" in error.value.message
+    assert "Traceback" not in error.value.message
+    with pytest.raises(gr.Error, match="Steps:"):
+        generate(["seven"], 1, 99, 2.5, "cosine", 0)
+
+    progress_updates = []
+    gallery, step_view, status, result = generate(
+        ["seven"], 3, 5, 2.5, "cosine", 0, progress=lambda done, **details: progress_updates.append(done)
+    )
+    assert progress_updates == [(step, 5) for step in range(1, 6)]
+    assert [caption for _, caption in gallery] == ["seven · seed 0", "seven · seed 1", "seven · seed 2"]
+    assert all(image.size == (256, 256) for image, _ in gallery)
+    assert len(step_view) == 5
+    assert status == "3 image(s), 5 steps each."
+    assert len(result.images) == 3
+
+
+def test_text_pipeline_takes_a_prompt():
+    text_app = ENATApp(load_demo_pipeline("digits-text"), model_name="demo:digits-text")
+    assert text_app.is_text_to_image
+    result = text_app.generate("a handwritten seven", num_images=2, num_inference_steps=4, seed=7)
+    assert result.captions == ["a handwritten seven · seed 7", "a handwritten seven · seed 8"]
+    assert len(text_app.step_frames(result, 1)) == 4
+    with pytest.raises(AppInputError, match="Prompt: enter a prompt"):
+        text_app.generate("   ", num_images=1)
+
+
+def test_command_line_serves_the_digits_demo_on_this_machine_only_by_default():
+    args = parse_args([])
+    assert (args.model, args.host) == ("demo:digits", DEFAULT_HOST) and DEFAULT_HOST == "127.0.0.1"
+    args = parse_args(["--model", "demo:digits-text", "--host", "0.0.0.0", "--port", "8000"])
+    assert (args.model, args.host, args.port) == ("demo:digits-text", "0.0.0.0", 8000)
+    with pytest.raises(SystemExit):
+        parse_args(["--port", "70000"])
+
+
+@pytest.mark.parametrize("model", ["demo:nope", "empty folder"])
+def test_a_model_that_cannot_be_loaded_stops_the_app_with_one_sentence(model, tmp_path):
+    model = str(tmp_path) if model == "empty folder" else model
+    with pytest.raises(SystemExit, match=rf"--model '{re.escape(model)}' could not be loaded as a pipeline: "):
+        load_pipeline(model)
+
+
+def test_a_pipeline_with_diffusers_amused_scheduler_works_with_one_seed_per_request():
+    pipeline = load_demo_pipeline("digits")
+    pipeline.scheduler = AmusedScheduler.from_config(pipeline.scheduler.config)
+    amused_app = ENATApp(pipeline)
+    assert amused_app.masking_schedules == ("cosine", "linear") and not amused_app.per_image_seeds
+    result = amused_app.generate(["seven"], num_images=2, num_inference_steps=5, masking_schedule="linear", seed=4)
+    assert result.captions == ["seven · seed 4 #1", "seven · seed 4 #2"]
+    again = amused_app.generate(["seven"], num_images=2, num_inference_steps=5, masking_schedule="linear", seed=4)
+    for image, same in zip(result.images, again.images, strict=True):
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(same))
+    frames = amused_app.step_frames(result, 1)
+    assert len(frames) == 5 and not frames[-1].masked.any()
+    with pytest.raises(AppInputError, match="Masking schedule: choose one of cosine, linear, got 'arccos'"):
+        amused_app.generate(["seven"], masking_schedule="arccos")
