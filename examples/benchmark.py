@@ -68,6 +68,7 @@ from enat_diffusers.models.transformer_enat import (
 from enat_diffusers.models.vq_maskgit import MaskGITVQModel
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
 from enat_diffusers.schedulers.scheduling_enat import ENATScheduler
+from enat_diffusers.testing_utils import randomize_modulation
 
 ROWS = ("enat", "no_reuse", "plain_nat", "amused")
 ROW_TITLES = {
@@ -182,15 +183,6 @@ class Setup:
     vqvae: MaskGITVQModel | None
     amused_config: dict
     random_weights: bool
-
-
-def randomize_modulation(transformer: ENATTransformer2DModel) -> None:
-    """adaLN is zero-initialised, which makes every block an identity map; give it trained-like random values."""
-    with torch.no_grad():
-        for block in [*transformer.encoder_blocks, *transformer.decoder_blocks]:
-            block.adaln_modulation.weight.normal_(0, 0.02)
-            block.adaln_modulation.bias.normal_(0, 0.02)
-        transformer.class_embedding.weight.normal_(0, 1.0)
 
 
 def read_json_config(path: str) -> dict:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
+from enat_diffusers.testing_utils import randomize_modulation
 
 from .example_scripts import load_example
 from .tiny_components import TINY_TRANSFORMER_CONFIG
@@ -113,7 +114,7 @@ def test_plain_nat_matches_the_encoder_on_a_fully_visible_grid(benchmark):
     torch.manual_seed(0)
     config = {k: v for k, v in TINY_CONFIG.items() if k != "amused"}
     model = ENATTransformer2DModel(**{**config, "num_decoder_layers": 0}).eval()
-    benchmark.randomize_modulation(model)
+    randomize_modulation(model)
     ids = torch.randint(0, 16, (2, 4, 4))
     labels = torch.tensor([1, 5])
     with torch.no_grad():
