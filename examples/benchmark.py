@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="keep this many cores busy (Python busy loops in other processes) while measuring: a shared machine",
     )
+    parser.add_argument(
+        "--reference_end_to_end",
+        action="store_true",
+        help="with --reference_dir: compare tokens to images, each side with its own VQ decoder (random weights)",
+    )
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results to this json file")
@@ -194,6 +199,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(
             "--breakdown, --matmul_rates and --vq_dtype apply to the --precisions rows: give --precisions too"
         )
+    if args.reference_end_to_end and args.reference_dir is None:
+        parser.error("--reference_end_to_end needs --reference_dir")
     if args.busy_cores >= (os.cpu_count() or 1):
         parser.error(f"--busy_cores must leave a core for the measurement: this machine has {os.cpu_count()}")
     if args.compile and "enat" not in args.rows:
@@ -962,11 +969,27 @@ def measure_precisions(setup: Setup, args, device: torch.device) -> dict:
 # the reference implementation, side by side
 
 
-def import_reference_modules(reference_dir: str):
+def import_reference(reference_dir: str, *names: str) -> list:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conversion"))
-    from reference_import import import_reference
+    from reference_import import import_reference as import_from_checkout
 
+    return import_from_checkout(reference_dir, *names)
+
+
+def import_reference_modules(reference_dir: str):
     return import_reference(reference_dir, "libs.models", "libs.nat_misc")
+
+
+def reference_vq_model(reference_dir: str, seed: int) -> nn.Module:
+    """The reference's VQGAN (taming `VQModel` with its `vq-f16-jax.yaml` architecture), random weights."""
+    import yaml
+
+    (vqgan_module,) = import_reference(reference_dir, "taming.models.vqgan")
+    params = yaml.safe_load((Path(reference_dir) / "vq-f16-jax.yaml").read_text())["model"]["params"]
+    torch.manual_seed(seed)
+    return vqgan_module.VQModel(
+        ddconfig=params["ddconfig"], lossconfig=None, n_embed=params["n_embed"], embed_dim=params["embed_dim"]
+    )
 
 
 def reference_pair(models_module, config, seed: int) -> tuple[nn.Module, ENATTransformer2DModel]:
@@ -1041,16 +1064,27 @@ def compare_with_reference(config, args, device: torch.device, dtype: torch.dtyp
     parity = teacher_forced_parity(reference, ours, device)
     sampler_args = SimpleNamespace(**REFERENCE_SAMPLING, cfg_scale=args.guidance_scale)
     schedule = nat_misc.NATSchedule(codebook_size=config.codebook_size, device=device, args=sampler_args)
-    pipe = ENATPipeline(transformer=ours, vqvae=None, scheduler=ENATScheduler(mask_token_id=config.codebook_size))
+    decode_reference, our_vqvae, output_type = (lambda z: z), None, "latent"
+    if args.reference_end_to_end:
+        reference_vqvae = to_device(reference_vq_model(args.reference_dir, args.seed), device, dtype)
+        decode_reference = reference_vqvae.decode_code
+        torch.manual_seed(args.seed)
+        our_vqvae = to_device(MaskGITVQModel(sample_size=16 * config.sample_size), device, dtype)
+        output_type = "pt"  # decoded and scaled to [0, 1]; the reference returns its decoder's output
+    scheduler = ENATScheduler(mask_token_id=config.codebook_size)
+    pipe = ENATPipeline(transformer=ours, vqvae=our_vqvae, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     label = torch.tensor([1], device=device)
 
     def run_reference():
-        schedule.generate(args.steps, 1, reference, lambda z: z, config.sample_size, context=label)
+        schedule.generate(args.steps, 1, reference, decode_reference, config.sample_size, context=label)
 
     def run_ours():
         pipe(
-            class_labels=[1], num_inference_steps=args.steps, guidance_scale=args.guidance_scale, output_type="latent"
+            class_labels=[1],
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            output_type=output_type,
         )
 
     times = {"reference": [], "ours": []}
@@ -1064,6 +1098,8 @@ def compare_with_reference(config, args, device: torch.device, dtype: torch.dtyp
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {
         "batch_size": 1,
+        "end_to_end": args.reference_end_to_end,
+        "load_after": machine_load(),
         "seconds_reference": medians["reference"],
         "seconds_ours": medians["ours"],
         "speedup": medians["reference"] / medians["ours"],
@@ -1162,7 +1198,8 @@ def print_report(report: dict) -> None:
     if "reference" in report:
         ref = report["reference"]
         print(
-            f"reference sampler, batch 1: {ref['seconds_reference']:.3f} s, ours {ref['seconds_ours']:.3f} s: "
+            f"reference sampler{' + its VQ decode' if ref['end_to_end'] else ''}, batch 1: "
+            f"{ref['seconds_reference']:.3f} s, ours {ref['seconds_ours']:.3f} s: "
             f"{ref['speedup']:.2f}x faster (fastest runs: {ref['speedup_of_fastest_runs']:.2f}x); teacher-forced "
             "reuse-step logits "
             f"max |diff| {ref['parity']['max_abs_logit_diff']:.2e} (max |logit| {ref['parity']['max_abs_logit']:.2f})"
