@@ -5,6 +5,7 @@
     python examples/benchmark.py --model path/to/enat-pipeline --rows enat amused --json out.json
     python examples/benchmark.py --device cuda --dtype bf16 --compile
     python examples/benchmark.py --rows enat --batch_sizes 1 --reference_dir /path/to/ENAT   # vs the reference
+    python examples/benchmark.py --rows --precisions fp32 bf16 int8 --breakdown --matmul_rates   # end to end
 
 Rows (`--rows`), all class-conditional sampling of `--steps` steps with classifier-free guidance, VQ decode excluded:
 
@@ -30,6 +31,14 @@ whether every logit and sampled id was finite/valid. The json also records the r
 the FLOPs. Ratios to the `enat` row (FLOPs and time) are computed within the run.
 `--config` also takes a json file of `ENATTransformer2DModel` arguments (optionally `"preset"`, and `"amused"`:
 `UVit2DModel` arguments) for small test configurations.
+
+`--precisions fp32 bf16 int8 ...` adds end-to-end rows (tokens to PIL images, VQ decode included) per precision, int8
+loaded with diffusers' `TorchAoConfig` (the `quant` extra): seconds per image, the decode's share, the fraction of
+sampled tokens identical to the first precision's (same seeds); `--breakdown` adds where the time of one profiled
+run goes (matmuls, attention, token grouping and other transformer ops, scheduler, guidance and pipeline, decode) and
+`--matmul_rates` this machine's `nn.Linear` rate at the model's shapes in each precision, measured in the same run,
+with the fraction that sampling reaches. `--busy_cores N` keeps N cores busy while measuring (a shared machine); the
+json records the load average before and after and the OpenMP settings (see the README on `OMP_WAIT_POLICY`).
 
 `--reference_dir` also times the reference sampler (`NATSchedule.generate` with the reference `DiT`) against our
 pipeline at batch 1, alternating runs, with identical random weights (converted by our conversion code), and checks
