@@ -90,3 +90,25 @@ def test_pipeline_quantization_config_quantizes_the_transformer_and_samples_like
 
     images = pipe(class_labels=[0, 1], generator=torch.manual_seed(0), output_type="np").images
     assert images.shape[0] == 2 and ((images >= 0) & (images <= 1)).all()
+
+
+def test_int8_quantized_digits_demo_still_draws_the_requested_digits():
+    """The shipped demo with an int8 transformer: every class recognised by the demo's classifier (the README records
+    the 50-samples-per-class measurement; fewer samples here, with the bound `tests/test_demo.py` uses)."""
+    pytest.importorskip("sklearn", reason="the demo checks classify digits with scikit-learn")
+    from enat_diffusers.demo import demo_path
+
+    from .example_scripts import load_example
+
+    demo_script = load_example("train_demo_digits")
+    classifier, _ = demo_script.fit_digit_classifier()
+    quantization = PipelineQuantizationConfig(
+        quant_mapping={"transformer": TorchAoConfig(INT8_CONFIGS["int8_dynamic_activation"]())}
+    )
+    pipe = ENATPipeline.from_pretrained(demo_path("digits"), quantization_config=quantization, dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    assert _is_quantized(pipe.transformer.blocks[0].attn.to_q)
+    pixels, labels = demo_script.generate_class_samples(pipe, 10, seed=1000)
+    table = demo_script.accuracy_table(classifier, pixels, labels)
+    low = {name: accuracy for name, accuracy in table["per_class"].items() if accuracy < 0.9}
+    assert not low, table
