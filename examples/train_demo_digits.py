@@ -188,7 +188,7 @@ def kmeans_init_codebook(vqvae, images: torch.Tensor, seed: int) -> None:
     """Sets the codebook to k-means centres of the encoder's latents (every code starts in use)."""
     from sklearn.cluster import KMeans
 
-    latents = vqvae._encode_continuous(images)
+    latents = vqvae.encode_continuous(images)
     flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).numpy()
     kmeans = KMeans(n_clusters=vqvae.config.num_vq_embeddings, n_init=1, random_state=seed).fit(flat)
     vqvae.quantize.embedding.weight.copy_(torch.from_numpy(kmeans.cluster_centers_).float())
@@ -212,7 +212,7 @@ def train_vq(
     indices = batches(len(images), min(batch_size, len(images)), torch.Generator().manual_seed(seed))
     for _ in range(warmup_steps):
         batch = images[next(indices)]
-        loss = F.mse_loss(vqvae.decode_latents(vqvae._encode_continuous(batch)), batch)
+        loss = F.mse_loss(vqvae.decode_latents(vqvae.encode_continuous(batch)), batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

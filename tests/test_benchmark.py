@@ -9,12 +9,20 @@ import pytest
 import torch
 
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
+from enat_diffusers.testing_utils import randomize_modulation
 
 from .example_scripts import load_example
 from .tiny_components import TINY_TRANSFORMER_CONFIG
 
 TINY_CONFIG = {
     **TINY_TRANSFORMER_CONFIG,
+    "vqvae": {
+        "hidden_channels": 8,
+        "channel_multipliers": [1, 2],
+        "layers_per_block": 1,
+        "latent_channels": 8,
+        "norm_num_groups": 4,
+    },
     "amused": {
         "sample_size": 4,
         "hidden_size": 32,
@@ -56,8 +64,8 @@ def test_runs_end_to_end_and_writes_json(benchmark, tiny_config, tmp_path):
     argv = ["--config", str(tiny_config), "--batch_sizes", "1", "2", "--warmup", "0", "--repeats", "1"]
     benchmark.main([*argv, "--steps", "4", "--amused_steps", "3", "--json", str(output)])
     report = json.loads(output.read_text())
-    assert {"config", "notes", "results", "ratios", "targets", "process_max_rss_mib"} <= set(report)
-    assert report["targets"] is None  # the issue's targets are for ENAT-L only
+    assert {"config", "notes", "results", "ratios", "machine", "process_max_rss_mib"} <= set(report)
+    assert report["machine"]["busy_cores"] == 0 and "load_average" in report["machine"]["load_before"]
     assert {"gflops", "seconds", "memory"} == set(report["notes"])
     assert [(r["row"], r["batch_size"]) for r in report["results"]] == [
         (row, batch_size) for batch_size in (1, 2) for row in benchmark.ROWS
@@ -111,9 +119,9 @@ def test_plain_nat_matches_the_encoder_on_a_fully_visible_grid(benchmark):
     from enat_diffusers.models.transformer_enat import ENATTransformer2DModel
 
     torch.manual_seed(0)
-    config = {k: v for k, v in TINY_CONFIG.items() if k != "amused"}
+    config = {k: v for k, v in TINY_CONFIG.items() if k not in ("amused", "vqvae")}
     model = ENATTransformer2DModel(**{**config, "num_decoder_layers": 0}).eval()
-    benchmark.randomize_modulation(model)
+    randomize_modulation(model)
     ids = torch.randint(0, 16, (2, 4, 4))
     labels = torch.tensor([1, 5])
     with torch.no_grad():
@@ -146,6 +154,8 @@ def test_peak_tensor_memory_counts_live_storages_once(benchmark):
         (["--guidance_scale", "-1"], "--guidance_scale must be >= 0"),
         (["--compile", "--rows", "amused"], "keep `enat` in --rows"),
         (["--reference_dir", "/nonexistent"], "checkout of LeapLabTHU/ENAT"),
+        (["--breakdown"], "give --precisions too"),
+        (["--busy_cores", str(os.cpu_count())], "--busy_cores must leave a core"),
     ],
 )
 def test_bad_command_lines_fail_clearly(benchmark, capsys, argv, message):
@@ -167,10 +177,50 @@ def test_bad_json_config_fails_clearly(benchmark, tmp_path):
 )
 def test_reference_pair_agrees_on_a_reuse_step(benchmark, tmp_path):
     path = tmp_path / "tiny1000.json"
-    path.write_text(json.dumps({**{k: v for k, v in TINY_CONFIG.items() if k != "amused"}, "num_classes": 1000}))
+    path.write_text(
+        json.dumps({**{k: v for k, v in TINY_CONFIG.items() if k not in ("amused", "vqvae")}, "num_classes": 1000})
+    )
     args = benchmark.parse_args(["--config", str(path)])
     setup = benchmark.load_setup(args)
     models_module, _ = benchmark.import_reference_modules(os.environ["ENAT_REFERENCE_DIR"])
     reference, ours = benchmark.reference_pair(models_module, setup.transformer.config, seed=0)
     parity = benchmark.teacher_forced_parity(reference, ours, torch.device("cpu"))
     assert parity["max_abs_logit_diff"] < 1e-4 * max(1.0, parity["max_abs_logit"])
+
+
+def test_help_and_report_speak_to_users_without_fixed_thresholds(benchmark, tiny_config, tmp_path):
+    text = benchmark.build_parser().format_help()
+    assert "issue" not in text and "target" not in text
+    output = tmp_path / "result.json"
+    benchmark.main(["--config", str(tiny_config), "--rows", "enat", "--batch_sizes", "1", "--warmup", "0",
+                    "--repeats", "1", "--steps", "2", "--json", str(output)])  # fmt: skip
+    assert "target" not in output.read_text()
+
+
+def test_end_to_end_precisions_report_decode_share_agreement_breakdown_and_matmul_rate(benchmark, tiny_config):
+    pytest.importorskip("torchao.quantization", reason="the int8 row needs the `quant` extra")
+    args = benchmark.parse_args(
+        ["--config", str(tiny_config), "--rows", "--batch_sizes", "2", "--warmup", "0", "--repeats", "1",
+         "--steps", "3", "--precisions", "fp32", "int8_weight_only", "--breakdown", "--matmul_rates"]
+    )  # fmt: skip
+    report = benchmark.run_benchmark(args)
+    assert report["results"] == []
+    results = {r["precision"]: r for r in report["precisions"]["results"]}
+    assert set(results) == {"fp32", "int8_weight_only"}
+    assert results["fp32"]["identical_tokens_vs_fp32"] == 1.0
+    assert 0 <= results["int8_weight_only"]["identical_tokens_vs_fp32"] <= 1
+    for result in results.values():
+        assert 0 < result["decode_share"] < 1
+        assert result["end_to_end_seconds_per_image"] > result["decode_seconds_per_image"] > 0
+        parts = result["breakdown"]["seconds_per_image"]
+        assert {"matmuls", "attention", "token_grouping", "scheduler", "guidance_and_pipeline", "decode"} <= set(parts)
+        assert parts["matmuls"] > 0 and parts["attention"] > 0 and parts["decode"] > 0 and parts["scheduler"] > 0
+        assert result["matmul_rate"]["gflops_per_second"] > 0 and result["fraction_of_matmul_rate"] > 0
+    assert report["precisions"]["speedup_vs_fp32"]["2"]["fp32"] == 1.0
+
+
+def test_busy_cores_run_only_while_measuring(benchmark):
+    with benchmark.BusyCores(1) as busy:
+        (process,) = busy.processes
+        assert process.poll() is None
+    assert process.poll() is not None

@@ -350,6 +350,53 @@ def test_low_precision_decode_is_finite_and_close(dtype, tolerance):
     assert token_ids_back.shape == token_ids.shape
 
 
+def _overflowing_float16_model(force_upcast: bool) -> MaskGITVQModel:
+    """A tiny model whose first decoder convolution exceeds float16's range (65504) on every codebook entry."""
+    model = MaskGITVQModel(**{**TINY_CONFIG, "force_upcast": force_upcast}).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.quantize.embedding.weight.normal_()
+        model.decoder.conv_in.weight.mul_(1e5)
+    return model
+
+
+def test_float16_decode_overflow_is_an_error_not_black_images():
+    model = _overflowing_float16_model(force_upcast=False)
+    torch.nn.Module.to(model, dtype=torch.float16)
+    with torch.no_grad(), pytest.raises(FloatingPointError, match="non-finite pixels.*force_upcast"):
+        model.decode(torch.randint(0, 16, (1, 4, 4)))
+
+
+def test_force_upcast_decodes_float16_models_in_float32():
+    model = _overflowing_float16_model(force_upcast=True)
+    token_ids = torch.randint(0, 16, (2, 4, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.decode(token_ids).sample
+        torch.nn.Module.to(model, dtype=torch.float16)
+        sample = model.decode(token_ids).sample
+    assert model.upcasts_decode and model.dtype == torch.float16  # the weights stay float16 for the caller
+    assert sample.dtype == torch.float32
+    torch.testing.assert_close(sample, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+def test_force_upcast_leaves_other_dtypes_alone():
+    model = _overflowing_float16_model(force_upcast=True)
+    torch.nn.Module.to(model, dtype=torch.bfloat16)
+    assert not model.upcasts_decode
+    with torch.no_grad():
+        assert model.decode(torch.randint(0, 16, (1, 4, 4))).sample.dtype == torch.bfloat16
+
+
+def test_encode_continuous_is_what_encode_quantizes():
+    model = _tiny_model()
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        latents = model.encode_continuous(images)
+        encoded = model.encode(images)
+    assert latents.shape == (2, 8, 4, 4)
+    assert torch.equal(model.quantize.nearest_ids(latents), encoded.token_ids)
+
+
 def test_group_norm_runs_in_float32_for_half_inputs():
     norm = vq_maskgit._Float32GroupNorm(2, 4, eps=1e-6).half()
     hidden_states = torch.full((1, 4, 64, 64), 300.0, dtype=torch.float16)
@@ -373,6 +420,24 @@ def test_save_pretrained_round_trip(tmp_path):
     token_ids = torch.randint(0, 16, (1, 4, 4))
     with torch.no_grad():
         assert torch.equal(reloaded.decode(token_ids).sample, model.decode(token_ids).sample)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_loading_non_finite_weights_is_an_error_naming_the_tensor(tmp_path, value):
+    model = _tiny_model()
+    with torch.no_grad():
+        model.decoder.conv_out.weight[0, 0, 0, 0] = value
+    model.save_pretrained(tmp_path / "vq")
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(in decoder\.conv_out\.weight\)"):
+        MaskGITVQModel.from_pretrained(tmp_path / "vq")
+
+
+def test_decoding_with_nan_weights_is_an_error_not_black_images():
+    model = _tiny_model()
+    with torch.no_grad():
+        model.decoder.conv_in.weight[0, 0, 0, 0] = float("nan")
+        with pytest.raises(FloatingPointError, match="non-finite pixels"):
+            model.decode(torch.randint(0, 16, (1, 4, 4)))
 
 
 # --------------------------------------------------------------------------------- opt-in: the real checkpoint

@@ -322,8 +322,9 @@ class MaskGITVQModel(ENATHubMixin, ModelMixin, ConfigMixin):
         sample_size (`int`, *optional*, defaults to 256):
             Image size the tokenizer was trained at (informational; any multiple of the downsampling factor works).
         force_upcast (`bool`, *optional*, defaults to `False`):
-            Hint for pipelines, as in diffusers' autoencoders: run this model in float32 when the rest is float16.
-            Not needed for the released weights' decoder since GroupNorm already runs in float32.
+            As in diffusers' autoencoders: a float16 model decodes in float32 (and returns float32 images). Other
+            dtypes are not affected. Off by default: GroupNorm, whose statistics overflow float16 first, always runs in
+            float32 anyway.
     """
 
     _supports_gradient_checkpointing = False
@@ -385,6 +386,30 @@ token_ids = vqvae.encode(images).token_ids  # images in [-1, 1], (B, 3, H, W)
             out_channels, block_channels, layers_per_block, latent_channels, norm_num_groups, norm_eps
         )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """
+        diffusers' [`~ModelMixin.from_pretrained`], refusing weights that are not finite.
+
+        A NaN or infinite weight would make every decoded pixel NaN, which image conversion turns into black images
+        without an error; a damaged file is better reported when it is loaded.
+
+        Raises:
+            `ValueError`: naming the first tensors with NaN or infinite values.
+        """
+        loaded = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` returns a tuple
+        bad = [
+            name for name, tensor in model.state_dict().items() if not tensor.is_meta and not tensor.isfinite().all()
+        ]
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise ValueError(
+                f"MaskGITVQModel weights loaded from {pretrained_model_name_or_path} contain NaN or infinite values "
+                f"(in {shown}); the file is damaged or was saved from a diverged training run."
+            )
+        return loaded
+
     @property
     def downsample_factor(self) -> int:
         """Pixels per token along each side (16 for the released model)."""
@@ -439,7 +464,12 @@ token_ids = vqvae.encode(images).token_ids  # images in [-1, 1], (B, 3, H, W)
             )
         return token_ids.to(device=self.device, dtype=torch.long)
 
-    def _encode_continuous(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_continuous(self, images: torch.Tensor) -> torch.Tensor:
+        """
+        Encode images `(batch_size, in_channels, height, width)` in `[-1, 1]` into continuous, not yet quantized
+        latents `(batch_size, latent_channels, height / f, width / f)`: what the codebook search of [`encode`] starts
+        from, and the input of [`decode_latents`] when training the autoencoder without its codebook.
+        """
         self._check_images(images)
         images = images.to(device=self.device, dtype=self.dtype)
         # The network was trained on images in [0, 1].
@@ -462,7 +492,7 @@ token_ids = vqvae.encode(images).token_ids  # images in [-1, 1], (B, 3, H, W)
             [`MaskGITVQEncoderOutput`] or `tuple`: token ids `(batch_size, height / f, width / f)` and the quantized
             latents `(batch_size, latent_channels, height / f, width / f)`.
         """
-        latents = self._encode_continuous(images)
+        latents = self.encode_continuous(images)
         token_ids = self.quantize.nearest_ids(latents)
         quantized = self.quantize.lookup(token_ids)
         if not return_dict:
@@ -472,7 +502,8 @@ token_ids = vqvae.encode(images).token_ids  # images in [-1, 1], (B, 3, H, W)
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """
         Decode latents `(batch_size, latent_channels, h, w)` (usually codebook entries) into images
-        `(batch_size, out_channels, h * f, w * f)` in `[-1, 1]` (not clamped).
+        `(batch_size, out_channels, h * f, w * f)` in `[-1, 1]` (not clamped), in the model's dtype (float32 for a float16
+        model with `force_upcast`).
         """
         if not isinstance(latents, torch.Tensor) or not torch.is_floating_point(latents):
             raise TypeError("`latents` must be a floating-point torch.Tensor.")
@@ -481,8 +512,19 @@ token_ids = vqvae.encode(images).token_ids  # images in [-1, 1], (B, 3, H, W)
                 f"`latents` must have shape (batch_size, {self.config.latent_channels}, height, width), "
                 f"got {tuple(latents.shape)}."
             )
-        images = self.decoder(latents.to(device=self.device, dtype=self.dtype))
+        if self.upcasts_decode:
+            # Parameters are cast per call, as diffusers' pipelines upcast a float16 VAE around the decode: the model
+            # stays float16 for the caller, and only this call pays for the float32 copy.
+            parameters = {name: value.float() for name, value in self.decoder.named_parameters()}
+            images = torch.func.functional_call(self.decoder, parameters, (latents.to(self.device, torch.float32),))
+        else:
+            images = self.decoder(latents.to(device=self.device, dtype=self.dtype))
         return images * 2 - 1
+
+    @property
+    def upcasts_decode(self) -> bool:
+        """Whether decoding runs in float32 although the weights are float16 (`force_upcast` in the config)."""
+        return self.config.force_upcast and self.dtype == torch.float16
 
     @apply_forward_hook
     def decode(self, token_ids: torch.LongTensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
@@ -497,10 +539,21 @@ token_ids = vqvae.encode(images).token_ids  # images in [-1, 1], (B, 3, H, W)
 
         Returns:
             [`~models.autoencoders.vae.DecoderOutput`] or `tuple`: images `(batch_size, out_channels, height * f,
-            width * f)` in `[-1, 1]`, not clamped, in the dtype of the model.
+            width * f)` in `[-1, 1]`, not clamped, in the dtype of the model (float32 for a float16 model with
+            `force_upcast`).
+
+        Raises:
+            `FloatingPointError`: when the decoded pixels are not all finite (NaN/inf weights, or float16 overflow).
         """
         token_ids = self._check_token_ids(token_ids)
         sample = self.decode_latents(self.quantize.lookup(token_ids))
+        if not torch.isfinite(sample).all():
+            # Clamped and converted to uint8, NaN would silently become black pixels.
+            raise FloatingPointError(
+                f"MaskGITVQModel.decode produced non-finite pixels ({self.dtype} weights): the weights contain "
+                "NaN/inf, or the activations overflowed; a float16 model can decode in float32 with "
+                "`force_upcast=True` in its config."
+            )
         if not return_dict:
             return (sample,)
         return DecoderOutput(sample=sample)
@@ -521,7 +574,7 @@ token_ids = vqvae.encode(images).token_ids  # images in [-1, 1], (B, 3, H, W)
             [`MaskGITVQModelOutput`] or `tuple`: the reconstruction `(batch_size, out_channels, height, width)` in
             `[-1, 1]`, the token ids `(batch_size, height / f, width / f)` and the scalar quantization loss.
         """
-        latents = self._encode_continuous(images)
+        latents = self.encode_continuous(images)
         token_ids = self.quantize.nearest_ids(latents)
         quantized = self.quantize.lookup(token_ids)
         codebook_loss = F.mse_loss(quantized.float(), latents.detach().float())
