@@ -7,7 +7,7 @@
     python examples/benchmark.py --rows enat --batch_sizes 1 --reference_dir /path/to/ENAT   # vs the reference
     python examples/benchmark.py --rows --precisions fp32 bf16 int8 --breakdown --matmul_rates   # end to end
 
-Rows (`--rows`), all class-conditional sampling of `--steps` steps with classifier-free guidance, VQ decode excluded:
+Rows (`--rows`), all class-conditional sampling of `--num_inference_steps` steps with classifier-free guidance, VQ decode excluded:
 
 * `enat`: `ENATPipeline(..., output_type="latent")`: visible tokens encoded without mask tokens, features reused.
 * `no_reuse`: the same pipeline and network, but every step re-encodes all visible tokens (no reuse state is given).
@@ -50,6 +50,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import resource
 import shutil
@@ -151,9 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--rows", nargs="*", choices=ROWS, default=list(ROWS), help="rows to run (default: all; none: `--rows`)"
     )
     parser.add_argument("--batch_sizes", nargs="+", type=positive_int, help="default: 1 8 on CPU, 1 64 on CUDA")
-    parser.add_argument("--steps", type=positive_int, default=8, help="ENAT sampling steps")
+    parser.add_argument("--num_inference_steps", type=positive_int, default=8, help="ENAT sampling steps")
+    script_utils.add_deprecated_flag(parser, "--steps", "--num_inference_steps", removed_in="0.3.0")
     parser.add_argument("--amused_steps", type=positive_int, default=12, help="aMUSEd sampling steps")
-    parser.add_argument("--guidance_scale", type=float, default=2.5, help="0 disables guidance (one stream)")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=3.5,
+        help="classifier-free guidance scale with diffusers' meaning (1 disables guidance: one stream; the paper's cfg is s - 1)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--compile", action="store_true", help="add the enat row with compiled blocks")
@@ -202,8 +209,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available in this torch build / machine")
-    if args.guidance_scale < 0:
-        parser.error(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
+    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 1:
+        parser.error(f"--guidance_scale must be a finite number >= 1 (1 = no guidance), got {args.guidance_scale}")
     if (args.breakdown or args.matmul_rates or args.vq_dtype) and not args.precisions:
         parser.error(
             "--breakdown, --matmul_rates and --vq_dtype apply to the --precisions rows: give --precisions too"
@@ -470,6 +477,10 @@ class BenchmarkTransformer(nn.Module):
         return self.transformer.dtype
 
     @property
+    def is_class_conditional(self) -> bool:
+        return self.transformer.is_class_conditional
+
+    @property
     def null_class_label(self) -> int:
         return self.transformer.null_class_label
 
@@ -528,7 +539,7 @@ def enat_row(name: str, setup: Setup, mode: str, args, device, blocks=()) -> Row
         labels = [index % num_classes for index in range(batch_size)]
         output = pipe(
             class_labels=labels,
-            num_inference_steps=args.steps,
+            num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
             output_type="latent",
             generator=generator,
@@ -544,7 +555,7 @@ def amused_row(setup: Setup, args, device: torch.device, dtype: torch.dtype) -> 
     model = to_device(UVit2DModel(**setup.amused_config), device, dtype)
     scheduler = AmusedScheduler(mask_token_id=model.config.vocab_size - 1)
     probe = Probe()
-    guided = args.guidance_scale > 0
+    guided = args.guidance_scale > 1
 
     def sample(batch_size: int) -> torch.Tensor:
         generator = torch.Generator(device).manual_seed(args.seed)
@@ -915,7 +926,7 @@ def measure_precisions(setup: Setup, args, device: torch.device) -> dict:
             def call(row, output_type, labels=labels):
                 return row.pipe(
                     class_labels=labels,
-                    num_inference_steps=args.steps,
+                    num_inference_steps=args.num_inference_steps,
                     guidance_scale=args.guidance_scale,
                     output_type=output_type,
                     generator=torch.Generator(device).manual_seed(args.seed),
@@ -1071,7 +1082,8 @@ def compare_with_reference(config, args, device: torch.device, dtype: torch.dtyp
     reference, ours = reference_pair(models_module, config, args.seed)
     reference, ours = to_device(reference, device, dtype), to_device(ours, device, dtype)
     parity = teacher_forced_parity(reference, ours, device)
-    sampler_args = SimpleNamespace(**REFERENCE_SAMPLING, cfg_scale=args.guidance_scale)
+    # The reference's cfg is the weight w of cond + w * (cond - uncond): diffusers' scale minus one.
+    sampler_args = SimpleNamespace(**REFERENCE_SAMPLING, cfg_scale=args.guidance_scale - 1)
     schedule = nat_misc.NATSchedule(codebook_size=config.codebook_size, device=device, args=sampler_args)
     decode_reference, our_vqvae, output_type = (lambda z: z), None, "latent"
     if args.reference_end_to_end:
@@ -1086,12 +1098,12 @@ def compare_with_reference(config, args, device: torch.device, dtype: torch.dtyp
     label = torch.tensor([1], device=device)
 
     def run_reference():
-        schedule.generate(args.steps, 1, reference, decode_reference, config.sample_size, context=label)
+        schedule.generate(args.num_inference_steps, 1, reference, decode_reference, config.sample_size, context=label)
 
     def run_ours():
         pipe(
             class_labels=[1],
-            num_inference_steps=args.steps,
+            num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
             output_type=output_type,
         )
@@ -1138,7 +1150,7 @@ def describe(setup: Setup, args, device: torch.device) -> dict:
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": args.dtype,
-            "steps": args.steps,
+            "num_inference_steps": args.num_inference_steps,
             "amused_steps": args.amused_steps,
             "guidance_scale": args.guidance_scale,
             "batch_sizes": args.batch_sizes,
@@ -1170,7 +1182,7 @@ def print_report(report: dict) -> None:
     side = description["token_grid"][0]
     print(
         f"\n{description['name']} ({'random weights' if description['random_weights'] else 'trained weights'}, "
-        f"{description['parameters_millions']:.1f}M parameters), {side}x{side} tokens, {settings['steps']} steps "
+        f"{description['parameters_millions']:.1f}M parameters), {side}x{side} tokens, {settings['num_inference_steps']} steps "
         f"(aMUSEd {settings['amused_steps']}), guidance {settings['guidance_scale']}, {settings['device_name']} "
         f"{settings['dtype']}, torch {settings['torch']}, {settings['threads']} threads"
     )

@@ -62,7 +62,7 @@ def _args(benchmark, config: Path, *extra: str) -> argparse.Namespace:
 def test_runs_end_to_end_and_writes_json(benchmark, tiny_config, tmp_path):
     output = tmp_path / "result.json"
     argv = ["--config", str(tiny_config), "--batch_sizes", "1", "2", "--warmup", "0", "--repeats", "1"]
-    benchmark.main([*argv, "--steps", "4", "--amused_steps", "3", "--json", str(output)])
+    benchmark.main([*argv, "--num_inference_steps", "4", "--amused_steps", "3", "--json", str(output)])
     report = json.loads(output.read_text())
     assert {"config", "notes", "results", "ratios", "machine", "process_max_rss_mib"} <= set(report)
     assert report["machine"]["busy_cores"] == 0 and "load_average" in report["machine"]["load_before"]
@@ -106,7 +106,7 @@ def test_enat_row_samples_what_the_pipeline_samples(benchmark, tiny_config):
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(
         class_labels=[0, 1],
-        num_inference_steps=args.steps,
+        num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         output_type="latent",
         generator=torch.Generator().manual_seed(args.seed),
@@ -151,7 +151,7 @@ def test_peak_tensor_memory_counts_live_storages_once(benchmark):
     [
         (["--config", "ENAT-XL"], "--config must be one of"),
         (["--batch_sizes", "0"], "must be a positive integer"),
-        (["--guidance_scale", "-1"], "--guidance_scale must be >= 0"),
+        (["--guidance_scale", "0.5"], "--guidance_scale must be a finite number >= 1"),
         (["--compile", "--rows", "amused"], "keep `enat` in --rows"),
         (["--reference_dir", "/nonexistent"], "checkout of LeapLabTHU/ENAT"),
         (["--breakdown"], "give --precisions too"),
@@ -193,7 +193,7 @@ def test_help_and_report_speak_to_users_without_fixed_thresholds(benchmark, tiny
     assert "issue" not in text and "target" not in text
     output = tmp_path / "result.json"
     benchmark.main(["--config", str(tiny_config), "--rows", "enat", "--batch_sizes", "1", "--warmup", "0",
-                    "--repeats", "1", "--steps", "2", "--json", str(output)])  # fmt: skip
+                    "--repeats", "1", "--num_inference_steps", "2", "--json", str(output)])  # fmt: skip
     assert "target" not in output.read_text()
 
 
@@ -201,7 +201,7 @@ def test_end_to_end_precisions_report_decode_share_agreement_breakdown_and_matmu
     pytest.importorskip("torchao.quantization", reason="the int8 row needs the `quant` extra")
     args = benchmark.parse_args(
         ["--config", str(tiny_config), "--rows", "--batch_sizes", "2", "--warmup", "0", "--repeats", "1",
-         "--steps", "3", "--precisions", "fp32", "int8_weight_only", "--breakdown", "--matmul_rates"]
+         "--num_inference_steps", "3", "--precisions", "fp32", "int8_weight_only", "--breakdown", "--matmul_rates"]
     )  # fmt: skip
     report = benchmark.run_benchmark(args)
     assert report["results"] == []
