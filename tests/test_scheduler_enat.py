@@ -330,6 +330,80 @@ def test_default_draws_have_the_right_distribution():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# masked regions: the schedule applies to each row's own region
+
+
+def _masked_rows(num_masked, seq_len=16, seed=0, mask_id=16):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randint(0, mask_id, (len(num_masked), seq_len), generator=g)
+    order = torch.rand(len(num_masked), seq_len, generator=g).argsort(1).argsort(1)
+    return torch.where(order < torch.tensor(num_masked)[:, None], mask_id, sample)
+
+
+def test_partly_masked_row_reveals_its_region_over_all_steps():
+    """6 of 16 tokens masked, 8 steps: the region follows the cosine schedule instead of waiting for the grid's."""
+    steps = 8
+    logits = _random_logits(steps, 1, 16, 16, seed=1)
+    scheduler = ENATScheduler(mask_token_id=16)
+    outputs = _run(scheduler, lambda k, ids: logits[k], _masked_rows([6]), steps, torch.Generator().manual_seed(0))
+    counts = [int(out.mask.sum()) for out in outputs]
+    assert counts == [math.floor(6 * math.cos(math.pi / 2 * (k + 1) / steps)) for k in range(steps)]
+    assert counts == [5, 5, 4, 4, 3, 2, 1, 0]  # the whole-grid schedule gave 6, 6, 6, 6, 6, 6, 3, 0
+    assert scheduler.region_sizes == [6]
+
+
+def test_rows_with_different_regions_each_follow_their_own_schedule_and_equal_the_row_alone():
+    steps, num_masked, seeds = 5, [16, 6, 0, 11], (3, 4, 5, 6)
+    logits = _random_logits(steps, 4, 16, 16, seed=2)
+    sample = _masked_rows(num_masked)
+    scheduler = ENATScheduler(mask_token_id=16)
+    batched = _run(
+        scheduler, lambda k, ids: logits[k], sample, steps, [torch.Generator().manual_seed(s) for s in seeds]
+    )
+    for row, (region, seed) in enumerate(zip(num_masked, seeds, strict=True)):
+        expected = [scheduler.num_masked_after_step(k, region) for k in range(steps)]
+        assert [int(out.mask[row].sum()) for out in batched] == expected
+        alone = _run(
+            ENATScheduler(mask_token_id=16),
+            lambda k, ids, row=row: logits[k, row : row + 1],
+            sample[row : row + 1],
+            steps,
+            torch.Generator().manual_seed(seed),
+        )
+        for a, b in zip(batched, alone, strict=True):
+            assert torch.equal(a.prev_sample[row : row + 1], b.prev_sample)
+            assert torch.equal(a.pred_original_sample[row : row + 1], b.pred_original_sample)
+    assert not batched[-1].mask.any()
+
+
+def test_region_comes_from_starting_mask_ratio_or_is_the_grid_for_a_late_start():
+    scheduler = ENATScheduler(mask_token_id=16)
+    scheduler.set_timesteps(4)
+    logits = _random_logits(1, 2, 16, 16, seed=3)[0]
+    # a run that starts at step 1 (image-to-image after add_noise): the region is the whole grid
+    noisy = scheduler.add_noise(torch.zeros(2, 16, dtype=torch.long), scheduler.timesteps[0])
+    out = scheduler.step(logits, scheduler.timesteps[1], noisy)
+    assert out.mask.sum(1).tolist() == [scheduler.num_masked_after_step(1, 16)] * 2
+    assert scheduler.region_sizes is None
+    # an explicit ratio per row (aMUSEd's argument) wins over what the first step sees
+    sample = _masked_rows([8, 8])
+    out = scheduler.step(logits, scheduler.timesteps[0], sample, starting_mask_ratio=torch.tensor([0.5, 0.25]))
+    assert out.mask.sum(1).tolist() == [scheduler.num_masked_after_step(0, 8), scheduler.num_masked_after_step(0, 4)]
+    out = scheduler.step(logits, scheduler.timesteps[0], sample, starting_mask_ratio=0.25)
+    assert out.mask.sum(1).tolist() == [scheduler.num_masked_after_step(0, 4)] * 2
+    # set_timesteps starts a new run; a later step with another batch size is refused
+    scheduler.step(logits, scheduler.timesteps[0], sample)
+    assert scheduler.region_sizes == [8, 8]
+    with pytest.raises(ValueError, match="first step of this run had 2"):
+        scheduler.step(logits[:1], scheduler.timesteps[1], sample[:1])
+    scheduler.set_timesteps(4)
+    assert scheduler.region_sizes is None
+    for bad, error in (((0.5, 0.5), TypeError), (1.5, ValueError), (torch.tensor([0.1, 0.2, 0.3]), ValueError)):
+        with pytest.raises(error, match="starting_mask_ratio"):
+            scheduler.step(logits, scheduler.timesteps[0], sample, starting_mask_ratio=bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # training noise
 
 
@@ -435,8 +509,10 @@ def test_from_config_swaps_both_ways(tmp_path):
     assert public_config(loaded.config) == public_config(ours.config)
 
 
-def _tiny_amused_pipeline(tmp_path, scheduler):
+def _tiny_amused_pipeline(tmp_path, scheduler, pipeline_class=None):
     from diffusers import AmusedPipeline, UVit2DModel, VQModel
+
+    pipeline_class = pipeline_class or AmusedPipeline
 
     text_encoder, tokenizer = tiny_clip(tmp_path)
     transformer = UVit2DModel(
@@ -469,7 +545,7 @@ def _tiny_amused_pipeline(tmp_path, scheduler):
         mid_block_add_attention=False,
         lookup_from_codebook=True,
     )
-    pipe = AmusedPipeline(
+    pipe = pipeline_class(
         vqvae=vqvae, tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, scheduler=scheduler
     )
     pipe.set_progress_bar_config(disable=True)
@@ -502,3 +578,65 @@ def test_runs_inside_amused_pipeline(tmp_path):
     pil = pipe(**common, temperature=(3.0, 1.0), generator=torch.Generator().manual_seed(0)).images[0]
     assert pil.size == (8, 8)
     torch.testing.assert_close(scheduler.temperatures, torch.tensor([3.0, 7 / 3, 5 / 3, 1.0], dtype=torch.float64))
+
+
+def _spy_steps(scheduler):
+    steps = []
+    original_step = scheduler.step
+
+    def spy(*args, **kwargs):
+        out = original_step(*args, **kwargs)
+        steps.append((kwargs, out))
+        return out
+
+    scheduler.step = spy
+    return steps
+
+
+def _image_and_mask():
+    from PIL import Image
+
+    pixels = (torch.rand(8, 8, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    mask = torch.zeros(8, 8, dtype=torch.uint8)
+    mask[:, :3] = 255  # regenerate the three left columns: 24 of 64 tokens
+    return Image.fromarray(pixels), Image.fromarray(mask.numpy())
+
+
+def test_runs_inside_amused_inpaint_pipeline(tmp_path):
+    from diffusers import AmusedInpaintPipeline
+
+    scheduler = ENATScheduler(mask_token_id=31)
+    pipe = _tiny_amused_pipeline(tmp_path, scheduler, AmusedInpaintPipeline)
+    steps = _spy_steps(scheduler)
+    image, mask = _image_and_mask()
+    common = {"prompt": "a cat", "image": image, "mask_image": mask, "num_inference_steps": 4, "guidance_scale": 2.0}
+    latents = pipe(**common, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert len(steps) == 4 and all("starting_mask_ratio" in kwargs for kwargs, _ in steps)
+    # the pipeline switches the schedule to linear; the 24 masked tokens follow it, not the grid's 64
+    assert scheduler.config.masking_schedule == "linear"
+    assert [int(out.mask.sum()) for _, out in steps] == [18, 12, 6, 0]
+    encoded = pipe.vqvae.quantize(pipe.vqvae.encode(pipe.image_processor.preprocess(image)).latents)[2][2]
+    encoded = encoded.reshape(1, 8, 8)
+    assert torch.equal(latents[..., 3:], encoded[..., 3:])  # tokens outside the mask are the input's
+    assert not (latents == 31).any()
+
+
+def test_runs_inside_amused_img2img_pipeline(tmp_path):
+    from diffusers import AmusedImg2ImgPipeline
+
+    scheduler = ENATScheduler(mask_token_id=31)
+    pipe = _tiny_amused_pipeline(tmp_path, scheduler, AmusedImg2ImgPipeline)
+    steps = _spy_steps(scheduler)
+    image, _ = _image_and_mask()
+    latents = pipe(
+        "a cat",
+        image=image,
+        strength=0.5,
+        num_inference_steps=4,
+        guidance_scale=2.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).images
+    # strength 0.5: add_noise masks the grid as after step 1, the run does steps 2 and 3 on the whole grid's schedule
+    assert [int(out.mask.sum()) for _, out in steps] == [scheduler.num_masked_after_step(2, 64), 0]
+    assert latents.shape == (1, 8, 8) and not (latents == 31).any()

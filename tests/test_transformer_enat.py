@@ -158,13 +158,6 @@ def test_conditioning_that_does_not_fit_is_rejected(model):
         model(_ids(), conditioning=text_shaped)
 
 
-def test_rows_with_different_masked_counts_are_rejected(model):
-    ids = _ids()
-    ids[0, (ids[0] != MASK).nonzero()[0]] = MASK
-    with pytest.raises(ValueError, match="same number of masked tokens"):
-        model(ids, class_labels=torch.tensor([1, 2]))
-
-
 def test_reuse_state_that_does_not_fit_is_rejected(model):
     labels = torch.tensor([1, 2])
     ids = _ids(num_masked=6)
@@ -248,3 +241,32 @@ def test_lora_adapter_trains_only_the_adapter(model):
     assert not torch.allclose(model(ids, class_labels=labels).logits, before, atol=1e-4)
     model.disable_adapters()
     assert torch.allclose(model(ids, class_labels=labels).logits, before, atol=1e-6)
+
+
+def test_prepare_conditioning_is_what_a_forward_call_returns_and_checks_its_inputs(model):
+    labels = torch.tensor([1, 2])
+    conditioning = model.prepare_conditioning(class_labels=labels)
+    output = model(_ids(), class_labels=labels)
+    assert torch.equal(conditioning.modulation, output.conditioning.modulation)
+    assert conditioning.text_key_values is None and conditioning.text_mask is None
+    assert torch.equal(model(_ids(), conditioning=conditioning).logits, output.logits)
+    with pytest.raises(ValueError, match="`class_labels` must lie in"):
+        model.prepare_conditioning(class_labels=torch.tensor([1, 6]))
+    with pytest.raises(ValueError, match="`class_labels` is required"):
+        model.prepare_conditioning()
+
+
+def test_prepare_conditioning_of_a_text_model_checks_the_text_shapes():
+    from .tiny_components import TEXT_LENGTH, TEXT_WIDTH, tiny_text_transformer
+
+    model = tiny_text_transformer()
+    text, pooled = torch.randn(2, TEXT_LENGTH, TEXT_WIDTH), torch.randn(2, TEXT_WIDTH)
+    mask = torch.ones(2, TEXT_LENGTH, dtype=torch.long)
+    mask[1, 4:] = 0
+    kwargs = {"encoder_hidden_states": text, "encoder_attention_mask": mask, "pooled_text_embeds": pooled}
+    conditioning = model.prepare_conditioning(**kwargs)
+    output = model(_ids(), **kwargs)
+    assert torch.equal(conditioning.text_key_values, output.conditioning.text_key_values)
+    assert torch.equal(model(_ids(), conditioning=conditioning).logits, output.logits)
+    with pytest.raises(ValueError, match="pooled_text_embeds` of shape"):
+        model.prepare_conditioning(encoder_hidden_states=text)

@@ -1,6 +1,6 @@
 """The ENAT transformer: a non-autoregressive token transformer with an encoder/decoder split and feature reuse.
 
-Each forward call sorts the `L` tokens of the grid into three groups of equal size across the batch:
+Each forward call sorts the `L` tokens of the grid into three groups (`ENATTokenGroups`):
 
 * reused: visible now and already visible at the previous step of the same sampling stream. They skip the encoder;
   their previous final features, passed through a small residual projection, act as fixed extra keys/values
@@ -12,15 +12,22 @@ Each forward call sorts the `L` tokens of the grid into three groups of equal si
 Per step and image, the encoder costs `O(n_encoded * (n_reused + n_encoded))` attention and `O(n_encoded)` MLP work
 per layer instead of `O(L^2)` and `O(L)`; the decoder is small. Features before the output norm are returned as
 `reuse_state` for the next step.
+
+Rows of a batch may have groups of different sizes (editing: every image masks its own region). Each group is then
+padded to its largest row; padding slots are left out of attention as keys and out of the results, so a row's logits
+are those of the row run alone. A batch whose rows have equal group sizes (plain generation) has no padding and no
+attention mask: the computation is the same as without ragged support.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.attention import FeedForward
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
@@ -49,8 +56,9 @@ class ENATReuseState(BaseOutput):
 class ENATConditioning(BaseOutput):
     """
     The condition of a batch in the form every block consumes it. It does not change between sampling steps, so a
-    sampler computes it once (the first call returns it) and passes it as `conditioning=` to the later steps: that
-    saves one `(D, 8D)` adaLN projection per block and step and, for text, the key/value projection of the text.
+    sampler computes it once (the first call returns it, or `ENATTransformer2DModel.prepare_conditioning`) and passes
+    it as `conditioning=` to the later steps: that saves one `(D, 8D)` adaLN projection per block and step and, for
+    text, the key/value projection of the text.
 
     Args:
         modulation (`torch.Tensor` of shape `(batch_size, num_blocks, 8 * hidden_size)`):
@@ -79,6 +87,73 @@ class ENATTransformer2DModelOutput(BaseOutput):
     logits: torch.Tensor = None
     reuse_state: ENATReuseState = None
     conditioning: ENATConditioning = None
+
+
+@dataclass
+class ENATTokenGroups:
+    """
+    Which tokens of each row a forward call reuses, encodes and leaves masked, laid out group after group.
+
+    Args:
+        order (`torch.LongTensor` of shape `(batch_size, sum(sizes))`):
+            Raster position of every slot: the reused group, then the encoded group, then the masked group, each in
+            raster order. Padding slots hold `num_tokens` (one past the last position).
+        sizes (`tuple[int, int, int]`):
+            Widths of the reused, encoded and masked groups: the largest count of any row.
+        valid (`torch.BoolTensor` of shape `(batch_size, sum(sizes))`, *optional*):
+            False at padding slots. None when every row has the same counts: then `order` is a permutation of each
+            row and nothing is padded.
+    """
+
+    order: torch.LongTensor
+    sizes: tuple[int, int, int]
+    valid: torch.BoolTensor | None = None
+
+    @classmethod
+    def from_masks(
+        cls,
+        masking: torch.BoolTensor,
+        reused: torch.BoolTensor,
+        masked_counts: list[int],
+        reused_counts: list[int],
+    ) -> "ENATTokenGroups":
+        """
+        Groups of the tokens given which are masked and which are reused `(B, L)`, and the per-row counts of both
+        (host integers, which fix the group widths without another device sync).
+        """
+        batch_size, num_tokens = masking.shape
+        encoded_counts = [num_tokens - m - r for m, r in zip(masked_counts, reused_counts, strict=True)]
+        sizes = (max(reused_counts), max(encoded_counts), max(masked_counts))
+        group = torch.where(masking, 2, torch.where(reused, 0, 1))
+        # Slot of a token = start of its group + its rank among the row's tokens of that group (raster order).
+        rank = F.one_hot(group, 3).cumsum(dim=1).gather(2, group[..., None]).squeeze(-1) - 1
+        starts = torch.tensor([0, sizes[0], sizes[0] + sizes[1]], device=masking.device)
+        positions = torch.arange(num_tokens, device=masking.device).expand(batch_size, num_tokens)
+        order = positions.new_full((batch_size, sum(sizes)), num_tokens).scatter_(1, starts[group] + rank, positions)
+        ragged = len(set(masked_counts)) > 1 or len(set(reused_counts)) > 1
+        return cls(order=order, sizes=sizes, valid=order < num_tokens if ragged else None)
+
+    def attention_masks(
+        self, text_mask: torch.BoolTensor | None, text_length: int
+    ) -> tuple[torch.BoolTensor | None, torch.BoolTensor | None]:
+        """
+        Key masks `(B, num_keys)` of the encoder blocks (keys: text, reused, encoded) and of the decoder blocks
+        (keys: text, reused, encoded, masked), True for keys to attend to; None where every key counts.
+        """
+        num_visible = self.sizes[0] + self.sizes[1]
+        if self.valid is None:
+            if text_mask is None:
+                return None, None
+            ones = text_mask.new_ones(text_mask.shape[0], sum(self.sizes))
+            return torch.cat([text_mask, ones[:, :num_visible]], dim=1), torch.cat([text_mask, ones], dim=1)
+        if text_mask is None:
+            text_mask = self.valid.new_ones(self.valid.shape[0], text_length)
+        masks = [torch.cat([text_mask, self.valid[:, :num_visible]], 1), torch.cat([text_mask, self.valid], 1)]
+        # A row without any key to attend to has only padding queries (e.g. a fully masked row in the encoder next
+        # to rows with visible tokens). Kernels differ on such queries (torch's SDPA returns zeros, others NaN);
+        # letting them attend to the padding keeps their discarded outputs finite in every kernel, since a NaN
+        # there would reach the row's real tokens through the zero attention weight of a masked key.
+        return tuple(mask | ~mask.any(dim=1, keepdim=True) for mask in masks)
 
 
 def _modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -112,51 +187,77 @@ class ENATReuseProjection(nn.Module):
         return features + self.ff(self.norm(features))
 
 
-class ENATAttention(nn.Module):
+class ENATAttnProcessor:
     """
-    Multi-head attention whose keys/values come from two sources with separate projections: the block's own tokens
-    (`to_kv`) and optional context tokens (`to_kv_context`). Queries come from the block's own tokens only.
+    Attention of [`ENATAttention`] through diffusers' attention dispatch (`dispatch_attention_fn`), so
+    `transformer.set_attention_backend(...)` chooses the kernel (torch's SDPA by default; flash, cuDNN, sage, ...
+    where installed). Batches with an attention mask (ragged rows, padded text) need a backend that takes a mask.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: "ENATAttention",
+        hidden_states: torch.Tensor,
+        context_key_values: tuple[torch.Tensor, ...] = (),
+        attention_mask: torch.BoolTensor | None = None,
+    ) -> torch.Tensor:
+        key_values = [*context_key_values, attn.to_kv(hidden_states)]
+        key, value = (torch.cat(key_values, dim=1) if len(key_values) > 1 else key_values[0]).chunk(2, dim=-1)
+        # The dispatcher takes (batch, tokens, heads, head_dim).
+        query, key, value = (x.unflatten(-1, (attn.heads, -1)) for x in (attn.to_q(hidden_states), key, value))
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, None, None, :]
+        attended = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        return attn.to_out(attended.flatten(2).to(query.dtype))
+
+
+class ENATAttention(nn.Module, AttentionModuleMixin):
+    """
+    Multi-head attention whose keys/values come from two sources with separate projections: the block's own tokens
+    (`to_kv`) and optional context tokens (`to_kv_context`). Queries come from the block's own tokens only. The
+    attention itself runs in the processor ([`ENATAttnProcessor`]).
+    """
+
+    _default_processor_cls = ENATAttnProcessor
+    _available_processors = [ENATAttnProcessor]
+    _supports_qkv_fusion = False  # keys and values come from two projections; nothing to fuse with the queries
+
+    def __init__(self, hidden_size: int, num_heads: int, processor: ENATAttnProcessor | None = None):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` ({num_heads})")
-        self.num_heads = num_heads
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or hidden_size % num_heads:
+            raise ValueError(
+                f"`num_attention_heads` must be a positive integer that divides `hidden_size` ({hidden_size}), "
+                f"got {num_heads!r}"
+            )
+        self.heads = num_heads
         self.to_q = nn.Linear(hidden_size, hidden_size)
         self.to_kv = nn.Linear(hidden_size, 2 * hidden_size)
         self.to_kv_context = nn.Linear(hidden_size, 2 * hidden_size)
         self.to_out = nn.Linear(hidden_size, hidden_size)
-
-    def _split_heads(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch_size, length, _ = hidden_states.shape
-        return hidden_states.view(batch_size, length, self.num_heads, -1).transpose(1, 2)
+        self.set_processor(processor or self._default_processor_cls())
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         context_key_values: tuple[torch.Tensor, ...] = (),
-        context_mask: torch.BoolTensor | None = None,
+        attention_mask: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
         """
         `hidden_states` `(B, N, D)` -> `(B, N, D)`. `context_key_values`: keys/values `(B, M_i, 2D)` of context
-        tokens (from `ENATBlock.context_key_values`), attended before the own tokens; `context_mask` `(B, T)` covers
-        the first `T` of them (False: ignore that token) or is None.
+        tokens (from `ENATBlock.context_key_values`), attended before the own tokens; `attention_mask` `(B, K)`
+        covers all `K` keys, context first (False: ignore that key), or is None.
         """
-        key_values = [*context_key_values, self.to_kv(hidden_states)]
-        attention_mask = None
-        if context_mask is not None:
-            unmasked = sum(part.shape[1] for part in key_values) - context_mask.shape[1]
-            rest = context_mask.new_ones(context_mask.shape[0], unmasked)
-            attention_mask = torch.cat([context_mask, rest], dim=1)[:, None, None, :]
-        key, value = (torch.cat(key_values, dim=1) if len(key_values) > 1 else key_values[0]).chunk(2, dim=-1)
-        attended = F.scaled_dot_product_attention(
-            self._split_heads(self.to_q(hidden_states)),
-            self._split_heads(key),
-            self._split_heads(value),
-            attn_mask=attention_mask,
-        )
-        return self.to_out(attended.transpose(1, 2).flatten(2))
+        return self.processor(self, hidden_states, context_key_values, attention_mask)
 
 
 class ENATBlock(nn.Module):
@@ -189,19 +290,19 @@ class ENATBlock(nn.Module):
         modulation: torch.Tensor,
         context: torch.Tensor | None = None,
         text_key_values: torch.Tensor | None = None,
-        text_mask: torch.BoolTensor | None = None,
+        attention_mask: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
         """
         `hidden_states` `(B, N, D)`, `modulation` `(B, 8D)` (from `modulation()`), `context` `(B, M, D)` or None,
-        `text_key_values` `(B, T, 2D)` (from `context_key_values()`) or None, `text_mask` `(B, T)` or None
-        -> `(B, N, D)`.
+        `text_key_values` `(B, T, 2D)` (from `context_key_values()`) or None, `attention_mask` `(B, T + M + N)`
+        (keys in that order; False: ignore) or None -> `(B, N, D)`.
         """
         shift, scale, _, _, gate_attn, shift_ff, scale_ff, gate_ff = modulation[:, None].chunk(8, dim=-1)
         context_key_values = () if text_key_values is None else (text_key_values,)
         if context is not None:
             context_key_values += (self.context_key_values(context, modulation),)
         attn_input = _modulate(self.norm1(hidden_states), shift, scale)
-        hidden_states = hidden_states + gate_attn * self.attn(attn_input, context_key_values, text_mask)
+        hidden_states = hidden_states + gate_attn * self.attn(attn_input, context_key_values, attention_mask)
         return hidden_states + gate_ff * self.ff(_modulate(self.norm2(hidden_states), shift_ff, scale_ff))
 
 
@@ -239,7 +340,7 @@ ENAT_PRESETS = {
 }
 
 
-class ENATTransformer2DModel(ENATHubMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class ENATTransformer2DModel(ENATHubMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     """
     The ENAT transformer (Ni et al., "ENAT: Rethinking Spatial-temporal Interactions in Token-based Image
     Synthesis", NeurIPS 2024): predicts every token of a `sample_size x sample_size` grid of VQ codes from a
@@ -328,6 +429,33 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
 """
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, **kwargs):
+        """
+        [`ModelMixin.from_pretrained`], stricter: weights that do not fit the config are a load error. A folder whose
+        config asks for tensors its weights lack (a missing tensor, more layers than were saved) or whose weights
+        hold tensors the config has no place for (fewer layers, another kind of model) is refused, naming the
+        tensors, instead of loading with a warning and failing at the first call or silently running a different
+        model. (The head count does not show in the weights: a count that does not divide `hidden_size` is refused
+        by the config check; another divisor cannot be detected.) `output_loading_info=True` works as usual.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, output_loading_info=True, **kwargs
+        )
+        problems = []
+        for key, what in (("missing_keys", "missing from the weights"), ("unexpected_keys", "not used by the config")):
+            names = sorted(loading_info.get(key) or [])
+            if names:
+                shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+                problems.append(f"{what}: {shown}")
+        if problems:
+            raise ValueError(
+                f"the weights in {pretrained_model_name_or_path} do not match its {cls.__name__} config "
+                f"({'; '.join(problems)}); check that config.json belongs to these weights"
+            )
+        return (model, loading_info) if output_loading_info else model
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "ENATTransformer2DModel":
         """A randomly initialised model of a paper configuration (`ENAT_PRESETS`), e.g. `from_preset("ENAT-B")`."""
         if name not in ENAT_PRESETS:
@@ -377,8 +505,8 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         """
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, height, width)` or `(batch_size, height * width)`):
-                Token ids in `[0, codebook_size]`; `codebook_size` marks masked tokens. Every row must have the same
-                number of masked tokens.
+                Token ids in `[0, codebook_size]`; `codebook_size` marks masked tokens. Rows may mask different
+                numbers of tokens (each row's logits are those of the row run alone).
             class_labels (`torch.LongTensor` of shape `(batch_size,)`):
                 Class-conditional models: labels in `[0, num_classes]`; `num_classes` is the null class.
             encoder_hidden_states (`torch.Tensor` of shape `(batch_size, text_length, text_embed_dim)`):
@@ -410,11 +538,15 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
             self._check_class_inputs(input_ids.shape[0], class_labels, encoder_hidden_states)
         else:
             self._check_text_inputs(input_ids.shape[0], *condition_inputs)
-        reused, counts = self._check_tokens(input_ids, masking, class_labels, reuse_state)
+        if reuse_state is not None:
+            self._check_reuse_state_shapes(reuse_state, *input_ids.shape)
+        reused = self._reused_tokens(masking, reuse_state)
+        masked_counts, reused_counts = self._check_tokens(input_ids, masking, reused, class_labels, reuse_state)
+        groups = ENATTokenGroups.from_masks(masking, reused, masked_counts, reused_counts)
         if conditioning is None:
-            conditioning = self._prepare_conditioning(*condition_inputs)
+            conditioning = self._build_conditioning(*condition_inputs)
         tokens = self.embed(input_ids)
-        features = self._encode_decode(tokens, masking, reused, conditioning, reuse_state, counts)
+        features = self._encode_decode(tokens, groups, conditioning, reuse_state)
         logits = self.head(features, self.embed.word_embedding.weight[: self.config.codebook_size])
         side = self.config.sample_size
         logits = logits.transpose(1, 2).reshape(logits.shape[0], -1, side, side)
@@ -428,13 +560,59 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         """Encoder blocks, then decoder blocks: the order of `ENATConditioning`'s block axis."""
         return [*self.encoder_blocks, *self.decoder_blocks]
 
-    def _prepare_conditioning(
+    def prepare_conditioning(
+        self,
+        class_labels: torch.LongTensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        pooled_text_embeds: torch.Tensor | None = None,
+    ) -> ENATConditioning:
+        """
+        The condition of a batch in the form every block consumes it: the adaLN modulation of every block and, for
+        text models, the text keys/values of every block. It does not depend on the tokens, so it can be computed
+        once and passed as `conditioning=` to every forward call on the same batch (every sampling step; or, in a
+        script, the conditional and unconditional streams prepared up front). A forward call with the condition
+        arguments computes the same thing and returns it as `output.conditioning`.
+
+        Args:
+            class_labels (`torch.LongTensor` of shape `(batch_size,)`):
+                Class-conditional models: labels in `[0, num_classes]`; `num_classes` is the null class.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch_size, text_length, text_embed_dim)`):
+                Text-conditioned models: the text encoder's hidden states.
+            encoder_attention_mask (`torch.Tensor` of shape `(batch_size, text_length)`, *optional*):
+                1/True for text tokens to attend to, 0/False for padding.
+            pooled_text_embeds (`torch.Tensor` of shape `(batch_size, pooled_text_embed_dim)`):
+                The text encoder's pooled embedding; required when the model has `pooled_text_embed_dim`.
+
+        Returns:
+            [`ENATConditioning`] for `batch_size` rows.
+        """
+        inputs = (class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds)
+        if self.is_class_conditional:
+            batch_size = class_labels.numel() if isinstance(class_labels, torch.Tensor) else 0
+            self._check_class_inputs(batch_size, class_labels, encoder_hidden_states)
+            label_min, label_max = torch.stack([class_labels.min(), class_labels.max()]).tolist()
+            if label_min < 0 or label_max > self.config.num_classes:
+                raise ValueError(
+                    f"`class_labels` must lie in [0, {self.config.num_classes}] ({self.config.num_classes} = null "
+                    f"class), got values in [{label_min}, {label_max}]"
+                )
+        else:
+            batch_size = encoder_hidden_states.shape[0] if isinstance(encoder_hidden_states, torch.Tensor) else 0
+            self._check_text_inputs(batch_size, *inputs)
+        return self._build_conditioning(*inputs)
+
+    # examples/benchmark.py still calls the former private name.
+    _prepare_conditioning = prepare_conditioning
+
+    def _build_conditioning(
         self,
         class_labels: torch.LongTensor | None,
         encoder_hidden_states: torch.Tensor | None,
         encoder_attention_mask: torch.Tensor | None,
         pooled_text_embeds: torch.Tensor | None,
     ) -> ENATConditioning:
+        """`prepare_conditioning` without the input checks (`forward` has made them)."""
         embedding, text, text_mask = self._embed_condition(
             class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds
         )
@@ -468,31 +646,38 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
     def _encode_decode(
         self,
         tokens: torch.Tensor,
-        masking: torch.BoolTensor,
-        reused: torch.BoolTensor,
+        groups: ENATTokenGroups,
         conditioning: ENATConditioning,
         reuse_state: ENATReuseState | None,
-        counts: tuple[int, int, int],
     ) -> torch.Tensor:
         """Runs the blocks on the token groups; returns the final features `(B, L, D)` in raster order."""
-        group = masking.to(torch.int8) * 2 + (~reused).to(torch.int8)
-        # Stable sort keeps raster order inside each group: reused, encoded, masked.
-        order = torch.sort(group, dim=1, stable=True).indices[..., None].expand_as(tokens)
-        _, encoded, masked = torch.gather(tokens, 1, order).split(counts, dim=1)
-        num_reused, num_encoded, num_masked = counts
+        batch_size, num_tokens, width = tokens.shape
+        num_reused, num_encoded, num_masked = groups.sizes
+        # Padding slots read some real token (discarded later) so that everything they compute stays finite.
+        index = groups.order if groups.valid is None else groups.order.clamp(max=num_tokens - 1)
+        index = index[..., None].expand(-1, -1, width)
+        _, encoded, masked = torch.gather(tokens, 1, index).split(groups.sizes, dim=1)
+        text_length = 0 if conditioning.text_key_values is None else conditioning.text_key_values.shape[2]
+        encoder_mask, decoder_mask = groups.attention_masks(conditioning.text_mask, text_length)
 
         reused_features = None
         if num_reused:
-            previous = torch.gather(reuse_state.features.detach(), 1, order[:, :num_reused])
+            previous = torch.gather(reuse_state.features.detach(), 1, index[:, :num_reused])
             reused_features = self.reuse_proj(previous).to(tokens.dtype)
         if num_encoded:
-            for index, block in enumerate(self.encoder_blocks):
-                encoded = self._run_block(block, index, encoded, conditioning, reused_features)
+            for i, block in enumerate(self.encoder_blocks):
+                encoded = self._run_block(block, i, encoded, conditioning, reused_features, encoder_mask)
         visible = encoded if reused_features is None else torch.cat([reused_features, encoded], dim=1)
         if num_masked:
-            for index, block in enumerate(self.decoder_blocks, start=len(self.encoder_blocks)):
-                masked = self._run_block(block, index, masked, conditioning, visible if visible.shape[1] else None)
-        return torch.empty_like(tokens).scatter_(1, order, torch.cat([visible, masked], dim=1))
+            context = visible if visible.shape[1] else None
+            for i, block in enumerate(self.decoder_blocks, start=len(self.encoder_blocks)):
+                masked = self._run_block(block, i, masked, conditioning, context, decoder_mask)
+        features = torch.cat([visible, masked], dim=1)
+        if groups.valid is None:
+            return torch.empty_like(tokens).scatter_(1, index, features)
+        # Padding slots all land on one extra position past the grid, which is dropped.
+        scattered = tokens.new_empty(batch_size, num_tokens + 1, width)
+        return scattered.scatter_(1, groups.order[..., None].expand_as(features), features)[:, :num_tokens]
 
     def _run_block(
         self,
@@ -501,6 +686,7 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         hidden_states: torch.Tensor,
         conditioning: ENATConditioning,
         context: torch.Tensor | None,
+        attention_mask: torch.BoolTensor | None,
     ) -> torch.Tensor:
         # Fresh contiguous tensors: views into the stacked conditioning or the token groups would make a compiled
         # block (`compile_repeated_blocks`) specialise on their strides and offsets and recompile per block.
@@ -509,7 +695,7 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         if conditioning.text_key_values is not None:
             text_key_values = conditioning.text_key_values[:, index].clone()
         modulation = conditioning.modulation[:, index].clone()
-        inputs = (hidden_states, modulation, context, text_key_values, conditioning.text_mask)
+        inputs = (hidden_states, modulation, context, text_key_values, attention_mask)
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(block, *inputs)
         return block(*inputs)
@@ -613,31 +799,34 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
                     f"`conditioning.text_mask` must have shape {(batch_size, text_length)}, got {tuple(mask.shape)}"
                 )
 
+    @staticmethod
+    def _reused_tokens(masking: torch.BoolTensor, reuse_state: ENATReuseState | None) -> torch.BoolTensor:
+        """Tokens visible now and at the previous step of the stream `(B, L)`: their features are reused."""
+        if reuse_state is None:
+            return torch.zeros_like(masking)
+        return ~(masking | reuse_state.masking.to(masking.device))
+
     def _check_tokens(
         self,
         input_ids: torch.LongTensor,
         masking: torch.BoolTensor,
+        reused: torch.BoolTensor,
         class_labels: torch.LongTensor | None,
         reuse_state: ENATReuseState | None,
-    ) -> tuple[torch.BoolTensor, tuple[int, int, int]]:
+    ) -> tuple[list[int], list[int]]:
         """
-        Validates token ids, labels and the reuse state with a single device sync. Returns which tokens are reused
-        from `reuse_state` `(B, L)` and the sizes of the reused/encoded/masked groups.
+        Validates token ids, labels and the reuse state with a single device sync, which also fetches the per-row
+        numbers of masked and reused tokens (returned as lists) that the token groups are sized by.
         """
-        batch_size, num_tokens = input_ids.shape
-        reused = torch.zeros_like(masking)
+        batch_size = input_ids.shape[0]
         remasked = torch.zeros_like(masking)
         if reuse_state is not None:
-            self._check_reuse_state_shapes(reuse_state, batch_size, num_tokens)
-            previous_masking = reuse_state.masking.to(masking.device)
-            reused = ~(masking | previous_masking)
-            remasked = masking & ~previous_masking
+            remasked = masking & ~reuse_state.masking.to(masking.device)
         labels = class_labels if class_labels is not None else input_ids.new_zeros(1)
         statistics = [input_ids.min(), input_ids.max(), labels.min(), labels.max(), remasked.any()]
         statistics += [masking.sum(1), reused.sum(1)]
         values = torch.cat([s.to(input_ids.device).reshape(-1).long() for s in statistics]).tolist()
         id_min, id_max, label_min, label_max, any_remasked = values[:5]
-        masked_counts, reused_counts = values[5 : 5 + batch_size], values[5 + batch_size :]
         if id_min < 0 or id_max > self.mask_token_id:
             raise ValueError(
                 f"`input_ids` must lie in [0, {self.mask_token_id}] (codebook ids, {self.mask_token_id} = mask), "
@@ -648,21 +837,12 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
                 f"`class_labels` must lie in [0, {self.config.num_classes}] ({self.config.num_classes} = null class), "
                 f"got values in [{label_min}, {label_max}]"
             )
-        if len(set(masked_counts)) > 1:
-            raise ValueError(
-                f"every row of `input_ids` must have the same number of masked tokens, got {masked_counts}"
-            )
         if any_remasked:
             raise ValueError(
                 "`reuse_state` does not fit: some tokens masked in `input_ids` were visible in the previous step; "
                 "pass the state of the previous step of the same stream, or None"
             )
-        if len(set(reused_counts)) > 1:
-            raise ValueError(
-                f"every row must have the same number of tokens visible since the previous step, got {reused_counts}"
-            )
-        num_masked, num_reused = masked_counts[0], reused_counts[0]
-        return reused, (num_reused, num_tokens - num_masked - num_reused, num_masked)
+        return values[5 : 5 + batch_size], values[5 + batch_size :]
 
     def _check_reuse_state_shapes(self, reuse_state: ENATReuseState, batch_size: int, num_tokens: int) -> None:
         expected_features = (batch_size, num_tokens, self.config.hidden_size)

@@ -530,11 +530,6 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
                 f"`latents` must hold token ids in [0, {self.mask_token_id}] ({self.mask_token_id} = masked), "
                 f"got values in [{latents.min().item()}, {latents.max().item()}]"
             )
-        masked_counts = (latents == self.mask_token_id).sum(dim=(1, 2))
-        if (masked_counts != masked_counts[0]).any():
-            raise ValueError(
-                f"every row of `latents` must mask the same number of tokens, got {masked_counts.tolist()}"
-            )
 
     def _warn_deprecated_argument(self, old: str, new: str) -> None:
         warnings.warn(

@@ -78,6 +78,26 @@ def _check_generator(generator: GeneratorType, batch_size: int) -> None:
     )
 
 
+def _check_starting_mask_ratio(starting_mask_ratio: float | torch.Tensor, batch_size: int) -> list[float]:
+    """The ratio as one float per row, or a clear error."""
+    if isinstance(starting_mask_ratio, torch.Tensor):
+        if starting_mask_ratio.numel() not in (1, batch_size) or starting_mask_ratio.dtype == torch.bool:
+            raise ValueError(
+                "`starting_mask_ratio` must be a number or a tensor with one value or one per batch row "
+                f"({batch_size}), got shape {tuple(starting_mask_ratio.shape)}."
+            )
+        ratios = starting_mask_ratio.reshape(-1).double().tolist()
+    elif _is_real_number(starting_mask_ratio):
+        ratios = [float(starting_mask_ratio)]
+    else:
+        raise TypeError(
+            f"`starting_mask_ratio` must be a number or a tensor in [0, 1], got {type(starting_mask_ratio).__name__}."
+        )
+    if not all(0 <= ratio <= 1 for ratio in ratios):
+        raise ValueError(f"`starting_mask_ratio` must lie in [0, 1], got {ratios}.")
+    return ratios * batch_size if len(ratios) == 1 else ratios
+
+
 def _uniform(shape: tuple[int, ...], generator: GeneratorType, device: torch.device) -> torch.Tensor:
     """Uniform float32 noise in [0, 1) of `shape`, drawn on each generator's own device and moved to `device`.
 
@@ -102,12 +122,26 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
        `softmax(log_probs / max(sample_temperature * (1 - r), sample_temperature_floor))`;
     2. scores each sampled token by its log-probability plus `mask_temperature * (1 - r)` times Gumbel noise
        (visible tokens score `+inf`);
-    3. masks again the `floor(L * masking_ratio(r))` lowest-scoring tokens, `L` being the number of tokens per image.
+    3. masks again the `floor(n * masking_ratio(r))` lowest-scoring tokens of each row, `n` being the size of the
+       row's masked region (below), and never more than were masked before the step.
 
-    With the default cosine schedule this is exactly the sampler of the ENAT reference code; guidance itself (weight
-    `cfg * k / T` in the reference) is the pipeline's job. The scheduler is a drop-in replacement for diffusers'
+    The masking schedule applies to each row's masked region, the tokens it had to generate when the run started, so
+    every row finishes in `num_inference_steps` steps whatever its region (an inpainting row with 6 of 16 tokens
+    masked reveals them over all 8 steps of an 8-step run, not in the last two). Rows of one batch may have regions
+    of different sizes. The scheduler learns each row's region size `n` (kept in `region_sizes`):
+
+    - from `step(..., starting_mask_ratio=...)` when given (aMUSEd's argument: the region as a fraction of the `L`
+      tokens of a row, one number for the batch or one per row): `n = round(starting_mask_ratio * L)`;
+    - otherwise at the first step of a run (step index 0, i.e. `timesteps[0]` after `set_timesteps`): `n` is the
+      number of masked tokens of each row of `sample`, remembered for the later steps of the run;
+    - otherwise (a run that starts later in the schedule, as image-to-image does after `add_noise`): `n = L`, the
+      whole grid, which is the region `add_noise` masks from.
+
+    A run from a fully masked grid (`n = L`) with the default cosine schedule is exactly the sampler of the ENAT
+    reference code; guidance itself (weight `cfg * k / T` in the reference) is the pipeline's job. The scheduler is a drop-in replacement for diffusers'
     [`AmusedScheduler`] (same `set_timesteps` / `step` / `add_noise` calling conventions and `mask_token_id`), and
-    `AmusedScheduler.from_config(enat_scheduler.config)` works the other way round.
+    `AmusedScheduler.from_config(enat_scheduler.config)` works the other way round; `step` accepts aMUSEd's
+    `starting_mask_ratio`, so the scheduler also runs inside [`AmusedImg2ImgPipeline`] and [`AmusedInpaintPipeline`].
 
     This scheduler inherits from [`SchedulerMixin`] and [`ConfigMixin`]; see the superclass documentation for the
     generic methods (loading, saving, `from_config`).
@@ -166,6 +200,8 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps: torch.Tensor | None = None
         # Gumbel-noise scale of each step (float64, CPU), set by `set_timesteps`.
         self.temperatures: torch.Tensor | None = None
+        # Masked-region size of each row of the current run, recorded at its first step (see the class docstring).
+        self.region_sizes: list[int] | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     # schedule
@@ -184,8 +220,9 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
 
     def num_masked_after_step(self, step_index: int, seq_len: int) -> int:
         """
-        Number of tokens per image still masked after step `step_index` (0-based) of `self.num_inference_steps`:
-        `floor(seq_len * masking_ratio((step_index + 1) / T))`. It is 0 after the last step.
+        Number of tokens still masked after step `step_index` (0-based) of `self.num_inference_steps` in a row whose
+        masked region has `seq_len` tokens (the whole grid for generation): `floor(seq_len * masking_ratio((step_index
+        + 1) / T))`. It is 0 after the last step.
         """
         if self.num_inference_steps is None:
             raise ValueError("Call `set_timesteps(num_inference_steps)` before using the schedule.")
@@ -252,6 +289,7 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self.timesteps = torch.arange(num_inference_steps, device=device).flip(0)
         self.temperatures = torch.tensor(temperatures, dtype=torch.float64)
+        self.region_sizes = None  # a new run: its first step records them
 
     def _step_index(self, timestep: int | torch.Tensor) -> int:
         if self.timesteps is None:
@@ -339,9 +377,11 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.LongTensor,
         generator: GeneratorType = None,
         return_dict: bool = True,
+        starting_mask_ratio: float | torch.Tensor | None = None,
     ) -> ENATSchedulerOutput | tuple:
         """
-        Run one sampling step: sample every masked token, then mask again the least confident ones.
+        Run one sampling step: sample every masked token, then mask again the least confident ones of each row's
+        masked region (see the class docstring for how the region sizes are learned).
 
         Args:
             model_output (`torch.Tensor` of shape `(batch_size, num_classes, height, width)` or
@@ -356,6 +396,10 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
                 Random source; a list must hold one generator per batch row.
             return_dict (`bool`, defaults to `True`):
                 Return an [`ENATSchedulerOutput`] instead of a tuple.
+            starting_mask_ratio (`float` or `torch.Tensor`, *optional*):
+                The masked region as a fraction of the tokens of a row, in `[0, 1]`: one number for the whole batch
+                or a tensor with one per row ([`AmusedInpaintPipeline`] passes it at every step). Without it the
+                region is what the first step of the run saw masked (the whole grid for a run that starts later).
 
         Returns:
             [`ENATSchedulerOutput`] or `tuple`: `(prev_sample, pred_original_sample, mask, critical_tokens)`, all
@@ -389,6 +433,7 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
 
         ids = sample.reshape(batch_size, -1)
         seq_len = ids.shape[1]
+        region_sizes = self._region_sizes(step_index, ids == mask_id, starting_mask_ratio)
         logits = model_output.reshape(batch_size, num_classes, seq_len).transpose(1, 2).float()
 
         r = 1.0 * (step_index + 1) / self.num_inference_steps
@@ -409,10 +454,9 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
         else:  # scale in float64, then round, as the reference does
             confidence = confidence + (noise.double() * noise_scale).float()
 
-        # Mask again the lowest-confidence tokens, never more than were masked before the step.
-        num_to_mask = torch.clamp(
-            was_masked.sum(dim=1), max=self.num_masked_after_step(step_index, seq_len)
-        )  # (batch_size,)
+        # Mask again the lowest-confidence tokens of each row's region, never more than were masked before the step.
+        targets = [self.num_masked_after_step(step_index, size) for size in region_sizes]
+        num_to_mask = torch.minimum(was_masked.sum(dim=1), torch.tensor(targets, device=ids.device))  # (batch_size,)
         order = confidence.argsort(dim=-1)
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(seq_len, device=ids.device).expand(batch_size, seq_len))
@@ -428,6 +472,25 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return outputs
         return ENATSchedulerOutput(*outputs)
+
+    def _region_sizes(
+        self, step_index: int, was_masked: torch.BoolTensor, starting_mask_ratio: float | torch.Tensor | None
+    ) -> list[int]:
+        """Each row's masked-region size for this step (the rules are in the class docstring)."""
+        batch_size, seq_len = was_masked.shape
+        if starting_mask_ratio is not None:
+            ratios = _check_starting_mask_ratio(starting_mask_ratio, batch_size)
+            return [round(ratio * seq_len) for ratio in ratios]
+        if step_index == 0:
+            self.region_sizes = was_masked.sum(dim=1).tolist()
+        if self.region_sizes is None:
+            return [seq_len] * batch_size
+        if len(self.region_sizes) != batch_size:
+            raise ValueError(
+                f"`sample` has {batch_size} rows but the first step of this run had {len(self.region_sizes)}; call "
+                "`set_timesteps` to start a new run."
+            )
+        return self.region_sizes
 
     # ------------------------------------------------------------------------------------------------------------
     # training
