@@ -5,16 +5,53 @@ download it accepts a component library only if it is one of its own or an attri
 Registering our pipeline classes and component modules under those names lets `DiffusionPipeline.from_pretrained`
 load ENAT folders and Hub repos with their standard layout (no extra files, no `trust_remote_code`). What
 `save_pretrained` writes is unchanged: components keep their full module paths.
+
+diffusers' AutoPipelines (`AutoPipelineForText2Image`, `AutoPipelineForImage2Image`, `AutoPipelineForInpainting`) pick
+the pipeline of a task through a model-family key: the family of the given class (the first key, over the task tables
+in diffusers' order, whose pipeline has that class name), then that family's entry in the task's table. Our families:
+
+- `"enat"`: `ENATPipeline` (text-to-image table), `ENATImg2ImgPipeline`, `ENATInpaintPipeline`;
+- `"enat-text"`: `ENATText2ImagePipeline`, and the same two editing pipelines (they serve both transformer kinds).
+
+So from either generation pipeline (or folder), the image-to-image and inpainting AutoPipelines give our editing
+pipelines, and they convert into each other. The one direction that cannot work for a text transformer is from an
+editing pipeline to `AutoPipelineForText2Image`: the family is found from the class name alone, the editing classes
+belong to `"enat"` first, so it gives `ENATPipeline`, which only takes class labels. For a text transformer use
+`ENATText2ImagePipeline.from_pipe(editing_pipe)`.
 """
 
 import diffusers
 import diffusers.pipelines
+from diffusers.pipelines import auto_pipeline
 
 from .models import transformer_enat, vq_maskgit
-from .pipelines import ENAT_PIPELINES
+from .pipelines import (
+    ENAT_PIPELINES,
+    ENATImg2ImgPipeline,
+    ENATInpaintPipeline,
+    ENATPipeline,
+    ENATText2ImagePipeline,
+)
 from .schedulers import scheduling_enat
 
 COMPONENT_MODULES = (transformer_enat, vq_maskgit, scheduling_enat)
+
+# Model family -> (text-to-image, image-to-image, inpainting) pipeline, for diffusers' AutoPipelines.
+AUTO_PIPELINE_FAMILIES = {
+    "enat": (ENATPipeline, ENATImg2ImgPipeline, ENATInpaintPipeline),
+    "enat-text": (ENATText2ImagePipeline, ENATImg2ImgPipeline, ENATInpaintPipeline),
+}
+
+
+def register_with_auto_pipelines() -> None:
+    tables = (
+        auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
+        auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+        auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING,
+    )
+    for family, pipelines in AUTO_PIPELINE_FAMILIES.items():
+        for table, pipeline_class in zip(tables, pipelines, strict=True):
+            table[family] = pipeline_class
 
 
 def register_with_diffusers() -> None:
@@ -22,3 +59,4 @@ def register_with_diffusers() -> None:
         setattr(diffusers, pipeline_class.__name__, pipeline_class)
     for module in COMPONENT_MODULES:
         setattr(diffusers.pipelines, module.__name__, module)
+    register_with_auto_pipelines()
