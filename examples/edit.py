@@ -27,8 +27,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline
+from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline, ENATScheduler
 from enat_diffusers.demo import resolve_pretrained_location
+from enat_diffusers.schedulers.scheduling_enat import _MASKING_SCHEDULES as MASKING_SCHEDULES
 
 EXAMPLES = Path(__file__).resolve().parent
 DEMO_UPSCALE = 8
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_images_per_prompt", type=int, default=1, help="Samples per input image.")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the pipeline's.")
     parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--masking_schedule", choices=MASKING_SCHEDULES, default=None,
+                        help="Masking schedule of the ENAT scheduler (default: the pipeline's).")  # fmt: skip
     parser.add_argument("--paste_back", action="store_true", help="Inpainting: original pixels outside the mask.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--upscale", type=int, default=None, help="Nearest-neighbour factor (default 8 for demos).")
@@ -97,6 +100,11 @@ def load_pipeline(model: str | None, pipeline_class, text: bool = False):
     return pipeline
 
 
+def set_masking_schedule(pipeline, masking_schedule: str | None) -> None:
+    if masking_schedule is not None:
+        pipeline.scheduler = ENATScheduler.from_config(pipeline.scheduler.config, masking_schedule=masking_schedule)
+
+
 def class_labels_argument(values: list[str]) -> list[int | str]:
     return [int(value) if value.lstrip("-").isdigit() else value for value in values]
 
@@ -120,6 +128,7 @@ def edit(args: argparse.Namespace) -> list[list[PIL.Image.Image]]:
     pipeline = load_pipeline(args.model, ENATInpaintPipeline if inpainting else ENATImg2ImgPipeline, text=text)
     if text == pipeline.is_class_conditional:
         raise SystemExit("--prompt needs a text pipeline and --class_labels a class-conditional one")
+    set_masking_schedule(pipeline, args.masking_schedule)
     images = [PIL.Image.open(path).convert("RGB") for path in args.image]
     masks = None
     if args.outpaint:

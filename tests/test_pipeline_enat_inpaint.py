@@ -322,3 +322,27 @@ def test_digits_demo_completes_real_digits_with_their_class(edit_script):
     report = edit_script.inpainting_demo(num_images=100, seed=0)
     assert report["unchanged_outside_mask"] == 1.0
     assert report["accuracy"] >= 0.95, report
+
+
+def test_edit_script_inpaints_outpaints_and_varies_image_files(edit_script, tmp_path):
+    digit = PIL.Image.fromarray((images(1, seed=3)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    digit.resize((16, 16)).save(tmp_path / "digit.png")
+    digit.save(tmp_path / "small.png")  # 8x8: outpainted to 16x16
+    PIL.Image.fromarray(np.repeat(np.array([0, 255], dtype=np.uint8), 8)[:, None].repeat(16, 1)).save(
+        tmp_path / "m.png"
+    )
+    common = ["--class_labels", "seven", "--num_images_per_prompt", "2", "--upscale", "1"]
+    runs = {
+        "inpaint": ["--mask_image", str(tmp_path / "m.png")],
+        "img2img": ["--strength", "0.5", "--masking_schedule", "linear"],
+    }
+    for name, flags in runs.items():
+        output = tmp_path / f"{name}.png"
+        edit_script.main(["--image", str(tmp_path / "digit.png"), *flags, *common, "--output", str(output)])
+        columns = 4 if name == "inpaint" else 3  # input, (mask,) two samples
+        assert PIL.Image.open(output).size == (columns * 18, 18)
+    output = tmp_path / "outpaint.png"
+    edit_script.main(["--image", str(tmp_path / "small.png"), "--outpaint", *common, "--output", str(output)])
+    assert PIL.Image.open(output).size == (4 * 18, 18)
+    with pytest.raises(SystemExit):
+        edit_script.parse_args(["--image", "x.png", "--class_labels", "1", "--strength", "1.5"])

@@ -213,8 +213,13 @@ class ENATEditingPipelineBase(ENATBasePipeline):
 
     def preprocess_image(self, image, *, device: torch.device | None = None) -> torch.Tensor:
         """Images (checked by `check_image`) -> `(num_images, 3, H, W)` in `[-1, 1]`, by diffusers' image processor."""
+        # PIL images of any mode (greyscale, with alpha, palette) become RGB, as the VQ encoder reads.
+        if isinstance(image, (list, tuple)):
+            image = [item.convert("RGB") if isinstance(item, PIL.Image.Image) else item for item in image]
+        elif isinstance(image, PIL.Image.Image):
+            image = image.convert("RGB")
         pixels = self.image_processor.preprocess(image)
-        if pixels.shape[1] == 1:  # greyscale input
+        if pixels.shape[1] == 1:  # greyscale arrays
             pixels = pixels.expand(-1, 3, -1, -1)
         return pixels.to(device or self._execution_device)
 

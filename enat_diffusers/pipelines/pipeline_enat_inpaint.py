@@ -110,8 +110,8 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
 
     # ----------------------------------------------------------------------------------------------------------------
 
-    def check_mask_inputs(self, image, mask_image, mask_threshold) -> tuple[int, int]:
-        """Checks `image` and `mask_image`; returns the numbers of images and masks (a mask per image or one)."""
+    def check_mask_inputs(self, image, mask_image, mask_threshold, paste_back: bool = False) -> tuple[int, int]:
+        """Checks `image`, `mask_image` and the mask options; returns the numbers of images and masks (a mask per image or one)."""
         num_images = len(self.check_image(image))
         num_masks = len(self.check_image(mask_image, name="mask_image", is_mask=True))
         if num_masks not in (1, num_images):
@@ -119,6 +119,8 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
                 f"`mask_image` holds {num_masks} masks for {num_images} images: pass one mask per image or one for all"
             )
         check_fraction(mask_threshold, "mask_threshold", closed_above=False)
+        if not isinstance(paste_back, bool):
+            raise TypeError(f"`paste_back` must be True or False, got {paste_back!r}")
         return num_images, num_masks
 
     def prepare_token_mask(
@@ -237,7 +239,7 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
 
         # 0. Defaults; check every argument (images and masks included) before any model runs
         num_inference_steps, guidance_scale = self.resolve_defaults(num_inference_steps, guidance_scale)
-        num_images, num_masks = self.check_mask_inputs(image, mask_image, mask_threshold)
+        num_images, num_masks = self.check_mask_inputs(image, mask_image, mask_threshold, paste_back)
         conditions = self.match_conditions_to_images(num_images, conditions)
         batch_size = self.check_inputs(
             **conditions,
