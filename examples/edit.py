@@ -261,13 +261,14 @@ def measure_flops(
 
     extra_formulas = _examples_module("benchmark").EXTRA_FLOP_FORMULAS
     config = config or {**ENAT_PRESETS["ENAT-L"], "sample_size": 16, "codebook_size": 1024, "num_classes": 1000}
-    transformer = ENATTransformer2DModel(**config).eval()
+    # No parameter may ask for gradients: the flop counter's module tracking fails on them under `no_grad`.
+    transformer = ENATTransformer2DModel(**config).eval().requires_grad_(False)
     side, codebook = config["sample_size"], config["codebook_size"]
     # Five levels: downsampling by 16, as MaskGIT's tokenizer.
     vqvae = MaskGITVQModel(
         hidden_channels=4, channel_multipliers=(1,) * 5, layers_per_block=1, latent_channels=4,
         num_vq_embeddings=codebook, norm_num_groups=2, sample_size=side * 16,
-    ).eval()  # fmt: skip
+    ).eval().requires_grad_(False)  # fmt: skip
     pipe = ENATInpaintPipeline(transformer=transformer, vqvae=vqvae, scheduler=ENATScheduler(mask_token_id=codebook))
     pipe.set_progress_bar_config(disable=True)
     counted = {"flops": 0}
