@@ -154,6 +154,21 @@ def test_paste_back_keeps_the_original_pixels_outside_the_mask(pipe):
     assert np.array_equal(np.asarray(as_pil), np.round(pasted[0] * 255).astype(np.uint8))
 
 
+def test_interrupting_returns_the_prediction_with_the_kept_tokens(pipe):
+    steps = []
+
+    def stop(pipeline, step_index, _timestep, _callback_kwargs):
+        steps.append(step_index)
+        pipeline._interrupt = True
+        return {}
+
+    pixels = images(2)
+    out = pipe(image=pixels, mask_image=bottom_half(), class_labels=[0, 1], callback_on_step_end=stop, **COMMON).images
+    assert steps == [0]
+    assert not (out == MASK).any()
+    assert torch.equal(out[:, : GRID // 2], encoded(pipe, pixels)[:, : GRID // 2])
+
+
 def test_class_conditional_editing_redraws_the_region_as_the_given_class(pipe):
     pixels = images(1)
     results = [
