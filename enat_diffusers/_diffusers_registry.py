@@ -10,14 +10,15 @@ diffusers' AutoPipelines (`AutoPipelineForText2Image`, `AutoPipelineForImage2Ima
 the pipeline of a task through a model-family key: the family of the given class (the first key, over the task tables
 in diffusers' order, whose pipeline has that class name), then that family's entry in the task's table. Our families:
 
-- `"enat"`: `ENATPipeline` (text-to-image table), `ENATImg2ImgPipeline`, `ENATInpaintPipeline`;
-- `"enat-text"`: `ENATText2ImagePipeline`, and the same two editing pipelines (they serve both transformer kinds).
+- `"enat"`: `ENATText2ImagePipeline`, `ENATImg2ImgPipeline`, `ENATInpaintPipeline` (listed first: the AutoPipelines
+  are prompt-driven);
+- `"enat-class"`: `ENATPipeline` and the same two editing pipelines (they serve both transformer kinds).
 
-So from either generation pipeline (or folder), the image-to-image and inpainting AutoPipelines give our editing
-pipelines, and they convert into each other. The one direction that cannot work for a text transformer is from an
-editing pipeline to `AutoPipelineForText2Image`: the family is found from the class name alone, the editing classes
-belong to `"enat"` first, so it gives `ENATPipeline`, which only takes class labels. For a text transformer use
-`ENATText2ImagePipeline.from_pipe(editing_pipe)`.
+So from either generation pipeline (or its folder), the image-to-image and inpainting AutoPipelines give our editing
+pipelines, and those convert into each other. The one direction that cannot work for a class-conditional transformer
+is from an editing pipeline to `AutoPipelineForText2Image`: diffusers finds the family from the class name alone, the
+editing classes are found in `"enat"` first, so it gives `ENATText2ImagePipeline`, which takes prompts. Use
+`ENATPipeline.from_pipe(editing_pipe)` there.
 """
 
 import diffusers
@@ -36,10 +37,11 @@ from .schedulers import scheduling_enat
 
 COMPONENT_MODULES = (transformer_enat, vq_maskgit, scheduling_enat)
 
-# Model family -> (text-to-image, image-to-image, inpainting) pipeline, for diffusers' AutoPipelines.
+# Model family -> (text-to-image, image-to-image, inpainting) pipeline, for diffusers' AutoPipelines. Order matters:
+# an editing class belongs to the first family that lists it.
 AUTO_PIPELINE_FAMILIES = {
-    "enat": (ENATPipeline, ENATImg2ImgPipeline, ENATInpaintPipeline),
-    "enat-text": (ENATText2ImagePipeline, ENATImg2ImgPipeline, ENATInpaintPipeline),
+    "enat": (ENATText2ImagePipeline, ENATImg2ImgPipeline, ENATInpaintPipeline),
+    "enat-class": (ENATPipeline, ENATImg2ImgPipeline, ENATInpaintPipeline),
 }
 
 

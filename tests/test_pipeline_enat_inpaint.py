@@ -303,15 +303,16 @@ def test_auto_pipelines_map_between_generation_and_editing(tmp_path):
     img2img = AutoPipelineForImage2Image.from_pipe(inpaint)
     assert type(inpaint) is ENATInpaintPipeline and type(img2img) is ENATImg2ImgPipeline
     assert type(AutoPipelineForInpainting.from_pipe(img2img)) is ENATInpaintPipeline
-    assert type(AutoPipelineForText2Image.from_pipe(img2img)) is ENATPipeline
     assert img2img.transformer is generation.transformer
     generation.save_pretrained(tmp_path / "class")
     assert type(AutoPipelineForInpainting.from_pretrained(tmp_path / "class")) is ENATInpaintPipeline
     assert type(AutoPipelineForImage2Image.from_pretrained(tmp_path / "class")) is ENATImg2ImgPipeline
+    assert type(AutoPipelineForText2Image.from_pretrained(tmp_path / "class")) is ENATPipeline
     text = tiny_text_pipeline(tmp_path / "clip")
     text_inpaint = AutoPipelineForInpainting.from_pipe(text)
     assert type(text_inpaint) is ENATInpaintPipeline and text_inpaint.text_encoder is text.text_encoder
-    assert type(AutoPipelineForText2Image.from_pipe(text)) is ENATText2ImagePipeline
+    back = AutoPipelineForText2Image.from_pipe(AutoPipelineForImage2Image.from_pipe(text_inpaint))
+    assert type(back) is ENATText2ImagePipeline and back.text_encoder is text.text_encoder
 
 
 def test_saved_editing_pipelines_load_back_with_their_class(pipe, tmp_path):
