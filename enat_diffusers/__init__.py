@@ -15,10 +15,13 @@ from .models import (
 from .pipelines import (
     ENAT_PIPELINES,
     ENATBasePipeline,
+    ENATImg2ImgPipeline,
+    ENATInpaintPipeline,
     ENATPipeline,
     ENATPromptEmbeds,
     ENATText2ImagePipeline,
     encode_text,
+    outpainting_canvas,
 )
 from .schedulers import ENATScheduler, ENATSchedulerOutput
 
@@ -30,6 +33,8 @@ __all__ = [
     "ENAT_PIPELINES",
     "ENAT_PRESETS",
     "ENATBasePipeline",
+    "ENATImg2ImgPipeline",
+    "ENATInpaintPipeline",
     "ENATPipeline",
     "ENATPromptEmbeds",
     "ENATConditioning",
@@ -44,4 +49,5 @@ __all__ = [
     "MaskGITVQModelOutput",
     "encode_text",
     "load_demo_pipeline",
+    "outpainting_canvas",
 ]

@@ -16,11 +16,19 @@
   exponent) silently, as diffusers does between any two compatible schedulers, instead of warning that they "will be
   ignored".
 
-- AutoPipelines: a pipeline class with `_auto_pipeline_task` (`"text2image"`, `"image2image"`, `"inpainting"`) is
-  added under the model family `"enat"` to diffusers' table of that task (`AUTO_TEXT2IMAGE_PIPELINES_MAPPING`, ...;
-  diffusers has no registration call), so `AutoPipelineForText2Image.from_pretrained(folder)` and `from_pipe`
-  between the tasks of one family work. The class-conditional `ENATPipeline` has no task there: diffusers'
-  AutoPipelines are prompt-driven, and diffusers registers no class-conditional pipeline (DiT) either.
+- diffusers' AutoPipelines (`AutoPipelineForText2Image`, `AutoPipelineForImage2Image`, `AutoPipelineForInpainting`) pick
+the pipeline of a task through a model-family key: the family of the given class (the first key, over the task tables
+in diffusers' order, whose pipeline has that class name), then that family's entry in the task's table. Our families:
+
+- `"enat"`: `ENATText2ImagePipeline`, `ENATImg2ImgPipeline`, `ENATInpaintPipeline` (listed first: the AutoPipelines
+  are prompt-driven);
+- `"enat-class"`: `ENATPipeline` and the same two editing pipelines (they serve both transformer kinds).
+
+So from either generation pipeline (or its folder), the image-to-image and inpainting AutoPipelines give our editing
+pipelines, and those convert into each other. The one direction that cannot work for a class-conditional transformer
+is from an editing pipeline to `AutoPipelineForText2Image`: diffusers finds the family from the class name alone, the
+editing classes are found in `"enat"` first, so it gives `ENATText2ImagePipeline`, which takes prompts. Use
+`ENATPipeline.from_pipe(editing_pipe)` there.
 
 What `save_pretrained` writes is unchanged.
 """
@@ -30,19 +38,36 @@ from diffusers import AmusedScheduler
 from diffusers.pipelines import auto_pipeline, pipeline_loading_utils
 
 from .models import transformer_enat, vq_maskgit
-from .pipelines import ENAT_PIPELINES
+from .pipelines import (
+    ENAT_PIPELINES,
+    ENATImg2ImgPipeline,
+    ENATInpaintPipeline,
+    ENATPipeline,
+    ENATText2ImagePipeline,
+)
 from .schedulers import ENATScheduler, scheduling_enat
 
 # Component module -> the diffusers base class its classes derive from.
 COMPONENT_MODULES = {transformer_enat: "ModelMixin", vq_maskgit: "ModelMixin", scheduling_enat: "SchedulerMixin"}
 
 
-AUTO_PIPELINE_FAMILY = "enat"
-AUTO_PIPELINE_TABLES = {
-    "text2image": auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
-    "image2image": auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
-    "inpainting": auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING,
+# Model family -> (text-to-image, image-to-image, inpainting) pipeline, for diffusers' AutoPipelines. Order matters:
+# an editing class belongs to the first family that lists it.
+AUTO_PIPELINE_FAMILIES = {
+    "enat": (ENATText2ImagePipeline, ENATImg2ImgPipeline, ENATInpaintPipeline),
+    "enat-class": (ENATPipeline, ENATImg2ImgPipeline, ENATInpaintPipeline),
 }
+
+
+def register_with_auto_pipelines() -> None:
+    tables = (
+        auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
+        auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+        auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING,
+    )
+    for family, pipelines in AUTO_PIPELINE_FAMILIES.items():
+        for table, pipeline_class in zip(tables, pipelines, strict=True):
+            table[family] = pipeline_class
 
 
 def register_with_diffusers() -> None:
@@ -55,11 +80,4 @@ def register_with_diffusers() -> None:
     if ENATScheduler.__name__ not in AmusedScheduler._compatibles:
         # A new list: the one there may be shared with other classes.
         AmusedScheduler._compatibles = [*AmusedScheduler._compatibles, ENATScheduler.__name__]
-    for pipeline_class in ENAT_PIPELINES:
-        task = pipeline_class._auto_pipeline_task
-        if task is not None:
-            if task not in AUTO_PIPELINE_TABLES:
-                raise ValueError(
-                    f"{pipeline_class.__name__}._auto_pipeline_task must be one of {list(AUTO_PIPELINE_TABLES)}"
-                )
-            AUTO_PIPELINE_TABLES[task][AUTO_PIPELINE_FAMILY] = pipeline_class
+    register_with_auto_pipelines()

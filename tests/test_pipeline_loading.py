@@ -140,9 +140,18 @@ def test_registration_uses_the_one_list_of_pipelines():
     import enat_diffusers
     from enat_diffusers.pipelines import pipeline_enat_base
 
-    assert set(enat_diffusers.ENAT_PIPELINES) == {ENATPipeline, ENATText2ImagePipeline}
+    assert set(enat_diffusers.ENAT_PIPELINES) == {
+        ENATPipeline,
+        ENATText2ImagePipeline,
+        enat_diffusers.ENATInpaintPipeline,
+        enat_diffusers.ENATImg2ImgPipeline,
+    }
     assert all(getattr(diffusers, cls.__name__) is cls for cls in enat_diffusers.ENAT_PIPELINES)
-    concrete = {cls for cls in _subclasses(pipeline_enat_base.ENATBasePipeline) if cls.__module__.startswith("enat_")}
+    concrete = {
+        cls
+        for cls in _subclasses(pipeline_enat_base.ENATBasePipeline)
+        if cls.__module__.startswith("enat_") and not cls.__dict__.get("_abstract", False)
+    }
     assert concrete == set(enat_diffusers.ENAT_PIPELINES)
 
 

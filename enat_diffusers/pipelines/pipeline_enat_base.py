@@ -759,6 +759,11 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
             return excess
         return excess * step_index / num_inference_steps
 
+    def transformer_forward(self, model_input: torch.LongTensor, *, condition_kwargs: dict, reuse_state=None):
+        """One transformer call of the sampling loop (both guidance streams stacked). A seam for pipelines that
+        compute some steps differently (editing shares the first step between the samples of one image)."""
+        return self.transformer(model_input, **condition_kwargs, reuse_state=reuse_state)
+
     def denoise(
         self,
         latents: torch.LongTensor,
@@ -791,7 +796,9 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
                 step_index = first_index + offset
                 guided = self.do_classifier_free_guidance
                 model_input = torch.cat([latents, latents]) if guided else latents
-                output = self.transformer(model_input, **condition_kwargs, reuse_state=reuse_state)
+                output = self.transformer_forward(
+                    model_input, condition_kwargs=condition_kwargs, reuse_state=reuse_state
+                )
                 # The condition is the same at every step: later steps take the blocks' form of it from step 0.
                 condition_kwargs = {"conditioning": output.conditioning}
                 logits = output.logits

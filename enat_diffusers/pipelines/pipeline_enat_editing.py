@@ -1,0 +1,282 @@
+"""What the ENAT editing pipelines (inpainting, image-to-image) share on top of [`ENATBasePipeline`]: their
+components (both kinds of transformer), image and mask checks in diffusers' input conventions, tokenizing the input
+images once per image, matching conditions to images, and the first sampling step shared by the samples of one
+image.
+"""
+
+import math
+import numbers
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers import SchedulerMixin
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..models.transformer_enat import (
+    ENATConditioning,
+    ENATReuseState,
+    ENATTransformer2DModel,
+    ENATTransformer2DModelOutput,
+)
+from ..models.vq_maskgit import MaskGITVQModel
+from .pipeline_enat_base import ENATBasePipeline
+
+# Condition arguments of a text transformer that hold one row per prompt.
+_TEXT_TENSOR_ARGUMENTS = (
+    "prompt_embeds",
+    "prompt_attention_mask",
+    "pooled_prompt_embeds",
+    "negative_prompt_embeds",
+    "negative_prompt_attention_mask",
+    "negative_pooled_prompt_embeds",
+)
+_IMAGE_TYPES = "a PIL image, a float numpy array (H, W, C) / (N, H, W, C) in [0, 1], a float torch tensor (C, H, W) / (N, C, H, W) in [0, 1], or a list of them"
+_MASK_TYPES = "a PIL image, a numpy array or torch tensor (H, W) / (N, H, W) / (N, 1, H, W) with 1 = regenerate, or a list of them"
+
+
+def _is_array(value) -> bool:
+    return isinstance(value, (np.ndarray, torch.Tensor))
+
+
+def _float_like(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point()
+    return np.issubdtype(value.dtype, np.floating)
+
+
+def image_batch_sizes(image, *, name: str = "image", is_mask: bool = False) -> list[tuple[int, int]]:
+    """
+    The `(height, width)` of every image of `image` in diffusers' input conventions (what `VaeImageProcessor.
+    preprocess` takes), checked without converting anything. Masks (`is_mask=True`) are single-channel: a 3-dim
+    array is a batch `(N, H, W)` (numpy `(H, W, 1)`: one mask), and bool arrays are accepted.
+    """
+    items = image if isinstance(image, (list, tuple)) else [image]
+    accepted = _MASK_TYPES if is_mask else _IMAGE_TYPES
+    if not items:
+        raise ValueError(f"`{name}` is an empty list; pass {accepted}")
+    sizes = []
+    for item in items:
+        if isinstance(item, PIL.Image.Image):
+            sizes.append((item.height, item.width))
+            continue
+        if not _is_array(item):
+            raise TypeError(f"`{name}` must be {accepted}, got {type(item).__name__}")
+        if not (_float_like(item) or (is_mask and item.dtype in (np.bool_, torch.bool))):
+            raise TypeError(
+                f"`{name}` arrays must hold floats in [0, 1]{' (or bools)' if is_mask else ''}, got {item.dtype}; "
+                "pass a PIL image for 8-bit pixels"
+            )
+        shape = tuple(item.shape)
+        if is_mask:
+            if len(shape) == 2:
+                sizes.append(shape)
+            elif len(shape) == 3 and isinstance(item, np.ndarray) and shape[-1] == 1:
+                sizes.append(shape[:2])
+            elif len(shape) == 3:
+                sizes += [shape[1:]] * shape[0]
+            elif len(shape) == 4 and (shape[1] == 1 if isinstance(item, torch.Tensor) else shape[-1] == 1):
+                sizes += [shape[2:] if isinstance(item, torch.Tensor) else shape[1:3]] * shape[0]
+            else:
+                raise ValueError(f"`{name}` must be {accepted}; got an array of shape {shape}")
+            continue
+        channels_first = isinstance(item, torch.Tensor)
+        if len(shape) not in (3, 4) or shape[-3 if channels_first else -1] not in (1, 3):
+            layout = "(C, H, W) or (N, C, H, W)" if channels_first else "(H, W, C) or (N, H, W, C)"
+            raise ValueError(
+                f"`{name}` {type(item).__name__} must have shape {layout} with 1 or 3 channels, got {shape}"
+            )
+        height_width = shape[-2:] if channels_first else shape[-3:-1]
+        sizes += [height_width] * (shape[0] if len(shape) == 4 else 1)
+    if not sizes:
+        raise ValueError(f"`{name}` holds no images")
+    return sizes
+
+
+class ENATEditingPipelineBase(ENATBasePipeline):
+    r"""
+    Base of [`ENATInpaintPipeline`] and [`ENATImg2ImgPipeline`]. Takes the components of either generation pipeline:
+    a class-conditional transformer (with `id2label` class names) or a text one (with an optional `text_encoder` and
+    `tokenizer`), so `from_pipe(pipe)` works from any ENAT pipeline without reloading weights.
+
+    Conditions and images: `class_labels` (or prompts) and `image` each hold one entry per input image, or one for
+    all of them; every input image then gives `num_images_per_prompt` outputs. Input images must have the model's
+    resolution (`image_size`: token grid side x the VQ downsampling factor); other sizes are refused with the
+    resize to make, never resized silently.
+    """
+
+    _abstract = True
+    model_cpu_offload_seq = "text_encoder->transformer->vqvae"
+    _optional_components = ["text_encoder", "tokenizer"]
+
+    def __init__(
+        self,
+        transformer: ENATTransformer2DModel,
+        vqvae: MaskGITVQModel,
+        scheduler: SchedulerMixin,
+        text_encoder: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        id2label: dict | None = None,
+        default_num_inference_steps: int = 8,
+        default_guidance_scale: float = 3.5,
+    ):
+        super().__init__(
+            default_num_inference_steps=default_num_inference_steps,
+            default_guidance_scale=default_guidance_scale,
+            id2label=id2label,
+        )
+        self.register_modules(
+            transformer=transformer, vqvae=vqvae, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+        self.mask_processor = VaeImageProcessor(
+            do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
+        # Rows of one image and guidance stream that start identical (set per call; see `transformer_forward`).
+        self._rows_per_image = 1
+
+    @property
+    def image_size(self) -> int:
+        """Side in pixels of the images this pipeline edits: the token grid side times the VQ downsampling."""
+        return self.token_grid_size * self.vqvae.downsample_factor
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Step 0: image checks and matching conditions to images
+
+    def check_image(self, image, *, name: str = "image", is_mask: bool = False) -> list[tuple[int, int]]:
+        """Checks `image` (or a mask) and returns the size of each image; every one must be `image_size` square."""
+        if image is None:
+            raise ValueError(f"`{name}` is required: {_MASK_TYPES if is_mask else _IMAGE_TYPES}")
+        sizes = image_batch_sizes(image, name=name, is_mask=is_mask)
+        side = self.image_size
+        wrong = sorted({size for size in sizes if tuple(size) != (side, side)})
+        if wrong:
+            raise ValueError(
+                f"`{name}` must be {side}x{side} pixels (this model's resolution), got height x width {wrong}; resize "
+                f"it first (e.g. `image.resize(({side}, {side}))` for a PIL image)"
+            )
+        return sizes
+
+    def _num_conditions(self, class_labels, prompt, prompt_embeds) -> int | None:
+        """Number of conditions, or None where the arguments are too wrong to count (`check_inputs` says why)."""
+        if self.is_class_conditional:
+            return None if class_labels is None else len(self.class_label_ids(class_labels))
+        if isinstance(prompt, str):
+            return 1
+        if isinstance(prompt, list):
+            return len(prompt)
+        if isinstance(prompt_embeds, torch.Tensor) and prompt_embeds.ndim == 3:
+            return prompt_embeds.shape[0]
+        return None
+
+    def match_conditions_to_images(self, num_images: int, conditions: dict) -> dict:
+        """
+        `conditions` (the condition arguments of `__call__`) with one condition repeated for each of `num_images`
+        images where a single condition was given for several images. Counts that match neither way are refused.
+        """
+        count = self._num_conditions(
+            conditions.get("class_labels"), conditions.get("prompt"), conditions.get("prompt_embeds")
+        )
+        if count is None or count == num_images or num_images == 1:
+            return conditions
+        if count != 1:
+            what = "`class_labels`" if self.is_class_conditional else "prompts"
+            raise ValueError(
+                f"{count} {what} for {num_images} images: pass one condition per image, one for all images, or one "
+                "image for all conditions"
+            )
+        conditions = dict(conditions)
+        if self.is_class_conditional:
+            conditions["class_labels"] = self.class_label_ids(conditions["class_labels"]) * num_images
+            return conditions
+        for name in ("prompt", "negative_prompt"):
+            value = conditions.get(name)
+            if isinstance(value, str) and name == "prompt":
+                conditions[name] = [value] * num_images
+            elif isinstance(value, list) and len(value) == 1:
+                conditions[name] = value * num_images
+        for name in _TEXT_TENSOR_ARGUMENTS:
+            value = conditions.get(name)
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == 1:
+                conditions[name] = value.expand(num_images, *value.shape[1:])
+        return conditions
+
+    @staticmethod
+    def row_sources(count: int, num_conditions: int, num_images_per_prompt: int) -> torch.LongTensor:
+        """For every output row, the index of its entry among `count` inputs (1 = shared by all), in the row order
+        of `prepare_condition_kwargs`: condition after condition, `num_images_per_prompt` rows each."""
+        per_condition = torch.zeros(num_conditions, dtype=torch.long) if count == 1 else torch.arange(num_conditions)
+        return per_condition.repeat_interleave(int(num_images_per_prompt))
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Step 2: the input images as tokens
+
+    def preprocess_image(self, image, *, device: torch.device | None = None) -> torch.Tensor:
+        """Images (checked by `check_image`) -> `(num_images, 3, H, W)` in `[-1, 1]`, by diffusers' image processor."""
+        # PIL images of any mode (greyscale, with alpha, palette) become RGB, as the VQ encoder reads.
+        if isinstance(image, (list, tuple)):
+            image = [item.convert("RGB") if isinstance(item, PIL.Image.Image) else item for item in image]
+        elif isinstance(image, PIL.Image.Image):
+            image = image.convert("RGB")
+        pixels = self.image_processor.preprocess(image)
+        if pixels.shape[1] == 1:  # greyscale arrays
+            pixels = pixels.expand(-1, 3, -1, -1)
+        return pixels.to(device or self._execution_device)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.LongTensor:
+        """Token ids `(num_images, side, side)` of images in `[-1, 1]`: the VQ encoder runs once per input image."""
+        return self.vqvae.encode(pixels.to(self.vqvae.dtype)).token_ids
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Step 4: the first step, shared by the samples of one image
+
+    def transformer_forward(self, model_input: torch.LongTensor, *, condition_kwargs: dict, reuse_state=None):
+        """
+        At the first step (no reuse state yet), the `num_images_per_prompt` rows of one image and guidance stream are
+        identical: same tokens, same condition. The transformer then runs once per image and stream and its logits,
+        reuse state and conditioning are repeated for the other rows; this is where the kept tokens go through the
+        encoder, so their cost is paid once per image. The rows' results are those of the unshared call (they only
+        diverge through their own random draws). Any later step, or rows that differ (image-to-image re-masks each
+        sample at random), runs as usual.
+        """
+        group = self._rows_per_image
+        if reuse_state is not None or group <= 1 or "conditioning" in condition_kwargs:
+            return super().transformer_forward(model_input, condition_kwargs=condition_kwargs, reuse_state=reuse_state)
+        unique_input = model_input[::group]
+        unique_kwargs = {
+            name: value[::group] if isinstance(value, torch.Tensor) else value
+            for name, value in condition_kwargs.items()
+        }
+        pairs = [(model_input, unique_input)]
+        pairs += [
+            (value, unique_kwargs[name]) for name, value in condition_kwargs.items() if isinstance(value, torch.Tensor)
+        ]
+        if not all(torch.equal(full, unique.repeat_interleave(group, dim=0)) for full, unique in pairs):
+            return super().transformer_forward(model_input, condition_kwargs=condition_kwargs, reuse_state=reuse_state)
+        output = self.transformer(unique_input, **unique_kwargs, reuse_state=None)
+
+        def repeat(tensor):
+            return None if tensor is None else tensor.repeat_interleave(group, dim=0)
+
+        conditioning = output.conditioning
+        return ENATTransformer2DModelOutput(
+            logits=repeat(output.logits),
+            reuse_state=ENATReuseState(
+                features=repeat(output.reuse_state.features), masking=repeat(output.reuse_state.masking)
+            ),
+            conditioning=ENATConditioning(
+                modulation=repeat(conditioning.modulation),
+                text_key_values=repeat(conditioning.text_key_values),
+                text_mask=repeat(conditioning.text_mask),
+            ),
+        )
+
+
+def check_fraction(value, name: str, *, closed_above: bool = True) -> float:
+    """`value` as a float in `[0, 1]` (`[0, 1)` with `closed_above=False`), or a clear error."""
+    interval = "[0, 1]" if closed_above else "[0, 1)"
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(value) or value < 0 or value > 1 or (value == 1 and not closed_above):
+        raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}")
+    return float(value)

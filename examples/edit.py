@@ -1,0 +1,333 @@
+#!/usr/bin/env python
+"""Edit images with an ENAT pipeline: inpainting (with --mask_image), outpainting (--outpaint) or image-to-image.
+
+    python examples/edit.py --image digit.png --mask_image bottom.png --class_labels seven   # inpainting
+    python examples/edit.py --image digit.png --strength 0.5 --class_labels 3 --num_images_per_prompt 4
+    python examples/edit.py --image small.png --outpaint --class_labels 2   # extend a smaller image to the canvas
+    python examples/edit.py --image photo.png --mask_image mask.png --prompt "the digit 7" --model demo:digits-text
+    python examples/edit.py --figure assets/enat_editing.png   # the README picture (real scikit-learn digits)
+    python examples/edit.py --measure_flops                     # transformer FLOPs of editing vs generation, ENAT-L
+
+`--model` takes a pipeline folder, a Hub id or `demo:NAME` (default `demo:digits`; `demo:digits-text` with
+`--prompt`). Images must have the model's resolution (16x16 for the demos). Masks: white = regenerate. The output
+grid shows the samples of each input image in a row.
+
+`--measure_flops` counts the transformer's forward FLOPs per image (`torch.utils.flop_counter.FlopCounterMode`, both
+guidance streams, all steps) of a full-size ENAT-L 256 (random weights) for inpainting 12.5 / 25 / 50% of the tokens
+(a band of rows at the bottom) with 1 and 4 samples per image, next to generating the whole image, and prints them
+as json.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline, ENATScheduler
+from enat_diffusers.demo import resolve_pretrained_location
+from enat_diffusers.schedulers.scheduling_enat import _MASKING_SCHEDULES as MASKING_SCHEDULES
+
+EXAMPLES = Path(__file__).resolve().parent
+DEMO_UPSCALE = 8
+# Inpainting demo: the bottom half of each digit is redrawn with its true class.
+DEMO_MASKED_ROWS = slice(8, 16)
+
+
+def _examples_module(name: str):
+    """Another script of this folder (the digit helpers of train_demo_digits, the FLOP formulas of benchmark)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return __import__(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", "--pretrained_model_name_or_path", dest="model", default=None,
+                        help="Pipeline folder, Hub id or demo:NAME (default demo:digits, demo:digits-text for --prompt).")  # fmt: skip
+    parser.add_argument("--image", nargs="+", default=None, help="Image file(s) to edit.")
+    parser.add_argument("--mask_image", nargs="+", default=None,
+                        help="Mask file(s), one per image or one for all (white = regenerate): inpainting.")  # fmt: skip
+    parser.add_argument("--outpaint", action="store_true",
+                        help="Place each (smaller) --image in the centre of a canvas of the model's size and generate the rest.")  # fmt: skip
+    parser.add_argument("--strength", type=float, default=0.5, help="Image-to-image (no --mask_image): in [0, 1].")
+    parser.add_argument("--class_labels", nargs="+", default=None, help="Class ids or names, one per image or one.")
+    parser.add_argument("--prompt", nargs="+", default=None, help="Prompts (text pipelines), one per image or one.")
+    parser.add_argument("--num_images_per_prompt", type=int, default=1, help="Samples per input image.")
+    parser.add_argument("--num_inference_steps", type=int, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--guidance_scale", type=float, default=None, help="Default: the pipeline's.")
+    parser.add_argument("--masking_schedule", choices=MASKING_SCHEDULES, default=None,
+                        help="Masking schedule of the ENAT scheduler (default: the pipeline's).")  # fmt: skip
+    parser.add_argument("--paste_back", action="store_true", help="Inpainting: original pixels outside the mask.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--upscale", type=int, default=None, help="Nearest-neighbour factor (default 8 for demos).")
+    parser.add_argument("--output", default="enat_edit.png")
+    parser.add_argument("--figure", default=None, help="Write the README picture to this path and exit.")
+    parser.add_argument("--measure_flops", action="store_true", help="Print editing FLOPs (ENAT-L) and exit.")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.figure or args.measure_flops:
+        return args
+    if not args.image:
+        parser.error("--image is required (or --figure / --measure_flops)")
+    if args.prompt and args.class_labels:
+        parser.error("pass either --class_labels (class-conditional) or --prompt (text), not both")
+    if not args.prompt and not args.class_labels:
+        parser.error("pass --class_labels (class-conditional) or --prompt (text)")
+    if args.outpaint and args.mask_image:
+        parser.error("--outpaint makes its own masks: leave out --mask_image")
+    if not 0 <= args.strength <= 1:
+        parser.error("--strength must be in [0, 1]")
+    for flag in ("num_images_per_prompt", "num_inference_steps", "upscale"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be a positive integer")
+    return args
+
+
+def load_pipeline(model: str | None, pipeline_class, text: bool = False):
+    from diffusers import DiffusionPipeline
+
+    location = resolve_pretrained_location(model or ("demo:digits-text" if text else "demo:digits"))
+    pipeline = pipeline_class.from_pipe(DiffusionPipeline.from_pretrained(location))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def set_masking_schedule(pipeline, masking_schedule: str | None) -> None:
+    if masking_schedule is not None:
+        pipeline.scheduler = ENATScheduler.from_config(pipeline.scheduler.config, masking_schedule=masking_schedule)
+
+
+def class_labels_argument(values: list[str]) -> list[int | str]:
+    return [int(value) if value.lstrip("-").isdigit() else value for value in values]
+
+
+def grid(rows: list[list[PIL.Image.Image]], upscale: int) -> PIL.Image.Image:
+    """Images in rows (all of one size), enlarged by `upscale`, one pixel apart on white."""
+    width, height = rows[0][0].width * upscale, rows[0][0].height * upscale
+    columns = max(len(row) for row in rows)
+    canvas = PIL.Image.new("RGB", (columns * (width + 2), len(rows) * (height + 2)), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            enlarged = image.convert("RGB").resize((width, height), PIL.Image.Resampling.NEAREST)
+            canvas.paste(enlarged, (c * (width + 2), r * (height + 2)))
+    return canvas
+
+
+def edit(args: argparse.Namespace) -> list[list[PIL.Image.Image]]:
+    """Runs the edit the flags ask for; returns one row per input image: input, mask (if any), samples."""
+    text = bool(args.prompt)
+    inpainting = bool(args.mask_image) or args.outpaint
+    pipeline = load_pipeline(args.model, ENATInpaintPipeline if inpainting else ENATImg2ImgPipeline, text=text)
+    if text == pipeline.is_class_conditional:
+        raise SystemExit("--prompt needs a text pipeline and --class_labels a class-conditional one")
+    set_masking_schedule(pipeline, args.masking_schedule)
+    images = [PIL.Image.open(path).convert("RGB") for path in args.image]
+    masks = None
+    if args.outpaint:
+        pairs = [pipeline.outpainting_inputs(image) for image in images]
+        images, masks = [canvas for canvas, _ in pairs], [mask for _, mask in pairs]
+    elif args.mask_image:
+        masks = [PIL.Image.open(path).convert("L") for path in args.mask_image]
+    condition = {"prompt": args.prompt} if text else {"class_labels": class_labels_argument(args.class_labels)}
+    options = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale}
+    options = {key: value for key, value in options.items() if value is not None}
+    samples = args.num_images_per_prompt
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(images) * samples)]
+    if inpainting:
+        options.update(mask_image=masks, paste_back=args.paste_back)
+    else:
+        options.update(strength=args.strength)
+    outputs = pipeline(
+        image=images, **condition, **options, num_images_per_prompt=samples, generator=generators
+    ).images
+    rows = []
+    for index, image in enumerate(images):
+        shown = [image] + ([masks[index if len(masks) > 1 else 0]] if masks else [])
+        rows.append(shown + outputs[index * samples : (index + 1) * samples])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The digits demo: the inpainting check and the README picture
+
+
+def held_out_digits(num_images: int):
+    """Real digits the demo classifier did not see: `(N, 3, 16, 16)` images in [0, 1] and their labels."""
+    from sklearn.model_selection import train_test_split
+
+    demo = _examples_module("train_demo_digits")
+    pixels, labels = demo.load_digit_data()
+    _, test_pixels, _, test_labels = train_test_split(
+        pixels, labels, test_size=0.25, random_state=demo.SEED, stratify=labels
+    )
+    images = (demo.digits_to_images(test_pixels[:num_images]) + 1) / 2
+    return images, test_labels[:num_images]
+
+
+def inpainting_demo(num_images: int = 100, seed: int = 0, pipeline=None) -> dict:
+    """
+    The digits demo's inpainting check: real held-out digits, the bottom half masked, redrawn with the true class.
+    Returns how often an independent classifier (the demo's SVC) recognises the true digit, and the fraction of
+    tokens outside the mask left unchanged.
+    """
+    demo = _examples_module("train_demo_digits")
+    pipeline = pipeline or load_pipeline("demo:digits", ENATInpaintPipeline)
+    images, labels = held_out_digits(num_images)
+    mask = torch.zeros(1, images.shape[2], images.shape[3])
+    mask[:, DEMO_MASKED_ROWS] = 1
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(labels))]
+    tokens = pipeline(
+        image=images, mask_image=mask, class_labels=labels.tolist(), generator=generators, output_type="latent"
+    ).images
+    kept = ~pipeline.prepare_token_mask(mask)[1].expand_as(tokens)
+    encoded = pipeline.encode_image(images * 2 - 1)
+    classifier, _ = demo.fit_digit_classifier()
+    predicted = classifier.predict(demo.images_to_digits(pipeline.decode_latents(tokens, "np")))
+    return {
+        "num_images": len(labels),
+        "accuracy": float(np.mean(predicted == labels)),
+        "unchanged_outside_mask": float((tokens[kept] == encoded[kept]).float().mean()),
+    }
+
+
+def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
+    arrays = (images.permute(0, 2, 3, 1).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    return [PIL.Image.fromarray(array) for array in arrays]
+
+
+def make_figure(path: str, seed: int = 0) -> str:
+    """The README picture: rows inpainting (bottom half, true class), class-conditional editing (bottom half as
+    another digit), outpainting (the centre 8x8 kept) and image-to-image (strength 0.5); columns input, mask (grey:
+    image-to-image re-masks at random), four samples."""
+    inpaint = load_pipeline("demo:digits", ENATInpaintPipeline)
+    img2img = ENATImg2ImgPipeline.from_pipe(inpaint)
+    img2img.set_progress_bar_config(disable=True)
+    images, labels = held_out_digits(3)
+    samples = 4
+    pil_images = to_pil(images)
+
+    def generators():
+        return [torch.Generator().manual_seed(seed + i) for i in range(samples)]
+
+    bottom = PIL.Image.new("L", (16, 16), 0)
+    bottom.paste(255, (0, 8, 16, 16))
+    rows = []
+    for image, label in ((pil_images[0], int(labels[0])), (pil_images[1], (int(labels[1]) + 3) % 10)):
+        out = inpaint(image=image, mask_image=bottom, class_labels=label, num_images_per_prompt=samples,
+                      generator=generators()).images  # fmt: skip
+        rows.append([image, bottom, *out])
+    centre = pil_images[2].crop((4, 4, 12, 12))
+    canvas, mask = inpaint.outpainting_inputs(centre)
+    out = inpaint(image=canvas, mask_image=mask, class_labels=int(labels[2]), num_images_per_prompt=samples,
+                  generator=generators()).images  # fmt: skip
+    rows.append([canvas, mask, *out])
+    out = img2img(image=pil_images[0], class_labels=int(labels[0]), strength=0.5, num_images_per_prompt=samples,
+                  generator=generators()).images  # fmt: skip
+    rows.append([pil_images[0], PIL.Image.new("L", (16, 16), 128), *out])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid(rows, DEMO_UPSCALE).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FLOPs of editing against generation
+
+
+def measure_flops(
+    config: dict | None = None,
+    fractions: tuple[float, ...] = (0.125, 0.25, 0.5),
+    samples: tuple[int, ...] = (1, 4),
+    num_inference_steps: int = 8,
+    guidance_scale: float = 3.5,
+) -> dict:
+    """
+    Transformer forward FLOPs per output image of inpainting a band of `fraction` of the token rows (bottom) with
+    `samples` samples per image, and of generation (`fraction` 1.0), for an ENAT transformer of `config` (default:
+    ENAT-L 256, random weights). A VQ with the same grid and codebook but tiny width tokenizes the (random) input;
+    its FLOPs are not counted. Returns `{"generation": ..., "inpainting": [{fraction, samples, gflops_per_image,
+    ratio_to_generation}, ...]}`.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from enat_diffusers import ENAT_PRESETS, ENATScheduler, ENATTransformer2DModel, MaskGITVQModel
+
+    extra_formulas = _examples_module("benchmark").EXTRA_FLOP_FORMULAS
+    config = config or {**ENAT_PRESETS["ENAT-L"], "sample_size": 16, "codebook_size": 1024, "num_classes": 1000}
+    # No parameter may ask for gradients: the flop counter's module tracking fails on them under `no_grad`.
+    transformer = ENATTransformer2DModel(**config).eval().requires_grad_(False)
+    side, codebook = config["sample_size"], config["codebook_size"]
+    # Five levels: downsampling by 16, as MaskGIT's tokenizer.
+    vqvae = MaskGITVQModel(
+        hidden_channels=4, channel_multipliers=(1,) * 5, layers_per_block=1, latent_channels=4,
+        num_vq_embeddings=codebook, norm_num_groups=2, sample_size=side * 16,
+    ).eval().requires_grad_(False)  # fmt: skip
+    pipe = ENATInpaintPipeline(transformer=transformer, vqvae=vqvae, scheduler=ENATScheduler(mask_token_id=codebook))
+    pipe.set_progress_bar_config(disable=True)
+    counted = {"flops": 0}
+    forward = transformer.forward
+
+    def counting_forward(*args, **kwargs):
+        with FlopCounterMode(display=False, custom_mapping=extra_formulas) as counter:
+            output = forward(*args, **kwargs)
+        counted["flops"] += counter.get_total_flops()
+        return output
+
+    transformer.forward = counting_forward
+    image = torch.rand(1, 3, side * 16, side * 16, generator=torch.Generator().manual_seed(0))
+
+    def gflops_per_image(fraction: float, num_samples: int) -> float:
+        mask = torch.zeros(1, side * 16, side * 16)
+        mask[:, side * 16 - round(fraction * side) * 16 :] = 1
+        counted["flops"] = 0
+        pipe(image=image, mask_image=mask, class_labels=[1], num_images_per_prompt=num_samples,
+             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+             generator=torch.manual_seed(0), output_type="latent")  # fmt: skip
+        return counted["flops"] / num_samples / 1e9
+
+    with torch.no_grad():
+        generation = gflops_per_image(1.0, 1)
+        rows = [
+            {
+                "fraction": fraction,
+                "samples": num_samples,
+                "gflops_per_image": round(flops, 2),
+                "ratio_to_generation": round(flops / generation, 3),
+            }
+            for fraction in fractions
+            for num_samples in samples
+            for flops in [gflops_per_image(fraction, num_samples)]
+        ]
+    return {
+        "config": config,
+        "num_inference_steps": num_inference_steps,
+        "generation_gflops_per_image": round(generation, 2),
+        "inpainting": rows,
+    }
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    if args.measure_flops:
+        result = measure_flops()
+        print(json.dumps(result, indent=2))
+        return result
+    if args.figure:
+        print(f"wrote {make_figure(args.figure, args.seed)}")
+        return args.figure
+    rows = edit(args)
+    upscale = args.upscale or (DEMO_UPSCALE if args.model is None or str(args.model).startswith("demo:") else 1)
+    grid(rows, upscale).save(args.output)
+    print(f"wrote {sum(len(row) for row in rows)} images to {args.output}")
+    return args.output
+
+
+if __name__ == "__main__":
+    main()

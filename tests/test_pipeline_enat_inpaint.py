@@ -1,0 +1,364 @@
+"""ENATInpaintPipeline: the token mask, kept tokens, the region's schedule, shared first step, ragged batches,
+outpainting, paste-back, bad input, AutoPipelines, and the digits demo."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+from enat_diffusers import (
+    ENATBasePipeline,
+    ENATImg2ImgPipeline,
+    ENATInpaintPipeline,
+    ENATPipeline,
+    ENATText2ImagePipeline,
+    outpainting_canvas,
+)
+
+from .example_scripts import load_example
+from .tiny_components import CODEBOOK_SIZE as MASK
+from .tiny_components import GRID, TransformerCalls, tiny_pipeline, tiny_text_pipeline
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SIDE = 8  # pixels: the tiny VQ downsamples by 2
+COMMON = {"num_inference_steps": 4, "guidance_scale": 3.0, "output_type": "latent"}
+
+
+def images(count: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(count, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(seed))
+
+
+def bottom_half(count: int = 1) -> torch.Tensor:
+    mask = torch.zeros(count, SIDE, SIDE)
+    mask[:, SIDE // 2 :] = 1
+    return mask
+
+
+def generators(seeds) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+@pytest.fixture
+def pipe():
+    return ENATInpaintPipeline.from_pipe(tiny_pipeline())
+
+
+@pytest.fixture
+def text_pipe(tmp_path):
+    pipe = ENATInpaintPipeline.from_pipe(tiny_text_pipeline(tmp_path / "clip"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def condition(pipe, count: int) -> dict:
+    if pipe.is_class_conditional:
+        return {"class_labels": list(range(count))}
+    return {"prompt": ["abc", "de", "fgh", "ij"][:count]}
+
+
+def encoded(pipe, pixels: torch.Tensor) -> torch.LongTensor:
+    return pipe.vqvae.encode(pixels * 2 - 1).token_ids
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The region
+
+
+def test_a_token_is_regenerated_when_more_than_the_threshold_of_its_pixels_is_masked(pipe):
+    mask = torch.zeros(1, SIDE, SIDE)
+    mask[0, 0, 0] = 1  # one pixel of token (0, 0)
+    mask[0, 2:4, 2:4] = 1  # all four pixels of token (1, 1)
+    mask[0, 4, 4:6] = 1  # half of token (2, 2)
+    _, any_pixel = pipe.prepare_token_mask(mask, 0.0)
+    _, over_half = pipe.prepare_token_mask(mask, 0.5)
+    _, over_quarter = pipe.prepare_token_mask(mask, 0.25)
+    assert any_pixel[0].nonzero().tolist() == [[0, 0], [1, 1], [2, 2]]
+    assert over_quarter[0].nonzero().tolist() == [[1, 1], [2, 2]]
+    assert over_half[0].nonzero().tolist() == [[1, 1]]
+
+
+def test_mask_formats_give_the_same_token_mask(pipe):
+    tensor = bottom_half()
+    pil = PIL.Image.fromarray((tensor[0].numpy() * 255).astype(np.uint8), mode="L")
+    expected = pipe.prepare_token_mask(tensor)[1]
+    for mask in (pil, tensor[0].numpy(), tensor[0].bool(), tensor[:, None], [pil], tensor[0].numpy() > 0.5):
+        assert torch.equal(pipe.prepare_token_mask(mask)[1], expected)
+    assert expected[0, GRID // 2 :].all() and not expected[0, : GRID // 2].any()
+
+
+@pytest.mark.parametrize("kind", ["class", "text"])
+def test_tokens_outside_the_mask_are_the_input_tokens_and_the_region_is_generated(kind, pipe, text_pipe):
+    pipe = pipe if kind == "class" else text_pipe
+    pixels = images(2)
+    out = pipe(image=pixels, mask_image=bottom_half(), **condition(pipe, 2), generator=torch.manual_seed(0), **COMMON)
+    tokens = encoded(pipe, pixels)
+    assert torch.equal(out.images[:, : GRID // 2], tokens[:, : GRID // 2])
+    assert not (out.images == MASK).any()
+    assert not torch.equal(out.images[:, GRID // 2 :], tokens[:, GRID // 2 :])
+
+
+def test_the_masking_schedule_runs_over_the_region_without_idle_steps(pipe):
+    mask = torch.zeros(3, SIDE, SIDE)
+    mask[0, :2] = 1  # 4 tokens
+    mask[1, :6] = 1  # 12 tokens
+    mask[2] = 1  # 16 tokens
+    counts = []
+
+    def record(_pipe, _step, _timestep, callback_kwargs):
+        counts.append((callback_kwargs["latents"] == MASK).flatten(1).sum(1).tolist())
+        return {}
+
+    pipe(image=images(3), mask_image=mask, class_labels=[0, 1, 2], callback_on_step_end=record, **COMMON)
+    scheduler = pipe.scheduler
+    assert counts == [[scheduler.num_masked_after_step(k, n) for n in (4, 12, 16)] for k in range(4)]
+    assert all(0 < count < start for count, start in zip(counts[0], (4, 12, 16), strict=True))
+
+
+@pytest.mark.parametrize("kind", ["class", "text"])
+def test_an_all_white_mask_is_generation(kind, tmp_path):
+    generation = tiny_pipeline() if kind == "class" else tiny_text_pipeline(tmp_path / "clip")
+    pipe = ENATInpaintPipeline.from_pipe(generation)
+    inputs = condition(pipe, 2)
+    seeds = generators(range(4))
+    inpainted = pipe(image=images(2), mask_image=torch.ones(SIDE, SIDE), **inputs, num_images_per_prompt=2,
+                     generator=seeds, **COMMON).images  # fmt: skip
+    generated = generation(**inputs, num_images_per_prompt=2, generator=generators(range(4)), **COMMON).images
+    assert torch.equal(inpainted, generated)
+
+
+def test_an_all_black_mask_returns_the_input_without_running_the_transformer(pipe):
+    calls = TransformerCalls(pipe.transformer)
+    pixels = images(2)
+    tokens = pipe(image=pixels, mask_image=torch.zeros(SIDE, SIDE), class_labels=[0, 1], **COMMON).images
+    assert calls.calls == []
+    assert torch.equal(tokens, encoded(pipe, pixels))
+    pasted = pipe(image=pixels, mask_image=torch.zeros(SIDE, SIDE), class_labels=[0, 1], paste_back=True,
+                  output_type="np").images  # fmt: skip
+    assert np.abs(pasted - pixels.permute(0, 2, 3, 1).numpy()).max() <= 1 / 255 + 1e-6
+
+
+def test_paste_back_keeps_the_original_pixels_outside_the_mask(pipe):
+    pixels = images(1)
+    mask = bottom_half()
+    kwargs = {"image": pixels, "mask_image": mask, "class_labels": [2], "num_inference_steps": 4}
+    plain = pipe(**kwargs, generator=torch.manual_seed(0), output_type="np").images
+    pasted = pipe(**kwargs, generator=torch.manual_seed(0), output_type="np", paste_back=True).images
+    original = pixels.permute(0, 2, 3, 1).numpy()
+    top, bottom = slice(0, SIDE // 2), slice(SIDE // 2, SIDE)
+    assert np.abs(pasted[:, top] - original[:, top]).max() <= 1 / 255 + 1e-6
+    assert np.abs(plain[:, top] - original[:, top]).max() > 0.05  # the VQ reconstruction differs
+    assert np.abs(pasted[:, bottom] - plain[:, bottom]).max() <= 1 / 255 + 1e-6
+    as_pil = pipe(**kwargs, generator=torch.manual_seed(0), paste_back=True).images[0]
+    assert np.array_equal(np.asarray(as_pil), np.round(pasted[0] * 255).astype(np.uint8))
+
+
+def test_interrupting_returns_the_prediction_with_the_kept_tokens(pipe):
+    steps = []
+
+    def stop(pipeline, step_index, _timestep, _callback_kwargs):
+        steps.append(step_index)
+        pipeline._interrupt = True
+        return {}
+
+    pixels = images(2)
+    out = pipe(image=pixels, mask_image=bottom_half(), class_labels=[0, 1], callback_on_step_end=stop, **COMMON).images
+    assert steps == [0]
+    assert not (out == MASK).any()
+    assert torch.equal(out[:, : GRID // 2], encoded(pipe, pixels)[:, : GRID // 2])
+
+
+def test_class_conditional_editing_redraws_the_region_as_the_given_class(pipe):
+    pixels = images(1)
+    results = [
+        pipe(image=pixels, mask_image=bottom_half(), class_labels=[label], generator=torch.manual_seed(0), **COMMON)
+        .images for label in range(3)
+    ]  # fmt: skip
+    for result in results:
+        assert torch.equal(result[:, : GRID // 2], results[0][:, : GRID // 2])
+    assert len({tuple(result[:, GRID // 2 :].flatten().tolist()) for result in results}) == 3
+
+
+def test_outpainting_keeps_the_image_tokens_and_fills_the_canvas(pipe):
+    small = PIL.Image.fromarray((images(1)[0, :, :4, :4].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    canvas, mask = pipe.outpainting_inputs(small)
+    assert canvas.size == mask.size == (SIDE, SIDE)
+    mask_array = np.asarray(mask)
+    assert (mask_array[2:6, 2:6] == 0).all() and mask_array.sum() == 255 * (SIDE * SIDE - 16)
+    out = pipe(image=canvas, mask_image=mask, class_labels=[1], generator=torch.manual_seed(0), **COMMON).images
+    canvas_tokens = encoded(pipe, torch.from_numpy(np.asarray(canvas) / 255.0).float().permute(2, 0, 1)[None])
+    assert torch.equal(out[:, 1:3, 1:3], canvas_tokens[:, 1:3, 1:3])
+    assert not (out == MASK).any()
+    with pytest.raises(ValueError, match="larger than the canvas"):
+        outpainting_canvas(PIL.Image.new("RGB", (9, 9)), SIDE)
+    _, unaligned = outpainting_canvas(small, SIDE, offset=(1, 3))
+    assert (np.asarray(unaligned)[1:5, 3:7] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared first step, ragged batches, conditions
+
+
+@pytest.mark.parametrize("kind", ["class", "text"])
+def test_samples_of_one_image_share_the_first_step_and_equal_the_unshared_run(kind, pipe, text_pipe):
+    pipe = pipe if kind == "class" else text_pipe
+    inputs = {"image": images(2), "mask_image": bottom_half(), **condition(pipe, 2), "num_images_per_prompt": 3}
+    calls = TransformerCalls(pipe.transformer)
+    shared = pipe(**inputs, generator=generators(range(6)), **COMMON).images
+    calls.remove()
+    assert calls.calls[0] == (2 * 2, False)  # 2 images x 2 guidance streams at the first step
+    assert all(rows == 6 * 2 for rows, _ in calls.calls[1:])
+    pipe.transformer_forward = lambda *args, **kwargs: ENATBasePipeline.transformer_forward(pipe, *args, **kwargs)
+    unshared = pipe(**inputs, generator=generators(range(6)), **COMMON).images
+    assert torch.equal(shared, unshared)
+    assert len({tuple(row.flatten().tolist()) for row in shared[:3]}) > 1  # samples still differ
+
+
+@pytest.mark.parametrize("kind", ["class", "text"])
+def test_a_row_of_a_ragged_batch_equals_the_row_alone(kind, pipe, text_pipe):
+    pipe = pipe if kind == "class" else text_pipe
+    masks = torch.zeros(3, SIDE, SIDE)
+    masks[0, :2] = 1
+    masks[1, :, :3] = 1
+    masks[2, 3:, 1:] = 1
+    pixels, inputs = images(3), condition(pipe, 3)
+    batch = pipe(image=pixels, mask_image=masks, **inputs, generator=generators([5, 6, 7]), **COMMON).images
+    for row in range(3):
+        alone = {name: value[row : row + 1] for name, value in inputs.items()}
+        single = pipe(image=pixels[row : row + 1], mask_image=masks[row], **alone,
+                      generator=generators([5 + row]), **COMMON).images  # fmt: skip
+        assert torch.equal(batch[row : row + 1], single), f"row {row}"
+
+
+def test_one_image_for_several_classes_and_one_class_for_several_images(pipe):
+    pixels = images(2)
+    one_image = pipe(
+        image=pixels[:1],
+        mask_image=bottom_half(),
+        class_labels=[0, "goldfish"],
+        generator=generators([1, 2]),
+        **COMMON,
+    ).images
+    assert torch.equal(one_image[:, :2], encoded(pipe, pixels[:1]).expand(2, -1, -1)[:, :2])
+    one_class = pipe(
+        image=pixels, mask_image=bottom_half(), class_labels="goldfish", generator=generators([1, 2]), **COMMON
+    ).images
+    second = pipe(
+        image=pixels[1:], mask_image=bottom_half(), class_labels=1, generator=generators([2]), **COMMON
+    ).images
+    assert torch.equal(one_class[1:], second)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: a clear error before any model runs
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"mask_image": torch.ones(2, SIDE, SIDE)}, ValueError, "2 masks for 3 images"),
+        ({"class_labels": [0, 1]}, ValueError, "2 `class_labels` for 3 images"),
+        ({"mask_image": torch.ones(SIDE, SIDE + 2)}, ValueError, "`mask_image` must be 8x8 pixels"),
+        ({"image": torch.rand(3, 3, 16, 16)}, ValueError, r"`image` must be 8x8 pixels.*resize"),
+        ({"image": "cat.png"}, TypeError, "`image` must be a PIL image, a float numpy array"),
+        ({"image": np.zeros((SIDE, SIDE, 3), dtype=np.uint8)}, TypeError, "floats in \\[0, 1\\]"),
+        ({"image": None}, ValueError, "`image` is required"),
+        ({"mask_image": None}, ValueError, "`mask_image` is required"),
+        ({"mask_image": [object()]}, TypeError, "`mask_image` must be"),
+        ({"mask_threshold": 1.0}, ValueError, r"`mask_threshold` must be a number in \[0, 1\)"),
+        ({"generator": generators(range(2))}, ValueError, "one generator per image"),
+        ({"prompt": "a cat"}, ValueError, "class-conditional"),
+    ],
+)
+def test_bad_input_is_refused_before_any_model_runs(pipe, monkeypatch, arguments, error, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model ran")
+
+    monkeypatch.setattr(pipe.vqvae, "encode", no_model)
+    calls = TransformerCalls(pipe.transformer)
+    call = {"image": images(3), "mask_image": bottom_half(), "class_labels": [0, 1, 2], **arguments}
+    with pytest.raises(error, match=message):
+        pipe(**call, **COMMON)
+    assert calls.calls == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pipelines around it
+
+
+def test_from_pipe_shares_the_components_and_the_defaults():
+    generation = tiny_pipeline(default_num_inference_steps=5, default_guidance_scale=2.0)
+    inpaint = ENATInpaintPipeline.from_pipe(generation)
+    assert inpaint.transformer is generation.transformer and inpaint.vqvae is generation.vqvae
+    assert inpaint.config.default_num_inference_steps == 5 and inpaint.config.default_guidance_scale == 2.0
+    assert inpaint.get_label_ids("goldfish") == [1]
+    back = ENATPipeline.from_pipe(inpaint)
+    assert back.transformer is generation.transformer and back.labels == generation.labels
+
+
+def test_auto_pipelines_map_between_generation_and_editing(tmp_path):
+    generation = tiny_pipeline()
+    inpaint = AutoPipelineForInpainting.from_pipe(generation)
+    img2img = AutoPipelineForImage2Image.from_pipe(inpaint)
+    assert type(inpaint) is ENATInpaintPipeline and type(img2img) is ENATImg2ImgPipeline
+    assert type(AutoPipelineForInpainting.from_pipe(img2img)) is ENATInpaintPipeline
+    assert img2img.transformer is generation.transformer
+    generation.save_pretrained(tmp_path / "class")
+    assert type(AutoPipelineForInpainting.from_pretrained(tmp_path / "class")) is ENATInpaintPipeline
+    assert type(AutoPipelineForImage2Image.from_pretrained(tmp_path / "class")) is ENATImg2ImgPipeline
+    assert type(AutoPipelineForText2Image.from_pretrained(tmp_path / "class")) is ENATPipeline
+    text = tiny_text_pipeline(tmp_path / "clip")
+    text_inpaint = AutoPipelineForInpainting.from_pipe(text)
+    assert type(text_inpaint) is ENATInpaintPipeline and text_inpaint.text_encoder is text.text_encoder
+    back = AutoPipelineForText2Image.from_pipe(AutoPipelineForImage2Image.from_pipe(text_inpaint))
+    assert type(back) is ENATText2ImagePipeline and back.text_encoder is text.text_encoder
+
+
+def test_saved_editing_pipelines_load_back_with_their_class(pipe, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe.save_pretrained(tmp_path / "inpaint")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "inpaint")
+    assert type(loaded) is ENATInpaintPipeline and loaded.text_encoder is None
+    assert loaded.labels == pipe.labels
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The digits demo
+
+
+@pytest.fixture(scope="module")
+def edit_script():
+    pytest.importorskip("sklearn", reason="the demo checks classify digits with scikit-learn")
+    return load_example("edit")
+
+
+def test_digits_demo_completes_real_digits_with_their_class(edit_script):
+    report = edit_script.inpainting_demo(num_images=100, seed=0)
+    assert report["unchanged_outside_mask"] == 1.0
+    assert report["accuracy"] >= 0.95, report
+
+
+def test_edit_script_inpaints_outpaints_and_varies_image_files(edit_script, tmp_path):
+    digit = PIL.Image.fromarray((images(1, seed=3)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    digit.resize((16, 16)).save(tmp_path / "digit.png")
+    digit.save(tmp_path / "small.png")  # 8x8: outpainted to 16x16
+    PIL.Image.fromarray(np.repeat(np.array([0, 255], dtype=np.uint8), 8)[:, None].repeat(16, 1)).save(
+        tmp_path / "m.png"
+    )
+    common = ["--class_labels", "seven", "--num_images_per_prompt", "2", "--upscale", "1"]
+    runs = {
+        "inpaint": ["--mask_image", str(tmp_path / "m.png")],
+        "img2img": ["--strength", "0.5", "--masking_schedule", "linear"],
+    }
+    for name, flags in runs.items():
+        output = tmp_path / f"{name}.png"
+        edit_script.main(["--image", str(tmp_path / "digit.png"), *flags, *common, "--output", str(output)])
+        columns = 4 if name == "inpaint" else 3  # input, (mask,) two samples
+        assert PIL.Image.open(output).size == (columns * 18, 18)
+    output = tmp_path / "outpaint.png"
+    edit_script.main(["--image", str(tmp_path / "small.png"), "--outpaint", *common, "--output", str(output)])
+    assert PIL.Image.open(output).size == (4 * 18, 18)
+    with pytest.raises(SystemExit):
+        edit_script.parse_args(["--image", "x.png", "--class_labels", "1", "--strength", "1.5"])
