@@ -239,11 +239,3 @@ def test_auto_pipeline_for_text2image_loads_and_converts_the_text_pipeline(tmp_p
     loaded = AutoPipelineForText2Image.from_pretrained(tmp_path / "saved")
     assert type(loaded) is ENATText2ImagePipeline
     assert type(AutoPipelineForText2Image.from_pipe(pipe)) is ENATText2ImagePipeline
-
-
-def test_auto_pipeline_for_text2image_refuses_the_class_conditional_pipeline(saved):
-    from diffusers import AutoPipelineForText2Image
-
-    _, folder = saved
-    with pytest.raises(ValueError, match="ENATPipeline"):
-        AutoPipelineForText2Image.from_pretrained(folder)

@@ -179,8 +179,8 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
       so that saved folders restore them.
     - Set `_card_call` (the example call of the Hub model card) and `_card_pipeline_tag`.
     - Add the class to `enat_diffusers.pipelines.ENAT_PIPELINES`, the one list that registration with diffusers uses.
-    - Optionally set `_auto_pipeline_task` (`"text2image"`, `"image2image"` or `"inpainting"`) to be found by
-      diffusers' `AutoPipelineFor...` of that task (family `"enat"`).
+    - To be found by diffusers' `AutoPipelineFor...`, add it to `AUTO_PIPELINE_FAMILIES` in
+      `enat_diffusers._diffusers_registry`.
 
     An intermediate base class that is not a pipeline of its own sets `_abstract = True` (then these checks skip it).
 
@@ -191,7 +191,6 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
     model_cpu_offload_seq = "transformer->vqvae"
     _callback_tensor_inputs = ["latents"]
     _card_call: str | None = None
-    _auto_pipeline_task: str | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

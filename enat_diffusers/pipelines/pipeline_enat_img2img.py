@@ -43,7 +43,6 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
 
     _card_pipeline_tag = "image-to-image"
     _card_call = "images = pipe(image=image, class_labels=[0], strength=0.5).images"
-    _auto_pipeline_task = "image2image"
     _card_tags = ("image-to-image",)
 
     def prepare_strength_latents(

@@ -99,7 +99,6 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
 
     _card_pipeline_tag = "image-to-image"
     _card_call = "images = pipe(image=image, mask_image=mask_image, class_labels=[0]).images"
-    _auto_pipeline_task = "inpainting"
     _card_tags = ("inpainting",)
 
     def outpainting_inputs(

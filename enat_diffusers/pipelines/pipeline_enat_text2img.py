@@ -49,7 +49,6 @@ class ENATText2ImagePipeline(ENATBasePipeline):
     _card_pipeline_tag = "text-to-image"
     _card_call = 'image = pipe("a photo of a red bus", generator=torch.manual_seed(0)).images[0]'
     _card_tags = ("text-to-image",)
-    _auto_pipeline_task = "text2image"
 
     def __init__(
         self,
