@@ -970,10 +970,15 @@ def measure_precisions(setup: Setup, args, device: torch.device) -> dict:
                     result["breakdown"] = breakdown(lambda: call(row, "pil"), batch_size)  # noqa: B023
                 if args.matmul_rates:
                     rate = matmul_rate(row.name, shapes, device, args.repeats)
-                    achieved = result["transformer_gflops_per_image"] / result["sampling_seconds_per_image"]
+                    # Sampling time is end-to-end minus a separately timed decode: on a tiny model, timing noise can
+                    # leave nothing, and then there is no rate to report.
+                    sampling = result["sampling_seconds_per_image"]
+                    achieved = result["transformer_gflops_per_image"] / sampling if sampling > 0 else None
                     result["matmul_rate"] = rate
                     result["sampling_gflops_per_second"] = achieved
-                    result["fraction_of_matmul_rate"] = achieved / rate["gflops_per_second"]
+                    result["fraction_of_matmul_rate"] = (
+                        None if achieved is None else achieved / rate["gflops_per_second"]
+                    )
                 results.append(result)
     speedups = {}
     for batch_size in args.batch_sizes:
@@ -1207,7 +1212,7 @@ def print_report(report: dict) -> None:
             f"{r['precision']}, batch {r['batch_size']}, end to end: {r['end_to_end_seconds_per_image']:.3f} s/img "
             f"(VQ decode {r['decode_share']:.0%}), {r['transformer_gflops_per_image']:.4g} transformer GFLOPs/img"
         )
-        if "fraction_of_matmul_rate" in r:
+        if r.get("fraction_of_matmul_rate") is not None:
             line += (
                 f", {r['sampling_gflops_per_second']:.0f} GFLOP/s = {r['fraction_of_matmul_rate']:.0%} of this "
                 f"machine's {r['matmul_rate']['gflops_per_second']:.0f} GFLOP/s matmul rate at the model's shapes"
