@@ -135,6 +135,17 @@ def test_foreign_or_missing_weights_are_refused(tmp_path):
         pipe.load_lora_weights(tmp_path)
 
 
+def test_a_text_encoder_lora_is_refused_by_the_class_pipeline_before_anything_is_loaded(lora_folder):
+    folder, path = lora_folder
+    with safe_open(str(path), framework="pt") as handle:
+        state_dict = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    state_dict["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(2, 8)
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="text encoder weights .*but this ENATPipeline has no text encoder"):
+        pipe.load_lora_weights(state_dict)
+    assert not pipe.get_list_adapters()
+
+
 def test_the_text_pipeline_loads_a_lora_the_same_way(tmp_path):
     from .tiny_components import tiny_text_pipeline
 
