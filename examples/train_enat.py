@@ -1526,10 +1526,7 @@ def validation_inputs(pipeline, args: argparse.Namespace) -> dict:
     if isinstance(pipeline, ENATText2ImagePipeline):
         return {"prompt": args.validation_prompts, "num_images_per_prompt": args.num_validation_images}
     labels = args.validation_class_labels or list(range(min(4, pipeline.transformer.config.num_classes)))
-    # ENATPipeline's images-per-label argument is num_images_per_prompt since issue 12 (num_images_per_class before)
-    parameters = inspect.signature(pipeline.__call__).parameters
-    count = "num_images_per_prompt" if "num_images_per_prompt" in parameters else "num_images_per_class"
-    return {"class_labels": labels, count: args.num_validation_images}
+    return {"class_labels": labels, "num_images_per_prompt": args.num_validation_images}
 
 
 def validation_row_labels(pipeline, args: argparse.Namespace) -> list[str]:
