@@ -1,5 +1,5 @@
 from .pipeline_enat import ENATPipeline
-from .pipeline_enat_base import ENATBasePipeline, ENATPromptEmbeds, encode_text
+from .pipeline_enat_base import GUIDANCE_SCHEDULES, ENATBasePipeline, ENATPromptEmbeds, encode_text
 from .pipeline_enat_text2img import ENATText2ImagePipeline
 
 # The package's pipelines: the one list that registration with diffusers (and anything else listing them) uses.
@@ -8,6 +8,7 @@ ENAT_PIPELINES = (ENATPipeline, ENATText2ImagePipeline)
 
 __all__ = [
     "ENAT_PIPELINES",
+    "GUIDANCE_SCHEDULES",
     "ENATBasePipeline",
     "ENATPipeline",
     "ENATPromptEmbeds",
