@@ -79,7 +79,7 @@ from enat_diffusers.demo import DEMO_NAMES, DEMO_PREFIX, resolve_pretrained_loca
 from enat_diffusers.image_utils import to_uint8
 from enat_diffusers.pipelines import GUIDANCE_SCHEDULES
 from enat_diffusers.schedulers import MASKING_SCHEDULES
-from enat_diffusers.script_utils import add_deprecated_flag
+from enat_diffusers.script_utils import DTYPES, add_deprecated_flag
 
 MANIFEST = "manifest.json"
 TIMING = "timing.json"
@@ -91,7 +91,6 @@ MANIFEST_VERSION = 2
 HASH_CHUNK = 1 << 24
 PIPELINES = {"ENATPipeline": "class", "ENATText2ImagePipeline": "text"}
 FORMATS = ("png", "npz", "both")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # flag -> scheduler config entry
 SCHEDULER_FLAGS = {
     "mask_temperature": "mask_temperature",
