@@ -29,8 +29,9 @@ import json
 import os
 import sys
 
-from enat_diffusers.conversion.common import DTYPES, check_output_dir, save_converted
+from enat_diffusers.conversion.common import check_output_dir, save_converted
 from enat_diffusers.conversion.pipeline import convert_enat_pipeline
+from enat_diffusers.script_utils import DTYPES
 
 
 def positive_int(text: str) -> int:

@@ -14,8 +14,9 @@ import argparse
 import os
 import sys
 
-from enat_diffusers.conversion.common import DTYPES, check_output_dir, save_converted
+from enat_diffusers.conversion.common import check_output_dir, save_converted
 from enat_diffusers.conversion.vqgan import convert_vqgan
+from enat_diffusers.script_utils import DTYPES
 
 __all__ = ["convert_vqgan", "main"]
 

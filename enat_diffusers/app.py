@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from .demo import DEMO_PREFIX, resolve_pretrained_location
 from .pipelines import ENAT_PIPELINES, ENATPipeline, ENATText2ImagePipeline
 from .schedulers import ENATScheduler
-from .schedulers.scheduling_enat import _MASKING_SCHEDULES
+from .schedulers.scheduling_enat import AMUSED_MASKING_SCHEDULES, MASKING_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,6 @@ MAX_IMAGES_PER_CONDITION = 8
 MAX_IMAGES_PER_REQUEST = 16
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE_SCALE = 20.0
-# diffusers' AmusedScheduler knows these two; ENATScheduler all of `_MASKING_SCHEDULES`.
-AMUSED_MASKING_SCHEDULES = ("cosine", "linear")
 
 REVEALED_COLOR = (255, 140, 0)
 REUSED_COLOR = (30, 144, 255)
@@ -155,7 +153,7 @@ class ENATApp:
     @property
     def masking_schedules(self) -> tuple[str, ...]:
         if isinstance(self.pipeline.scheduler, ENATScheduler):
-            return _MASKING_SCHEDULES
+            return MASKING_SCHEDULES
         return AMUSED_MASKING_SCHEDULES
 
     def class_names(self) -> dict[int, str]:

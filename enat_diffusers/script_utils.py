@@ -1,4 +1,5 @@
-"""Command-line conventions shared by the scripts under examples/: deprecated flag names and optional dependencies.
+"""Command-line conventions shared by the scripts under examples/ and conversion/: deprecated flag names, optional
+dependencies and the `--dtype` names.
 
 Public so that the scripts (which are not part of the package) import one definition instead of each keeping a copy.
 """
@@ -7,6 +8,11 @@ import argparse
 import importlib
 import warnings
 from types import ModuleType
+
+import torch
+
+# The names of `--dtype` (and of string `dtype` arguments, e.g. in the converters).
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def add_deprecated_flag(parser: argparse.ArgumentParser, old_flag: str, new_flag: str, *, removed_in: str) -> None:
@@ -52,3 +58,14 @@ def require_optional(module_name: str, extra: str, purpose: str) -> ModuleType:
             f"{purpose} needs the optional package {module_name.split('.')[0]!r}: "
             f'pip install "enat-diffusers[{extra}]" (from a checkout: pip install -e ".[{extra}]")'
         ) from None
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`"fp32"`, `"fp16"`, `"bf16"` or a floating `torch.dtype` -> that `torch.dtype`."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}.")
+        return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"`dtype` must be one of {sorted(DTYPES)} or a floating torch.dtype, got {dtype!r}.")
+    return dtype

@@ -77,7 +77,9 @@ from tqdm.auto import tqdm
 import enat_diffusers
 from enat_diffusers.demo import DEMO_NAMES, DEMO_PREFIX, resolve_pretrained_location
 from enat_diffusers.image_utils import to_uint8
-from enat_diffusers.script_utils import add_deprecated_flag
+from enat_diffusers.pipelines import GUIDANCE_SCHEDULES
+from enat_diffusers.schedulers import MASKING_SCHEDULES
+from enat_diffusers.script_utils import DTYPES, add_deprecated_flag
 
 MANIFEST = "manifest.json"
 TIMING = "timing.json"
@@ -89,9 +91,6 @@ MANIFEST_VERSION = 2
 HASH_CHUNK = 1 << 24
 PIPELINES = {"ENATPipeline": "class", "ENATText2ImagePipeline": "text"}
 FORMATS = ("png", "npz", "both")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-GUIDANCE_SCHEDULES = ("linear", "constant")
-MASK_SCHEDULES = ("cosine", "linear", "arccos", "pow")
 # flag -> scheduler config entry
 SCHEDULER_FLAGS = {
     "mask_temperature": "mask_temperature",
@@ -138,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance_schedule", type=str, default=None, choices=GUIDANCE_SCHEDULES)
     parser.add_argument("--mask_temperature", type=float, default=None, help="Default: the scheduler's.")
     parser.add_argument("--sample_temperature", type=float, default=None, help="Default: the scheduler's.")
-    parser.add_argument("--masking_schedule", type=str, default=None, choices=MASK_SCHEDULES, help="Scheduler's.")
+    parser.add_argument("--masking_schedule", type=str, default=None, choices=MASKING_SCHEDULES, help="Scheduler's.")
     parser.add_argument("--dtype", type=str, default=None, choices=tuple(DTYPES), help="Weights dtype (fp32).")
     parser.add_argument("--compile", action="store_true", help="Compile the transformer's blocks (torch.compile).")
     parser.add_argument("--device", type=str, default=None, help="Default: accelerate's device for the process.")

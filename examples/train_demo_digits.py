@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-IMAGE_SIZE = 16
+from enat_diffusers.image_utils import DIGIT_IMAGE_SIZE, digits_to_images, images_to_digits
+
+IMAGE_SIZE = DIGIT_IMAGE_SIZE
 SEED = 0
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ID2LABEL = {i: f"{word}, {i}, digit {word}, digit {i}" for i, word in enumerate(WORDS)}
@@ -96,26 +98,6 @@ def load_digit_data() -> tuple[np.ndarray, np.ndarray]:
 
     digits = load_digits()
     return digits.images.astype(np.float32), digits.target.astype(np.int64)
-
-
-def digits_to_images(pixels: np.ndarray) -> torch.Tensor:
-    """`(N, 8, 8)` pixels in [0, 16] -> `(N, 3, 16, 16)` grey RGB images in [-1, 1] (nearest-neighbour)."""
-    images = torch.from_numpy(pixels).float()[:, None] / 8.0 - 1.0
-    images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="nearest")
-    return images.repeat(1, 3, 1, 1)
-
-
-def images_to_digits(images) -> np.ndarray:
-    """Generated images -> `(N, 64)` 8x8 grey pixels in [0, 16], as the classifier's training data.
-
-    `images`: a `(N, 3, H, W)` tensor in [-1, 1], a `(N, H, W, 3)` array in [0, 1], or a list of PIL images."""
-    if isinstance(images, list):
-        images = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images])
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images).permute(0, 3, 1, 2) * 2.0 - 1.0
-    grey = images.float().clamp(-1, 1).mean(dim=1, keepdim=True)
-    small = F.adaptive_avg_pool2d(grey, (8, 8))
-    return ((small + 1.0) * 8.0).flatten(1).numpy()
 
 
 def fit_digit_classifier(seed: int = SEED):
@@ -398,7 +380,7 @@ def generate_class_samples(pipeline, samples_per_class: int, seed: int = SEED) -
     labels = np.repeat(np.arange(10), samples_per_class)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(labels))]
     images = pipeline(class_labels=labels.tolist(), generator=generators, output_type="np").images
-    return images_to_digits(images), labels
+    return images_to_digits(images).numpy(), labels
 
 
 def eval_prompts(samples_per_class: int) -> tuple[list[str], np.ndarray]:
@@ -412,7 +394,7 @@ def generate_text_samples(pipeline, samples_per_class: int, seed: int = SEED) ->
     prompts, labels = eval_prompts(samples_per_class)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(labels))]
     images = pipeline(prompt=prompts, generator=generators, output_type="np").images
-    return images_to_digits(images), labels
+    return images_to_digits(images).numpy(), labels
 
 
 def accuracy_table(classifier, pixels: np.ndarray, labels: np.ndarray) -> dict:

@@ -1213,19 +1213,6 @@ def plan_new_classes(args: argparse.Namespace, data: TrainingData, num_classes: 
     return ClassPlan(len(sources), new_id2label, sources, data_ids)
 
 
-@torch.no_grad()
-def resize_class_embedding(model: ENATTransformer2DModel, plan: ClassPlan) -> None:
-    """Gives `model` the classes of `plan`: a class embedding of `plan.num_classes` + 1 rows (rows copied from
-    pretrained classes or the mean of them; the null class row last, unchanged) and `num_classes` in its config."""
-    old = model.class_embedding.weight
-    old_classes = model.config.num_classes
-    mean = old[:old_classes].mean(dim=0)
-    rows = [old[source] if source is not None else mean for source in plan.sources] + [old[old_classes]]
-    model.class_embedding = torch.nn.Embedding(len(rows), old.shape[1]).to(device=old.device, dtype=old.dtype)
-    model.class_embedding.weight.copy_(torch.stack(rows))
-    model.register_to_config(num_classes=plan.num_classes)
-
-
 def build_transformer(args: argparse.Namespace, config: dict) -> ENATTransformer2DModel:
     if args.pretrained_model_name_or_path:
         return ENATTransformer2DModel.from_pretrained(
@@ -1539,10 +1526,7 @@ def validation_inputs(pipeline, args: argparse.Namespace) -> dict:
     if isinstance(pipeline, ENATText2ImagePipeline):
         return {"prompt": args.validation_prompts, "num_images_per_prompt": args.num_validation_images}
     labels = args.validation_class_labels or list(range(min(4, pipeline.transformer.config.num_classes)))
-    # ENATPipeline's images-per-label argument is num_images_per_prompt since issue 12 (num_images_per_class before)
-    parameters = inspect.signature(pipeline.__call__).parameters
-    count = "num_images_per_prompt" if "num_images_per_prompt" in parameters else "num_images_per_class"
-    return {"class_labels": labels, count: args.num_validation_images}
+    return {"class_labels": labels, "num_images_per_prompt": args.num_validation_images}
 
 
 def validation_row_labels(pipeline, args: argparse.Namespace) -> list[str]:
@@ -1816,7 +1800,7 @@ def build_models(
     with LoRA)."""
     model = build_transformer(args, config)
     if class_plan is not None:
-        resize_class_embedding(model, class_plan)
+        model.resize_class_embedding(sources=class_plan.sources)
     if args.lora_rank is not None:
         add_lora_adapter(model, args, train_class_embedding=class_plan is not None)
     ema_model, ema = create_ema(model, args.ema_decay, device) if args.lora_rank is None else (None, None)

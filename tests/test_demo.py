@@ -164,9 +164,7 @@ def test_digit_images_round_trip_to_the_classifier_pixels(demo_script):
     pixels, _ = demo_script.load_digit_data()
     images = demo_script.digits_to_images(pixels[:20])
     assert images.shape == (20, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
-    torch.testing.assert_close(
-        torch.from_numpy(demo_script.images_to_digits(images)), torch.from_numpy(pixels[:20].reshape(20, -1))
-    )
+    torch.testing.assert_close(demo_script.images_to_digits(images), torch.from_numpy(pixels[:20].reshape(20, -1)))
 
 
 def test_demo_prefix_resolves_to_the_packaged_folder_and_leaves_other_names_alone():

@@ -135,22 +135,43 @@ def test_foreign_or_missing_weights_are_refused(tmp_path):
         pipe.load_lora_weights(tmp_path)
 
 
-def test_the_text_pipeline_loads_a_lora_the_same_way(tmp_path):
+def test_a_text_encoder_lora_is_refused_by_the_class_pipeline_before_anything_is_loaded(lora_folder):
+    folder, path = lora_folder
+    with safe_open(str(path), framework="pt") as handle:
+        state_dict = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    state_dict["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(2, 8)
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="text encoder weights .*but this ENATPipeline has no text encoder"):
+        pipe.load_lora_weights(state_dict)
+    assert not pipe.get_list_adapters()
+
+
+def test_the_text_pipeline_loads_a_lora_the_same_way_with_its_text_encoder_part(tmp_path):
+    from peft import inject_adapter_in_model
+
     from .tiny_components import tiny_text_pipeline
 
     trained = tiny_text_pipeline(tmp_path / "clip")
     trained.transformer.add_adapter(LoraConfig(r=2, target_modules=LORA_TARGETS, init_lora_weights=False))
+    text_config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    inject_adapter_in_model(text_config, trained.text_encoder)
     trained.save_lora_weights(
         tmp_path / "lora",
         transformer_lora_layers=get_peft_model_state_dict(trained.transformer),
         transformer_lora_adapter_metadata=trained.transformer.peft_config["default"].to_dict(),
+        text_encoder_lora_layers=get_peft_model_state_dict(trained.text_encoder),
+        text_encoder_lora_adapter_metadata=text_config.to_dict(),
     )
     pipe = tiny_text_pipeline(tmp_path / "clip")
-    original = _latents_text(pipe)
+    original, original_embeds = _latents_text(pipe), pipe.encode_prompt("a cat").prompt_embeds
     pipe.load_lora_weights(tmp_path / "lora")
     assert torch.equal(_latents_text(pipe), _latents_text(trained)) and not torch.equal(_latents_text(pipe), original)
+    # the text encoder LoRA (alpha 4 from the saved config, not the rank) is in the text encoder
+    torch.testing.assert_close(pipe.encode_prompt("a cat").prompt_embeds, trained.encode_prompt("a cat").prompt_embeds)
+    assert not torch.allclose(pipe.encode_prompt("a cat").prompt_embeds, original_embeds)
     pipe.unload_lora_weights()
     assert torch.equal(_latents_text(pipe), original)
+    assert torch.equal(pipe.encode_prompt("a cat").prompt_embeds, original_embeds)
 
 
 def _latents_text(pipe):

@@ -153,7 +153,16 @@ def test_new_classes_need_class_names(assets, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_lora_with_new_classes_saves_adapter_class_embedding_and_names_in_one_file(assets, tmp_path):
+def _logits(transformer, labels) -> torch.Tensor:
+    """The transformer's logits for a half-masked token grid, one row per label."""
+    side = transformer.config.sample_size
+    ids = torch.full((len(labels), side, side), transformer.mask_token_id)
+    ids[:, : side // 2] = torch.arange(side) % transformer.config.codebook_size
+    with torch.no_grad():
+        return transformer(ids, class_labels=torch.tensor(labels)).logits
+
+
+def test_lora_with_new_classes_is_one_file_that_load_lora_weights_turns_into_the_trained_model(assets, tmp_path):
     pytest.importorskip("peft")
     lora = ["--lora_rank", 4, "--lora_alpha", 8, "--lora_dropout", 0.1, "--lora_target_modules", "to_q", "ff.net.2"]
     argv = _finetune_args(assets, tmp_path, 3, "--new_classes", "replace", "--learning_rate", 1e-2, *lora)
@@ -181,22 +190,24 @@ def test_lora_with_new_classes_saves_adapter_class_embedding_and_names_in_one_fi
     )
     torch.testing.assert_close(tensors["transformer.class_embedding.weight"], fused.transformer.class_embedding.weight)
 
-    # the file on the base model (what the pipelines' load_lora_weights does): resized class embedding, then the
-    # adapter with its config from the metadata, fused -> the weights of the output folder
-    base = ENATTransformer2DModel.from_pretrained(assets.pipeline, subfolder="transformer")
-    assert not torch.equal(base.class_embedding.weight[:3], tensors["transformer.class_embedding.weight"][:3])
-    state = {key.removeprefix("transformer."): value for key, value in tensors.items()}
-    embedding = state.pop("class_embedding.weight")
-    base.class_embedding = torch.nn.Embedding(*embedding.shape)
-    base.class_embedding.weight.data.copy_(embedding)
-    base.register_to_config(num_classes=embedding.shape[0] - 1)
-    adapter_config = {key.removeprefix("transformer."): value for key, value in config.items()}
-    base.load_lora_adapter(state, prefix=None, metadata=adapter_config)
-    base.fuse_lora()
-    base.unload_lora()
+    # the file through the base pipeline's load_lora_weights: the new classes by name, as the fused output folder
+    # draws them; fusing gives the folder's weights
+    pipe = DiffusionPipeline.from_pretrained(assets.pipeline)
+    assert "red" not in pipe.labels
+    pipe.load_lora_weights(out)
+    assert pipe.labels == fused.labels and pipe.transformer.config.num_classes == 3
+    names, ids = ["red", "blue", "green"], [2, 0, 1]
+    loaded_logits, fused_logits = _logits(pipe.transformer, ids), _logits(fused.transformer, ids)
+    torch.testing.assert_close(loaded_logits, fused_logits, atol=1e-5, rtol=1e-5)
+    by_name = pipe(names, num_inference_steps=2, generator=torch.manual_seed(0), output_type="latent").images
+    by_id = pipe(ids, num_inference_steps=2, generator=torch.manual_seed(0), output_type="latent").images
+    assert torch.equal(by_name, by_id)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # diffusers' way to bake a LoRA in: the new classes stay
+    assert pipe.labels == fused.labels
     fused_state = fused.transformer.state_dict()
-    assert base.state_dict().keys() == fused_state.keys()
-    for key, value in base.state_dict().items():
+    assert pipe.transformer.state_dict().keys() == fused_state.keys()
+    for key, value in pipe.transformer.state_dict().items():
         torch.testing.assert_close(value, fused_state[key], atol=1e-5, rtol=1e-5, msg=key)
 
     card = (out / "README.md").read_text()
@@ -306,7 +317,7 @@ def test_dataset_columns_labels_and_cache_identity(assets, tmp_path):
     assert Image.open(changed.open_image(5)).convert("RGB").tobytes() == images[5].tobytes()
 
 
-def test_text_encoder_lora_is_trained_saved_and_fused(assets, tmp_path):
+def test_text_encoder_lora_is_trained_saved_fused_and_loaded_by_load_lora_weights(assets, tmp_path):
     pytest.importorskip("peft")
     from peft import inject_adapter_in_model
     from peft.utils import set_peft_model_state_dict
@@ -344,6 +355,20 @@ def test_text_encoder_lora_is_trained_saved_and_fused(assets, tmp_path):
         torch.testing.assert_close(value, expected.state_dict()[key], msg=key)
     assert any(not torch.equal(saved[key], original[key]) for key in saved if key.endswith("q_proj.weight"))
     assert pipe("a red tile", num_inference_steps=2).images[0].size == (8, 8)
+
+    # load_lora_weights puts the file's text encoder LoRA into the pipeline's text encoder (one adapter name for both
+    # models): the prompt encodes as with the saved, merged text encoder; unloading gives the base encoder back
+    def embeds(pipeline):
+        return pipeline.encode_prompt("a red tile", do_classifier_free_guidance=False).prompt_embeds
+
+    loaded = DiffusionPipeline.from_pretrained(assets.text_pipeline)
+    before = embeds(loaded)
+    loaded.load_lora_weights(out, adapter_name="tiles")
+    assert loaded.get_list_adapters() == {"transformer": ["tiles"], "text_encoder": ["tiles"]}
+    torch.testing.assert_close(embeds(loaded), embeds(pipe), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(embeds(loaded), before, atol=1e-4)
+    loaded.unload_lora_weights()
+    assert torch.equal(embeds(loaded), before)
 
 
 def test_8bit_adam_uses_bitsandbytes_adamw8bit(assets, tmp_path, monkeypatch):

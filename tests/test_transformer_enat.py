@@ -270,3 +270,41 @@ def test_prepare_conditioning_of_a_text_model_checks_the_text_shapes():
     assert torch.equal(model(_ids(), conditioning=conditioning).logits, output.logits)
     with pytest.raises(ValueError, match="pooled_text_embeds` of shape"):
         model.prepare_conditioning(encoder_hidden_states=text)
+
+
+def test_resize_class_embedding_keeps_named_rows_starts_new_ones_from_the_mean_and_keeps_the_null_class(model):
+    old = model.class_embedding.weight.detach().clone()
+    classes, mean = TINY["num_classes"], old[: TINY["num_classes"]].mean(dim=0)
+
+    model.resize_class_embedding(classes + 2)
+    assert model.config.num_classes == classes + 2 and model.null_class_label == classes + 2
+    new = model.class_embedding.weight
+    assert torch.equal(new[:classes], old[:classes]) and torch.equal(new[-1], old[-1])
+    torch.testing.assert_close(new[classes : classes + 2], mean.expand(2, -1))
+    assert model(_ids(), class_labels=torch.tensor([classes + 1, classes + 2])).logits.isfinite().all()
+
+    model.resize_class_embedding(sources=[2, None, 2])  # from the classes the model has now
+    rows = model.class_embedding.weight
+    assert torch.equal(rows[0], old[2]) and torch.equal(rows[2], old[2]) and torch.equal(rows[3], old[-1])
+    assert model.config.num_classes == 3 and not model.class_embedding.training  # the model's (eval) mode
+
+    table = torch.randn(6, TINY["hidden_size"])
+    model.resize_class_embedding(weight=table)
+    assert torch.equal(model.class_embedding.weight, table) and model.config.num_classes == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "exactly one of `num_classes`, `sources` and `weight`"),
+        ({"num_classes": 3, "sources": [0]}, "exactly one of"),
+        ({"num_classes": 0}, "`num_classes` must be a positive integer"),
+        ({"sources": [0, 99]}, r"`sources` must be a non-empty list of current class ids in \[0, 4\]"),
+        ({"weight": torch.zeros(4, 3)}, r"`weight` must have shape \(num_classes \+ 1, 32\)"),
+    ],
+)
+def test_resize_class_embedding_refuses_bad_arguments_and_keeps_the_model(model, kwargs, message):
+    old = model.class_embedding.weight.detach().clone()
+    with pytest.raises(ValueError, match=message):
+        model.resize_class_embedding(**kwargs)
+    assert torch.equal(model.class_embedding.weight, old) and model.config.num_classes == TINY["num_classes"]

@@ -9,8 +9,6 @@ from typing import Any
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the target model: lists every missing, unexpected or misshaped key."""
@@ -109,17 +107,6 @@ def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor
             f"tensors and plain containers are accepted: {error}"
         ) from error
     return unwrap_state_dict(checkpoint)
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """`"fp32"`, `"fp16"`, `"bf16"` or a floating `torch.dtype` -> that `torch.dtype`."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}.")
-        return DTYPES[dtype]
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"`dtype` must be one of {sorted(DTYPES)} or a floating torch.dtype, got {dtype!r}.")
-    return dtype
 
 
 def check_finite(module: torch.nn.Module, name: str) -> None:

@@ -9,7 +9,8 @@ import torch
 from ..models.transformer_enat import ENATTransformer2DModel
 from ..pipelines.pipeline_enat import ENATPipeline
 from ..schedulers.scheduling_enat import ENATScheduler
-from .common import check_finite, load_reference_checkpoint, resolve_dtype
+from ..script_utils import resolve_dtype
+from .common import check_finite, load_reference_checkpoint
 from .transformer import convert_enat_transformer_state_dict, transformer_config_from_state_dict
 from .vqgan import convert_vqgan
 

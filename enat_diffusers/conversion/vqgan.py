@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from ..models.vq_maskgit import MaskGITVQModel
+from ..script_utils import resolve_dtype
 from .common import (
     CheckpointMismatchError,
     check_finite,
     load_reference_checkpoint,
     rename_state_dict,
-    resolve_dtype,
     unwrap_state_dict,
 )
 

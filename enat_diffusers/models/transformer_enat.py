@@ -480,6 +480,58 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
     def is_class_conditional(self) -> bool:
         return self.config.num_classes is not None
 
+    @torch.no_grad()
+    def resize_class_embedding(
+        self,
+        num_classes: int | None = None,
+        *,
+        sources: list[int | None] | None = None,
+        weight: torch.Tensor | None = None,
+    ) -> nn.Embedding:
+        """
+        Gives a class-conditional model a new set of classes (fine-tuning on new classes, a LoRA that brings its own):
+        a new class embedding of `num_classes + 1` rows, the null class of classifier-free guidance last, and
+        `num_classes` in the config. Give exactly one of:
+
+        - `num_classes`: classes that exist keep their rows, further ones start from the mean of the existing rows;
+        - `sources`: per class of the new set, the id of the current class whose row it starts from, or `None` for
+          the mean of the current rows (a neutral start that guidance already separates from the null class);
+        - `weight`: the whole `(num_classes + 1, hidden_size)` table, null class last (as a LoRA file carries it).
+
+        The null row is kept unless `weight` replaces it. The new embedding has the old one's device, dtype and
+        `requires_grad`, and is returned.
+        """
+        if not self.is_class_conditional:
+            raise ValueError("`resize_class_embedding` is for class-conditional models; this one is text-conditioned")
+        if sum(value is not None for value in (num_classes, sources, weight)) != 1:
+            raise ValueError("give exactly one of `num_classes`, `sources` and `weight` to `resize_class_embedding`")
+        old = self.class_embedding.weight
+        old_classes, hidden_size = self.config.num_classes, old.shape[1]
+        if num_classes is not None:
+            if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+                raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}")
+            sources = [i if i < old_classes else None for i in range(num_classes)]
+        if sources is not None:
+            bad = [s for s in sources if s is not None and (not isinstance(s, int) or not 0 <= s < old_classes)]
+            if not sources or bad:
+                raise ValueError(
+                    f"`sources` must be a non-empty list of current class ids in [0, {old_classes - 1}] or None, "
+                    f"got {bad or sources}"
+                )
+            mean = old[:old_classes].mean(dim=0)
+            weight = torch.stack([old[s] if s is not None else mean for s in sources] + [old[old_classes]])
+        if weight.ndim != 2 or weight.shape[0] < 2 or weight.shape[1] != hidden_size:
+            raise ValueError(
+                f"`weight` must have shape (num_classes + 1, {hidden_size}) with the null class last, "
+                f"got {tuple(weight.shape)}"
+            )
+        embedding = nn.Embedding(weight.shape[0], hidden_size, device=old.device, dtype=old.dtype)
+        embedding.weight.copy_(weight.to(device=old.device, dtype=old.dtype))
+        embedding.requires_grad_(old.requires_grad).train(self.training)
+        self.class_embedding = embedding
+        self.register_to_config(num_classes=weight.shape[0] - 1)
+        return embedding
+
     @property
     def mask_token_id(self) -> int:
         return self.config.codebook_size

@@ -1,5 +1,5 @@
 from .pipeline_enat import ENATPipeline
-from .pipeline_enat_base import ENATBasePipeline, ENATPromptEmbeds, encode_text
+from .pipeline_enat_base import GUIDANCE_SCHEDULES, ENATBasePipeline, ENATPromptEmbeds, encode_text
 from .pipeline_enat_editing import ENATEditingPipelineBase
 from .pipeline_enat_img2img import ENATImg2ImgPipeline
 from .pipeline_enat_inpaint import ENATInpaintPipeline, outpainting_canvas
@@ -11,6 +11,7 @@ ENAT_PIPELINES = (ENATPipeline, ENATText2ImagePipeline, ENATInpaintPipeline, ENA
 
 __all__ = [
     "ENAT_PIPELINES",
+    "GUIDANCE_SCHEDULES",
     "ENATBasePipeline",
     "ENATEditingPipelineBase",
     "ENATImg2ImgPipeline",

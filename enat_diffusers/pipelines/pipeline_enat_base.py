@@ -11,7 +11,6 @@ import difflib
 import inspect
 import math
 import numbers
-import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from diffusers.utils import logging
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..hub import ENATHubMixin
+from ..schedulers.scheduling_enat import AMUSED_MASKING_SCHEDULES
 from .lora_enat import ENATLoraLoaderMixin
 
 logger = logging.get_logger(__name__)
@@ -396,8 +396,7 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
         declares); a config converted from ours may name another one, which it would only refuse at the first step."""
         if not isinstance(self.scheduler, AmusedScheduler):
             return
-        annotation = inspect.signature(AmusedScheduler.__init__).parameters["masking_schedule"].annotation
-        supported = typing.get_args(annotation)
+        supported = AMUSED_MASKING_SCHEDULES
         schedule = self.scheduler.config.masking_schedule
         if supported and schedule not in supported:
             raise ValueError(

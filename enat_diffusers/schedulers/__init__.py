@@ -1,3 +1,3 @@
-from .scheduling_enat import ENATScheduler, ENATSchedulerOutput
+from .scheduling_enat import AMUSED_MASKING_SCHEDULES, MASKING_SCHEDULES, ENATScheduler, ENATSchedulerOutput
 
-__all__ = ["ENATScheduler", "ENATSchedulerOutput"]
+__all__ = ["AMUSED_MASKING_SCHEDULES", "MASKING_SCHEDULES", "ENATScheduler", "ENATSchedulerOutput"]

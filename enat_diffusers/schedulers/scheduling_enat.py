@@ -13,21 +13,30 @@
 # limitations under the License.
 """Confidence-based re-masking scheduler of ENAT (EfficientNAT, NeurIPS 2024)."""
 
+import inspect
 import math
 import numbers
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from diffusers import AmusedScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-__all__ = ["ENATScheduler", "ENATSchedulerOutput", "SchedulerMixin"]
+__all__ = ["AMUSED_MASKING_SCHEDULES", "MASKING_SCHEDULES", "ENATScheduler", "ENATSchedulerOutput", "SchedulerMixin"]
 
 GeneratorType = torch.Generator | list[torch.Generator] | None
 
-_MASKING_SCHEDULES = ("cosine", "linear", "arccos", "pow")
+# The `masking_schedule` values of ENATScheduler.
+MASKING_SCHEDULES = ("cosine", "linear", "arccos", "pow")
+# The ones diffusers' AmusedScheduler knows: the values its `__init__` declares (a config converted from ours may name
+# another one, which AmusedScheduler would only refuse at its first step).
+AMUSED_MASKING_SCHEDULES = typing.get_args(
+    inspect.signature(AmusedScheduler.__init__).parameters["masking_schedule"].annotation
+)
 
 
 @dataclass
@@ -182,9 +191,9 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
     ):
         if not isinstance(mask_token_id, numbers.Integral) or isinstance(mask_token_id, bool) or mask_token_id < 0:
             raise ValueError(f"`mask_token_id` must be a non-negative integer, got {mask_token_id!r}.")
-        if masking_schedule not in _MASKING_SCHEDULES:
+        if masking_schedule not in MASKING_SCHEDULES:
             raise ValueError(
-                f"`masking_schedule` must be one of {', '.join(repr(s) for s in _MASKING_SCHEDULES)}, "
+                f"`masking_schedule` must be one of {', '.join(repr(s) for s in MASKING_SCHEDULES)}, "
                 f"got {masking_schedule!r}."
             )
         if not _is_real_number(masking_schedule_power) or not masking_schedule_power > 0:
