@@ -80,6 +80,14 @@ OUTPAINT_KEEP = 0.5
 PAINTED_LEVEL = 128
 DEFAULT_STRENGTH = 0.5
 
+EDIT_HELP = (
+    "**Edit.** Upload a square image (scaled to the model's {side}x{side} pixels, each pixel the mean of those it "
+    "covers) or draw a sample (its bottom half comes painted). **inpaint** regenerates what the white brush "
+    "painted (a pixel is regenerated when any painted pixel falls in it); **outpaint** shrinks the image to "
+    "{keep}% of the side, centres it and draws the rest (the painting is not used); **image-to-image** redraws as "
+    "much as the strength says."
+)
+
 
 class AppInputError(ValueError):
     """A request the app cannot run; its message is shown in the page as it is."""
@@ -600,6 +608,71 @@ def page_handlers(app: ENATApp):
     return generate, show_steps
 
 
+def sample_editor_value(image: Image.Image) -> dict:
+    """The image editor's value for a drawn sample: the image enlarged for painting, with its bottom half already
+    painted (one brush layer) so that the sample can be edited at once."""
+    background = upscale(image.convert("RGB")).convert("RGBA")
+    layer = Image.new("RGBA", background.size, (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (0, background.height // 2, background.width, background.height))
+    return {"background": background, "layers": [layer], "composite": Image.alpha_composite(background, layer)}
+
+
+def editor_mask(value: dict | None) -> Image.Image | None:
+    """The union of the editor's brush layers as one RGBA image (its alpha is what was painted), or None."""
+    layers = [layer for layer in (value or {}).get("layers") or [] if layer is not None]
+    if not layers:
+        return None
+    mask = Image.new("RGBA", layers[0].size, (0, 0, 0, 0))
+    for layer in layers:
+        mask = Image.alpha_composite(mask, layer.convert("RGBA").resize(mask.size))
+    return mask
+
+
+def edit_page_handlers(app: ENATApp):
+    """The functions behind the Edit tab, `(edit, draw_sample)`, with failures shown as one sentence in the page."""
+    from .script_utils import require_optional
+
+    gr = require_optional("gradio", "app", "The ENAT app")
+
+    def edit(editor_value, condition, mode, strength, num_images, steps, guidance_scale, seed, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for progress)
+        def on_step(step_index: int, num_steps: int) -> None:
+            progress((step_index + 1, num_steps), desc="editing", unit="steps")
+
+        value = editor_value or {}
+        try:
+            result = app.edit(
+                value.get("background"),
+                editor_mask(value),
+                condition,
+                mode,
+                strength,
+                num_images,
+                steps,
+                guidance_scale,
+                seed,
+                on_step,
+            )
+        except AppInputError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except Exception as error:
+            logger.exception("editing failed")
+            raise gr.Error(f"Editing failed: {type(error).__name__}: {error}", print_exception=False) from None
+        inputs = [(upscale(result.image), "input")]
+        if result.mask is not None:
+            inputs.append((upscale(result.mask.convert("RGB")), "mask (white: regenerated)"))
+        gallery = [(upscale(image), caption) for image, caption in zip(result.images, result.captions, strict=True)]
+        return inputs, gallery, f"{mode}: {len(result.images)} image(s)."
+
+    def draw_sample(condition, seed):
+        try:
+            result = app.generate(condition, 1, seed=seed)
+        except AppInputError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        return sample_editor_value(result.images[0])
+
+    return edit, draw_sample
+
+
 def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
     """The Gradio page of `app`. Sampling runs through Gradio's queue, up to `concurrency_limit` requests at once."""
     from .script_utils import require_optional
@@ -663,6 +736,68 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
                     label="Step by step: image 1", format="png", columns=4, object_fit="contain", elem_id="enat-steps"
                 )
                 gr.Markdown(STEP_VIEW_LEGEND)
+        with gr.Tab("Edit"), gr.Row():
+            with gr.Column(scale=1):
+                editor = gr.ImageEditor(
+                    type="pil",
+                    image_mode="RGBA",
+                    sources=["upload", "clipboard"],
+                    brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                    transforms=(),
+                    label="Image: paint the region to regenerate",
+                    elem_id="enat-edit-image",
+                )
+                draw_sample = gr.Button("Draw a sample to edit", elem_id="enat-edit-sample")
+                if app.is_text_to_image:
+                    edit_condition = gr.Textbox(label="Prompt", elem_id="enat-edit-condition")
+                else:
+                    edit_condition = gr.Dropdown(
+                        choices=app.class_choices(),
+                        value=app.class_choices()[0][1],
+                        allow_custom_value=True,
+                        label="Class",
+                        info="The class to draw (and of a drawn sample).",
+                        elem_id="enat-edit-condition",
+                    )
+                mode = gr.Radio(list(EDIT_MODES), value="inpaint", label="Mode", elem_id="enat-edit-mode")
+                strength = gr.Slider(0.05, 1, value=DEFAULT_STRENGTH, step=0.05, label="Strength (image-to-image)")
+                edit_images = gr.Slider(1, MAX_IMAGES_PER_CONDITION, value=4, step=1, label="Images")
+                edit_steps = gr.Slider(
+                    1, app.num_tokens, value=pipeline_config.default_num_inference_steps, step=1, label="Steps"
+                )
+                edit_guidance = gr.Slider(
+                    1,
+                    MAX_GUIDANCE_SCALE,
+                    value=pipeline_config.default_guidance_scale,
+                    step=0.5,
+                    label="Guidance scale",
+                )
+                edit_seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                edit_button = gr.Button("Edit", variant="primary", elem_id="enat-edit")
+            with gr.Column(scale=2):
+                gr.Markdown(EDIT_HELP.format(side=app.image_size, keep=round(OUTPAINT_KEEP * 100)))
+                edit_status = gr.Markdown(elem_id="enat-edit-status")
+                edit_inputs = gr.Gallery(
+                    label="Input and mask", format="png", columns=4, object_fit="contain", elem_id="enat-edit-inputs"
+                )
+                edit_gallery = gr.Gallery(
+                    label="Results",
+                    format="png",
+                    columns=4,
+                    object_fit="contain",
+                    buttons=["download", "fullscreen"],
+                    elem_id="enat-edit-gallery",
+                )
+        run_edit, run_draw_sample = edit_page_handlers(app)
+        draw_sample.click(
+            run_draw_sample, inputs=[edit_condition, edit_seed], outputs=editor, concurrency_limit=concurrency_limit
+        )
+        edit_button.click(
+            run_edit,
+            inputs=[editor, edit_condition, mode, strength, edit_images, edit_steps, edit_guidance, edit_seed],
+            outputs=[edit_inputs, edit_gallery, edit_status],
+            concurrency_limit=concurrency_limit,
+        )
         result_state = gr.State()
         random_seed.click(lambda: random.randint(0, MAX_SEED), outputs=seed, queue=False)
         generate.click(
