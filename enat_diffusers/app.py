@@ -668,7 +668,8 @@ def edit_page_handlers(app: ENATApp):
             result = app.generate(condition, 1, seed=seed)
         except AppInputError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        return sample_editor_value(result.images[0])
+        status = f"Sample drawn ({result.captions[0]}), its bottom half painted: paint more, or press Edit."
+        return sample_editor_value(result.images[0]), status
 
     return edit, draw_sample
 
@@ -790,7 +791,10 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
                 )
         run_edit, run_draw_sample = edit_page_handlers(app)
         draw_sample.click(
-            run_draw_sample, inputs=[edit_condition, edit_seed], outputs=editor, concurrency_limit=concurrency_limit
+            run_draw_sample,
+            inputs=[edit_condition, edit_seed],
+            outputs=[editor, edit_status],
+            concurrency_limit=concurrency_limit,
         )
         edit_button.click(
             run_edit,

@@ -418,7 +418,8 @@ def test_edit_page_shows_errors_as_messages_and_keeps_serving(app):
     with pytest.raises(gr.Error) as error:
         edit(None, "seven", "inpaint", 0.5, 1, 8, 2.5, 0)
     assert error.value.message.startswith("Image: upload an image") and "Traceback" not in error.value.message
-    sample = draw_sample("seven", 0)
+    sample, sample_status = draw_sample("seven", 0)
+    assert sample_status.startswith("Sample drawn (seven · seed 0)")
     blank = {**sample, "layers": []}
     with pytest.raises(gr.Error, match="Mask: paint the region"):
         edit(blank, "seven", "inpaint", 0.5, 1, 8, 2.5, 0)
