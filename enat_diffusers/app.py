@@ -613,7 +613,8 @@ def sample_editor_value(image: Image.Image) -> dict:
     painted (one brush layer) so that the sample can be edited at once."""
     background = upscale(image.convert("RGB")).convert("RGBA")
     layer = Image.new("RGBA", background.size, (0, 0, 0, 0))
-    layer.paste((255, 255, 255, 255), (0, background.height // 2, background.width, background.height))
+    # Translucent (but above `PAINTED_LEVEL`) so that the digit stays visible under the painted half.
+    layer.paste((255, 255, 255, 176), (0, background.height // 2, background.width, background.height))
     return {"background": background, "layers": [layer], "composite": Image.alpha_composite(background, layer)}
 
 

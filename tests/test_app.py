@@ -239,6 +239,22 @@ def test_text_pipeline_takes_a_prompt():
     with pytest.raises(AppInputError, match="Prompt: enter a prompt"):
         text_app.generate("   ", num_images=1)
 
+    # The Edit tab with a prompt: the inpainting pipeline of the text transformer, called with that prompt.
+    edited = text_app.edit(result.images[0], bottom_half_mask(), "a handwritten two", num_inference_steps=4, seed=3)
+    assert edited.captions == ["a handwritten two · seed 3"]
+    _, expected = direct(
+        ENATInpaintPipeline,
+        text_app,
+        [3],
+        image=result.images[0],
+        mask_image=bottom_half_mask(),
+        prompt="a handwritten two",
+        num_inference_steps=4,
+    )
+    assert torch.equal(edited.tokens, expected)
+    with pytest.raises(AppInputError, match="Prompt: enter a prompt"):
+        text_app.edit(result.images[0], bottom_half_mask(), "", num_inference_steps=4)
+
 
 def test_command_line_serves_the_digits_demo_on_this_machine_only_by_default():
     args = parse_args([])
