@@ -216,6 +216,9 @@ def test_edit_tab_inpaints_a_drawn_sample_in_the_browser(app_url, page):
     page.goto(app_url)
     page.wait_for_selector("#enat-generate")
     page.get_by_role("tab", name="Edit").click()
+    page.click("#enat-edit")  # nothing to edit yet: a message, and the page keeps working
+    message = page.get_by_test_id("toast-text")
+    sync_api.expect(message).to_contain_text("Image: upload an image to edit, or draw a sample.", timeout=60_000)
     page.click("#enat-edit-sample")  # a zero (the first class) with its bottom half painted
     # Editing before the sample has arrived would send an empty editor.
     sync_api.expect(page.locator("#enat-edit-status")).to_contain_text(
