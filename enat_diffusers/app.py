@@ -12,6 +12,10 @@ critical tokens ENAT re-encodes) get an orange frame, tokens that were already v
 a thin blue one. A still-masked token has no value yet: it is shown as the step's prediction for it (the token the
 scheduler sampled there before re-masking it), faded towards grey, so one sees what the model currently guesses and
 how much of it is already fixed.
+
+The Edit tab inpaints (regenerates a painted region), outpaints (draws around a shrunken copy of the image) or runs
+image-to-image (re-masks a share of the tokens, `strength`), with ENATInpaintPipeline / ENATImg2ImgPipeline made from
+the loaded pipeline by `from_pipe` (same modules, nothing reloaded).
 """
 
 import argparse
@@ -23,12 +27,20 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from .demo import DEMO_PREFIX, resolve_pretrained_location
-from .pipelines import ENAT_PIPELINES, ENATPipeline, ENATText2ImagePipeline
+from .pipelines import (
+    ENAT_PIPELINES,
+    ENATImg2ImgPipeline,
+    ENATInpaintPipeline,
+    ENATPipeline,
+    ENATText2ImagePipeline,
+)
 from .schedulers import ENATScheduler
 from .schedulers.scheduling_enat import AMUSED_MASKING_SCHEDULES, MASKING_SCHEDULES
 
@@ -56,6 +68,22 @@ STEP_VIEW_LEGEND = (
     "<span style='color:rgb(255,140,0)'>&#9632;</span> orange frame: revealed at this step (the critical tokens); "
     "<span style='color:rgb(30,144,255)'>&#9632;</span> blue frame: visible before, reused; "
     "faded grey: still masked, showing the step's prediction for it. Click an image above to see its steps."
+)
+
+
+EDIT_MODES = ("inpaint", "outpaint", "image-to-image")
+# Outpainting keeps the image at this share of the model's side (rounded to whole tokens), centred, and draws the rest.
+OUTPAINT_KEEP = 0.5
+# An editor stroke pixel counts as painted from this alpha (or grey level) on; Gradio's brush edges are anti-aliased.
+PAINTED_LEVEL = 128
+DEFAULT_STRENGTH = 0.5
+
+EDIT_HELP = (
+    "**Edit.** Upload a square image (scaled to the model's {side}x{side} pixels, each pixel the mean of those it "
+    "covers) or draw a sample (its bottom half comes painted). **inpaint** regenerates what the white brush "
+    "painted (a pixel is regenerated when any painted pixel falls in it); **outpaint** shrinks the image to "
+    "{keep}% of the side, centres it and draws the rest (the painting is not used); **image-to-image** redraws as "
+    "much as the strength says."
 )
 
 
@@ -89,6 +117,19 @@ class GenerationResult:
     captions: list[str]
     seeds: list[int]
     steps: list[StepRecord]
+
+
+@dataclass
+class EditResult:
+    """What the edit pipeline got (`image` and `mask` at the model's resolution; `mask` is None for image-to-image)
+    and what it made: `tokens` `(num_images, side, side)` and their decoded `images`."""
+
+    image: Image.Image
+    mask: Image.Image | None
+    images: list[Image.Image]
+    captions: list[str]
+    seeds: list[int]
+    tokens: torch.LongTensor
 
 
 def display_scale(side: int) -> int:
@@ -255,6 +296,18 @@ class ENATApp:
         )
         return pipeline
 
+    def request_generators(self, seed: int, captions: list[str]):
+        """`(generator, seeds, captions)` for a request of `len(captions)` images from `seed` (see `per_image_seeds`)."""
+        if self.per_image_seeds:
+            seeds = [seed + i for i in range(len(captions))]
+            generator = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+            captions = [f"{caption} · seed {s}" for caption, s in zip(captions, seeds, strict=True)]
+        else:
+            seeds = [seed] * len(captions)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            captions = [f"{caption} · seed {seed} #{i + 1}" for i, caption in enumerate(captions)]
+        return generator, seeds, captions
+
     def generate(
         self,
         condition: str | Sequence[str] | None,
@@ -306,14 +359,7 @@ class ENATApp:
                 on_step(step_index, steps)
             return {}
 
-        if self.per_image_seeds:
-            seeds = [seed + i for i in range(len(captions))]
-            generator = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            captions = [f"{caption} · seed {s}" for caption, s in zip(captions, seeds, strict=True)]
-        else:
-            seeds = [seed] * len(captions)
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            captions = [f"{caption} · seed {seed} #{i + 1}" for i, caption in enumerate(captions)]
+        generator, seeds, captions = self.request_generators(seed, captions)
         output = pipeline(
             **inputs,
             num_inference_steps=steps,
@@ -323,6 +369,146 @@ class ENATApp:
             callback_on_step_end_tensor_inputs=["latents"],
         )
         return GenerationResult(images=list(output.images), captions=captions, seeds=seeds, steps=records)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # editing
+
+    @property
+    def image_size(self) -> int:
+        """Side in pixels of the images the model makes and edits."""
+        return self.pipeline.token_grid_size * self.pipeline.vqvae.downsample_factor
+
+    def prepare_edit_image(self, image) -> Image.Image:
+        """
+        The image to edit at the model's resolution. Any square image is accepted: it is resized to `image_size`
+        with a box filter (each model pixel the mean of the pixels it covers, so an image enlarged by a whole factor
+        with nearest neighbour, like the app's own, comes back exactly). Other shapes are refused.
+        """
+        side = self.image_size
+        if image is None:
+            raise AppInputError("Image: upload an image to edit, or draw a sample.")
+        if isinstance(image, (str, Path)):
+            try:
+                with Image.open(image) as opened:
+                    image = opened.convert("RGB")
+            except (OSError, ValueError):
+                raise AppInputError(
+                    f"Image: {Path(image).name!r} is not an image file (PNG, JPEG, WebP, ...)."
+                ) from None
+        elif isinstance(image, np.ndarray):
+            try:
+                image = Image.fromarray(image)
+            except TypeError:
+                raise AppInputError(f"Image: an array of shape {image.shape} is not an image.") from None
+        elif not isinstance(image, Image.Image):
+            raise AppInputError(f"Image: expected an image, got {type(image).__name__}.")
+        if image.width != image.height:
+            raise AppInputError(
+                f"Image: this model edits square images of {side}x{side} pixels (a larger square is scaled down); "
+                f"got {image.width}x{image.height}. Crop it to a square first."
+            )
+        image = image.convert("RGB")
+        if image.size != (side, side):
+            image = image.resize((side, side), Image.Resampling.BOX)
+        return image
+
+    def prepare_edit_mask(self, mask) -> Image.Image:
+        """
+        The painted mask at the model's resolution, white (regenerate) or black. A mask pixel is painted where its
+        alpha (for a mask with transparency, like the editor's brush layer) or grey level is at least
+        `PAINTED_LEVEL`; a model pixel is masked when any painted pixel falls in it.
+        """
+        side = self.image_size
+        if mask is None:
+            raise AppInputError("Mask: paint the region to regenerate.")
+        if isinstance(mask, np.ndarray):
+            mask = Image.fromarray(mask)
+        if not isinstance(mask, Image.Image):
+            raise AppInputError(f"Mask: expected an image, got {type(mask).__name__}.")
+        if mask.width != mask.height:
+            raise AppInputError(f"Mask: must be square like the image, got {mask.width}x{mask.height}.")
+        level = mask.getchannel("A") if mask.mode in ("RGBA", "LA") else mask.convert("L")
+        painted = level.point(lambda value: 255 if value >= PAINTED_LEVEL else 0)
+        mask = painted.resize((side, side), Image.Resampling.BOX).point(lambda value: 255 if value > 0 else 0)
+        if not mask.getbbox():
+            raise AppInputError("Mask: nothing is painted; paint the region to regenerate (white brush).")
+        return mask
+
+    def outpainting_source(self, image: Image.Image) -> Image.Image:
+        """The image shrunk to `OUTPAINT_KEEP` of the model's side, rounded to whole tokens (box filter)."""
+        factor = self.pipeline.vqvae.downsample_factor
+        keep = max(factor, round(self.image_size * OUTPAINT_KEEP / factor) * factor)
+        return image.resize((keep, keep), Image.Resampling.BOX)
+
+    def edit(
+        self,
+        image,
+        mask=None,
+        condition: str | Sequence[str] | None = None,
+        mode: str = "inpaint",
+        strength: float = DEFAULT_STRENGTH,
+        num_images: int = 1,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> EditResult:
+        """
+        Edits one image with one class (or the prompt): `inpaint` regenerates the painted `mask`; `outpaint` ignores
+        the mask, shrinks the image (`outpainting_source`), centres it on the model's canvas and draws the rest;
+        `image-to-image` redraws as much as `strength` says. Seeds as in `generate`; every input is checked before
+        any sampling.
+        """
+        if mode not in EDIT_MODES:
+            raise AppInputError(f"Mode: choose one of {', '.join(EDIT_MODES)}, got {mode!r}.")
+        config = self.pipeline.config
+        steps = config.default_num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = config.default_guidance_scale if guidance_scale is None else guidance_scale
+        masking_schedule = self.pipeline.scheduler.config.masking_schedule
+        inputs, captions = self.check_request(condition, num_images, steps, guidance_scale, masking_schedule, seed)
+        if len(inputs.get("class_labels", [0])) != 1:
+            raise AppInputError("Class: choose one class to edit with.")
+        steps, seed = int(steps), int(seed)
+        image = self.prepare_edit_image(image)
+        if mode == "image-to-image":
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+                raise AppInputError(f"Strength: choose a number above 0 and at most 1, got {strength!r}.")
+            if int(steps * strength) == 0:
+                raise AppInputError(
+                    f"Strength: {strength:g} of {steps} steps runs no step; choose at least {1 / steps:.2g}."
+                )
+        elif mode == "inpaint":
+            mask = self.prepare_edit_mask(mask)
+
+        # The request's own pipeline copy (scheduler and per-call state), as an editing pipeline on the same modules.
+        pipeline_class = ENATImg2ImgPipeline if mode == "image-to-image" else ENATInpaintPipeline
+        pipeline = pipeline_class.from_pipe(self.request_pipeline(masking_schedule))
+        pipeline.set_progress_bar_config(disable=True)
+        if mode == "image-to-image":
+            mask, options = None, {"strength": float(strength)}
+        else:
+            if mode == "outpaint":
+                image, mask = pipeline.outpainting_inputs(self.outpainting_source(image))
+            options = {"mask_image": mask}
+
+        def report(pipe, step_index, timestep, callback_kwargs):
+            if on_step is not None:
+                on_step(step_index, steps)
+            return {}
+
+        generator, seeds, captions = self.request_generators(seed, captions)
+        tokens = pipeline(
+            **inputs,
+            image=image,
+            **options,
+            num_inference_steps=steps,
+            guidance_scale=float(guidance_scale),
+            generator=generator,
+            output_type="latent",
+            callback_on_step_end=report,
+        ).images
+        images = pipeline.decode_latents(tokens, output_type="pil")
+        return EditResult(image=image, mask=mask, images=list(images), captions=captions, seeds=seeds, tokens=tokens)
 
     # ----------------------------------------------------------------------------------------------------------
     # the step view
@@ -420,6 +606,73 @@ def page_handlers(app: ENATApp):
     return generate, show_steps
 
 
+def sample_editor_value(image: Image.Image) -> dict:
+    """The image editor's value for a drawn sample: the image enlarged for painting, with its bottom half already
+    painted (one brush layer) so that the sample can be edited at once."""
+    background = upscale(image.convert("RGB")).convert("RGBA")
+    layer = Image.new("RGBA", background.size, (0, 0, 0, 0))
+    # Translucent (but above `PAINTED_LEVEL`) so that the digit stays visible under the painted half.
+    layer.paste((255, 255, 255, 176), (0, background.height // 2, background.width, background.height))
+    return {"background": background, "layers": [layer], "composite": Image.alpha_composite(background, layer)}
+
+
+def editor_mask(value: dict | None) -> Image.Image | None:
+    """The union of the editor's brush layers as one RGBA image (its alpha is what was painted), or None."""
+    layers = [layer for layer in (value or {}).get("layers") or [] if layer is not None]
+    if not layers:
+        return None
+    mask = Image.new("RGBA", layers[0].size, (0, 0, 0, 0))
+    for layer in layers:
+        mask = Image.alpha_composite(mask, layer.convert("RGBA").resize(mask.size))
+    return mask
+
+
+def edit_page_handlers(app: ENATApp):
+    """The functions behind the Edit tab, `(edit, draw_sample)`, with failures shown as one sentence in the page."""
+    from .script_utils import require_optional
+
+    gr = require_optional("gradio", "app", "The ENAT app")
+
+    def edit(editor_value, condition, mode, strength, num_images, steps, guidance_scale, seed, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for progress)
+        def on_step(step_index: int, num_steps: int) -> None:
+            progress((step_index + 1, num_steps), desc="editing", unit="steps")
+
+        value = editor_value or {}
+        try:
+            result = app.edit(
+                value.get("background"),
+                editor_mask(value),
+                condition,
+                mode,
+                strength,
+                num_images,
+                steps,
+                guidance_scale,
+                seed,
+                on_step,
+            )
+        except AppInputError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except Exception as error:
+            logger.exception("editing failed")
+            raise gr.Error(f"Editing failed: {type(error).__name__}: {error}", print_exception=False) from None
+        inputs = [(upscale(result.image), "input")]
+        if result.mask is not None:
+            inputs.append((upscale(result.mask.convert("RGB")), "mask (white: regenerated)"))
+        gallery = [(upscale(image), caption) for image, caption in zip(result.images, result.captions, strict=True)]
+        return inputs, gallery, f"{mode}: {len(result.images)} image(s)."
+
+    def draw_sample(condition, seed):
+        try:
+            result = app.generate(condition, 1, seed=seed)
+        except AppInputError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        status = f"Sample drawn ({result.captions[0]}), its bottom half painted: paint more, or press Edit."
+        return sample_editor_value(result.images[0]), status
+
+    return edit, draw_sample
+
+
 def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
     """The Gradio page of `app`. Sampling runs through Gradio's queue, up to `concurrency_limit` requests at once."""
     from .script_utils import require_optional
@@ -483,6 +736,71 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
                     label="Step by step: image 1", format="png", columns=4, object_fit="contain", elem_id="enat-steps"
                 )
                 gr.Markdown(STEP_VIEW_LEGEND)
+        with gr.Tab("Edit"), gr.Row():
+            with gr.Column(scale=1):
+                editor = gr.ImageEditor(
+                    type="pil",
+                    image_mode="RGBA",
+                    sources=["upload", "clipboard"],
+                    brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                    transforms=(),
+                    label="Image: paint the region to regenerate",
+                    elem_id="enat-edit-image",
+                )
+                draw_sample = gr.Button("Draw a sample to edit", elem_id="enat-edit-sample")
+                if app.is_text_to_image:
+                    edit_condition = gr.Textbox(label="Prompt", elem_id="enat-edit-condition")
+                else:
+                    edit_condition = gr.Dropdown(
+                        choices=app.class_choices(),
+                        value=app.class_choices()[0][1],
+                        allow_custom_value=True,
+                        label="Class",
+                        info="The class to draw (and of a drawn sample).",
+                        elem_id="enat-edit-condition",
+                    )
+                mode = gr.Radio(list(EDIT_MODES), value="inpaint", label="Mode", elem_id="enat-edit-mode")
+                strength = gr.Slider(0.05, 1, value=DEFAULT_STRENGTH, step=0.05, label="Strength (image-to-image)")
+                edit_images = gr.Slider(1, MAX_IMAGES_PER_CONDITION, value=4, step=1, label="Images")
+                edit_steps = gr.Slider(
+                    1, app.num_tokens, value=pipeline_config.default_num_inference_steps, step=1, label="Steps"
+                )
+                edit_guidance = gr.Slider(
+                    1,
+                    MAX_GUIDANCE_SCALE,
+                    value=pipeline_config.default_guidance_scale,
+                    step=0.5,
+                    label="Guidance scale",
+                )
+                edit_seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+                edit_button = gr.Button("Edit", variant="primary", elem_id="enat-edit")
+            with gr.Column(scale=2):
+                gr.Markdown(EDIT_HELP.format(side=app.image_size, keep=round(OUTPAINT_KEEP * 100)))
+                edit_status = gr.Markdown(elem_id="enat-edit-status")
+                edit_inputs = gr.Gallery(
+                    label="Input and mask", format="png", columns=4, object_fit="contain", elem_id="enat-edit-inputs"
+                )
+                edit_gallery = gr.Gallery(
+                    label="Results",
+                    format="png",
+                    columns=4,
+                    object_fit="contain",
+                    buttons=["download", "fullscreen"],
+                    elem_id="enat-edit-gallery",
+                )
+        run_edit, run_draw_sample = edit_page_handlers(app)
+        draw_sample.click(
+            run_draw_sample,
+            inputs=[edit_condition, edit_seed],
+            outputs=[editor, edit_status],
+            concurrency_limit=concurrency_limit,
+        )
+        edit_button.click(
+            run_edit,
+            inputs=[editor, edit_condition, mode, strength, edit_images, edit_steps, edit_guidance, edit_seed],
+            outputs=[edit_inputs, edit_gallery, edit_status],
+            concurrency_limit=concurrency_limit,
+        )
         result_state = gr.State()
         random_seed.click(lambda: random.randint(0, MAX_SEED), outputs=seed, queue=False)
         generate.click(

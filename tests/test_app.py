@@ -5,11 +5,12 @@ import re
 import threading
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import AmusedScheduler
 
-from enat_diffusers import ENATScheduler, load_demo_pipeline
+from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline, ENATScheduler, load_demo_pipeline
 from enat_diffusers.app import (
     DEFAULT_HOST,
     MASKED_FADE,
@@ -18,8 +19,11 @@ from enat_diffusers.app import (
     AppInputError,
     ENATApp,
     display_scale,
+    edit_page_handlers,
+    editor_mask,
     load_pipeline,
     parse_args,
+    sample_editor_value,
     upscale,
 )
 
@@ -235,6 +239,22 @@ def test_text_pipeline_takes_a_prompt():
     with pytest.raises(AppInputError, match="Prompt: enter a prompt"):
         text_app.generate("   ", num_images=1)
 
+    # The Edit tab with a prompt: the inpainting pipeline of the text transformer, called with that prompt.
+    edited = text_app.edit(result.images[0], bottom_half_mask(), "a handwritten two", num_inference_steps=4, seed=3)
+    assert edited.captions == ["a handwritten two · seed 3"]
+    _, expected = direct(
+        ENATInpaintPipeline,
+        text_app,
+        [3],
+        image=result.images[0],
+        mask_image=bottom_half_mask(),
+        prompt="a handwritten two",
+        num_inference_steps=4,
+    )
+    assert torch.equal(edited.tokens, expected)
+    with pytest.raises(AppInputError, match="Prompt: enter a prompt"):
+        text_app.edit(result.images[0], bottom_half_mask(), "", num_inference_steps=4)
+
 
 def test_command_line_serves_the_digits_demo_on_this_machine_only_by_default():
     args = parse_args([])
@@ -266,3 +286,166 @@ def test_a_pipeline_with_diffusers_amused_scheduler_works_with_one_seed_per_requ
     assert len(frames) == 5 and not frames[-1].masked.any()
     with pytest.raises(AppInputError, match="Masking schedule: choose one of cosine, linear, got 'arccos'"):
         amused_app.generate(["seven"], masking_schedule="arccos")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the Edit tab
+
+
+@pytest.fixture(scope="module")
+def digit(app):
+    """A 16x16 seven drawn by the demo, the image the edit tests start from."""
+    return app.generate(["seven"], num_images=1, seed=0).images[0]
+
+
+def bottom_half_mask() -> PIL.Image.Image:
+    mask = PIL.Image.new("L", (16, 16), 0)
+    mask.paste(255, (0, 8, 16, 16))
+    return mask
+
+
+def direct(pipeline_class, app, seeds, **call):
+    """The editing pipeline called directly on the app's modules: token ids for one generator per seed."""
+    pipeline = pipeline_class.from_pipe(app.pipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    generator = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return pipeline, pipeline(**call, generator=generator, output_type="latent").images
+
+
+def test_inpaint_edit_of_the_enlarged_sample_is_the_pipelines_inpainting_and_keeps_tokens_outside_the_mask(app, digit):
+    # What the page sends: the sample enlarged for painting, its bottom half painted as a brush layer.
+    editor_value = sample_editor_value(digit)
+    assert editor_value["background"].size == (256, 256)
+    shared_pipeline, shared_scheduler = type(app.pipeline), app.pipeline.scheduler
+    steps_seen = []
+    result = app.edit(
+        editor_value["background"],
+        editor_mask(editor_value),
+        "two",
+        "inpaint",
+        num_images=2,
+        num_inference_steps=6,
+        guidance_scale=2.0,
+        seed=5,
+        on_step=lambda step, total: steps_seen.append((step, total)),
+    )
+    np.testing.assert_array_equal(np.asarray(result.image), np.asarray(digit.convert("RGB")))
+    np.testing.assert_array_equal(np.asarray(result.mask), np.asarray(bottom_half_mask()))
+    assert result.seeds == [5, 6] and result.captions == ["two · seed 5", "two · seed 6"]
+    assert steps_seen and all(total == 6 for _, total in steps_seen)
+
+    pipeline, expected = direct(
+        ENATInpaintPipeline,
+        app,
+        [5, 6],
+        image=digit,
+        mask_image=bottom_half_mask(),
+        class_labels=[2],
+        num_images_per_prompt=2,
+        num_inference_steps=6,
+        guidance_scale=2.0,
+    )
+    assert torch.equal(result.tokens, expected)
+    for image, tokens in zip(result.images, expected, strict=True):
+        decoded = pipeline.decode_latents(tokens[None], output_type="np")[0]
+        np.testing.assert_allclose(np.asarray(image, dtype=np.float32) / 255, decoded, atol=1 / 255)
+    # The top two token rows are outside the mask: exactly the input's tokens; the bottom rows were regenerated.
+    input_tokens = pipeline.encode_image(pipeline.preprocess_image(digit))
+    assert torch.equal(result.tokens[:, :2], input_tokens.expand(2, -1, -1)[:, :2])
+    assert not torch.equal(result.tokens[:, 2:], input_tokens.expand(2, -1, -1)[:, 2:])
+    # The request ran on its own copy: the app's pipeline is still the generation pipeline with its scheduler.
+    assert type(app.pipeline) is shared_pipeline and app.pipeline.scheduler is shared_scheduler
+
+
+def test_outpaint_edit_centres_the_shrunken_image_and_draws_the_rest(app, digit):
+    result = app.edit(digit, None, "seven", "outpaint", num_images=1, num_inference_steps=8, seed=2)
+    pipeline = ENATInpaintPipeline.from_pipe(app.pipeline)
+    canvas, canvas_mask = pipeline.outpainting_inputs(digit.resize((8, 8), PIL.Image.Resampling.BOX))
+    np.testing.assert_array_equal(np.asarray(result.image), np.asarray(canvas))
+    np.testing.assert_array_equal(np.asarray(result.mask), np.asarray(canvas_mask))
+    _, expected = direct(
+        ENATInpaintPipeline, app, [2], image=canvas, mask_image=canvas_mask, class_labels=[7], num_inference_steps=8
+    )
+    assert torch.equal(result.tokens, expected)
+    canvas_tokens = pipeline.encode_image(pipeline.preprocess_image(canvas))
+    assert torch.equal(result.tokens[:, 1:3, 1:3], canvas_tokens[:, 1:3, 1:3])
+
+
+def test_image_to_image_edit_is_the_pipelines_result_for_the_strength(app, digit):
+    result = app.edit(digit, None, "3", "image-to-image", strength=0.5, num_images=2, num_inference_steps=8, seed=3)
+    assert result.mask is None
+    _, expected = direct(
+        ENATImg2ImgPipeline,
+        app,
+        [3, 4],
+        image=digit,
+        strength=0.5,
+        class_labels=[3],
+        num_images_per_prompt=2,
+        num_inference_steps=8,
+    )
+    assert torch.equal(result.tokens, expected)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"image": "text file"}, r"Image: 'notes.png' is not an image file"),
+        (
+            {"image": PIL.Image.new("RGB", (16, 20))},
+            r"Image: this model edits square images of 16x16 pixels .* got 16x20",
+        ),
+        ({"image": None}, r"Image: upload an image to edit"),
+        ({"mask": PIL.Image.new("L", (16, 16), 0)}, r"Mask: nothing is painted"),
+        ({"mask": None}, r"Mask: paint the region to regenerate"),
+        ({"condition": "sevn"}, r"Class: unknown class name 'sevn'. Did you mean 'seven'"),
+        ({"condition": ["1", "2"]}, r"Class: choose one class to edit with"),
+        ({"mode": "image-to-image", "strength": 0.1}, r"Strength: 0.1 of 8 steps runs no step; choose at least 0.12"),
+        ({"mode": "image-to-image", "strength": 1.5}, r"Strength: choose a number above 0 and at most 1"),
+        ({"mode": "recolour"}, r"Mode: choose one of inpaint, outpaint, image-to-image"),
+        ({"num_inference_steps": 99}, r"Steps: this model has 16 tokens per image"),
+    ],
+)
+def test_bad_edit_requests_are_refused_with_a_sentence_naming_the_input_before_sampling(
+    app, digit, tmp_path, overrides, message
+):
+    if overrides.get("image") == "text file":
+        path = tmp_path / "notes.png"
+        path.write_text("not a picture")
+        overrides = {**overrides, "image": str(path)}
+    request = {
+        "image": digit,
+        "mask": bottom_half_mask(),
+        "condition": "seven",
+        "mode": "inpaint",
+        "num_inference_steps": 8,
+        "seed": 0,
+    }
+    steps_run = []
+    with pytest.raises(AppInputError, match=message):
+        app.edit(**{**request, **overrides}, on_step=lambda step, total: steps_run.append(step))
+    assert steps_run == []
+
+
+def test_edit_page_shows_errors_as_messages_and_keeps_serving(app):
+    gr = pytest.importorskip("gradio", reason="the page handlers need the app extra: pip install -e '.[app]'")
+
+    edit, draw_sample = edit_page_handlers(app)
+    with pytest.raises(gr.Error) as error:
+        edit(None, "seven", "inpaint", 0.5, 1, 8, 2.5, 0)
+    assert error.value.message.startswith("Image: upload an image") and "Traceback" not in error.value.message
+    sample, sample_status = draw_sample("seven", 0)
+    assert sample_status.startswith("Sample drawn (seven · seed 0)")
+    blank = {**sample, "layers": []}
+    with pytest.raises(gr.Error, match="Mask: paint the region"):
+        edit(blank, "seven", "inpaint", 0.5, 1, 8, 2.5, 0)
+
+    progress_updates = []
+    inputs, gallery, status = edit(
+        sample, "two", "inpaint", 0.5, 2, 8, 2.5, 0, progress=lambda done, **details: progress_updates.append(done)
+    )
+    assert [caption for _, caption in inputs] == ["input", "mask (white: regenerated)"]
+    assert [caption for _, caption in gallery] == ["two · seed 0", "two · seed 1"]
+    assert all(image.size == (256, 256) for image, _ in inputs + gallery)
+    assert progress_updates and progress_updates[-1] == (8, 8)
+    assert status == "inpaint: 2 image(s)."

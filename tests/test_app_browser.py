@@ -210,3 +210,27 @@ def test_two_tabs_generating_at_once_get_the_images_each_gets_alone(app_url, pag
     tabs[0].get_by_role("spinbutton", name="Seed").fill("20")
     tabs[0].click("#enat-generate")
     assert sources(tabs[0], "seven · seed 20") == together[1]
+
+
+def test_edit_tab_inpaints_a_drawn_sample_in_the_browser(app_url, page):
+    page.goto(app_url)
+    page.wait_for_selector("#enat-generate")
+    page.get_by_role("tab", name="Edit").click()
+    page.click("#enat-edit")  # nothing to edit yet: a message, and the page keeps working
+    message = page.get_by_test_id("toast-text")
+    sync_api.expect(message).to_contain_text("Image: upload an image to edit, or draw a sample.", timeout=60_000)
+    page.click("#enat-edit-sample")  # a zero (the first class) with its bottom half painted
+    # Editing before the sample has arrived would send an empty editor.
+    sync_api.expect(page.locator("#enat-edit-status")).to_contain_text(
+        "Sample drawn (zero · seed 0)", timeout=GENERATION_TIMEOUT_MS
+    )
+    page.click("#enat-edit")
+
+    results = gallery_images(page, "enat-edit-gallery")
+    sync_api.expect(results).to_have_count(4, timeout=GENERATION_TIMEOUT_MS)
+    assert [results.nth(i).get_attribute("alt") for i in range(4)] == [f"zero · seed {seed}" for seed in range(4)]
+    inputs = gallery_images(page, "enat-edit-inputs")
+    sync_api.expect(inputs).to_have_count(2)
+    assert [inputs.nth(i).get_attribute("alt") for i in range(2)] == ["input", "mask (white: regenerated)"]
+    sync_api.expect(page.locator("#enat-edit-status")).to_contain_text("inpaint: 4 image(s).")
+    assert "Traceback" not in page.content()
