@@ -16,6 +16,14 @@ Rows (`--rows`), all class-conditional sampling of `--num_inference_steps` steps
 * `amused`: diffusers' `UVit2DModel` with the aMUSEd-256 transformer config (aMUSEd-512 for 32x32 grids), random
   weights, `--amused_steps` steps with `AmusedScheduler`, conditional and unconditional rows batched as
   `AmusedPipeline` does, random CLIP-sized text conditioning (77 x 768 hidden states, 768 pooled).
+* `--editing` adds inpainting rows: `ENATInpaintPipeline(..., output_type="latent")` on random images (encoded by the
+  VQ, whose FLOPs are not counted and whose time is) regenerating the last `--inpaint_fractions` of the tokens in
+  raster order (a band at the bottom), `--samples_per_image` samples of each image (they share the kept tokens'
+  first encoder pass), and aMUSEd's inpainting path (`amused_inpaint`: the `amused` loop started from a partly masked
+  grid with `starting_mask_ratio`, as `AmusedInpaintPipeline` runs it; it recomputes every token at every step, so its
+  cost does not depend on the fraction: one row, at the largest fraction). Editing rows count per output image: at
+  batch size B they edit B images, each with its samples; the json's `editing` section gives their FLOP and time
+  ratios to generation (the `enat` row) and to `amused_inpaint`.
 * `enat_compiled` (with `--compile`): the `enat` row with every transformer block compiled,
   `torch.compile(block, dynamic=True)` (what `transformer.compile_repeated_blocks(dynamic=True)` does in place). One
   compiled graph serves all the token counts of the steps; compiling the whole transformer instead recompiles at
@@ -84,6 +92,7 @@ from enat_diffusers.models.transformer_enat import (
 )
 from enat_diffusers.models.vq_maskgit import MaskGITVQModel
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
+from enat_diffusers.pipelines.pipeline_enat_inpaint import ENATInpaintPipeline
 from enat_diffusers.schedulers.scheduling_enat import ENATScheduler
 from enat_diffusers.testing_utils import randomize_modulation
 
@@ -94,7 +103,10 @@ ROW_TITLES = {
     "plain_nat": "plain NAT (same net)",
     "amused": "aMUSEd",
     "enat_compiled": "ENAT, reuse, compiled",
+    "amused_inpaint": "aMUSEd inpainting",
 }
+EDITING_FRACTIONS = (0.125, 0.25, 0.5)
+EDITING_SAMPLES = (1, 4)
 # --config name -> (preset, token grid side)
 CONFIGS = {"ENAT-S": ("ENAT-S", 16), "ENAT-B": ("ENAT-B", 16), "ENAT-L": ("ENAT-L", 16), "ENAT-L-512": ("ENAT-L", 32)}
 # diffusers' UVit2DModel defaults are the aMUSEd transformer; the 256 px model runs on 16x16 tokens without
@@ -117,6 +129,10 @@ NOTES = {
     "of the repeats, rows alternated",
     "memory_cpu": "peak total size of the tensors created during the sampling loop (model weights excluded), tracked "
     "op by op with a TorchDispatchMode; torch keeps no CPU allocator statistics",
+    "editing": "inpainting rows: ENATInpaintPipeline on random images, the last fraction of the tokens (raster "
+    "order) regenerated, per output image (batch size B: B images, each with its samples); their time and memory "
+    "include the VQ encode of the input, their FLOPs only the transformer. amused_inpaint: aMUSEd's loop from a "
+    "partly masked grid (starting_mask_ratio), every token recomputed at every step",
     "memory_cuda": "torch.cuda.max_memory_allocated during the sampling loop minus the memory allocated before it",
 }
 
@@ -136,6 +152,13 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
     return value
 
 
@@ -164,6 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--compile", action="store_true", help="add the enat row with compiled blocks")
+    parser.add_argument(
+        "--editing",
+        action="store_true",
+        help="add inpainting rows (ENATInpaintPipeline) and aMUSEd's inpainting path, compared with generation",
+    )
+    parser.add_argument(
+        "--inpaint_fractions",
+        nargs="+",
+        type=fraction,
+        default=list(EDITING_FRACTIONS),
+        help="with --editing: fractions of the tokens to regenerate (a band at the bottom)",
+    )
+    parser.add_argument(
+        "--samples_per_image",
+        nargs="+",
+        type=positive_int,
+        default=list(EDITING_SAMPLES),
+        help="with --editing: samples per edited image (num_images_per_prompt)",
+    )
+    parser.add_argument(
+        "--flops_only", action="store_true", help="count FLOPs and memory in one run per row; no timed runs"
+    )
     parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs per row and batch size")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per row and batch size")
     parser.add_argument("--vq_decode", action="store_true", help="also measure the VQ decoder, separately")
@@ -221,6 +266,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--busy_cores must leave a core for the measurement: this machine has {os.cpu_count()}")
     if args.compile and "enat" not in args.rows:
         parser.error("--compile compares the `enat` row with its compiled twin: keep `enat` in --rows")
+    if args.editing and "enat" not in args.rows:
+        parser.error("--editing compares inpainting with generation: keep `enat` in --rows")
     if args.batch_sizes is None:
         args.batch_sizes = [1, 64] if args.device == "cuda" else [1, 8]
     if args.model is None and args.config is None:
@@ -299,7 +346,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
     if random_weights:
         randomize_modulation(transformer)
     side = transformer.config.sample_size
-    if (args.vq_decode or args.precisions) and vqvae is None:
+    if (args.vq_decode or args.precisions or args.editing) and vqvae is None:
         vqvae = MaskGITVQModel(
             **{"num_vq_embeddings": transformer.config.codebook_size, "sample_size": 16 * side, **vqvae_config}
         )
@@ -526,6 +573,14 @@ class Row:
     codebook_size: int
     twin_of: str | None = None  # compiled rows share the FLOP count of their eager twin
     model: nn.Module | None = None  # a model of its own (aMUSEd), besides the shared ENAT transformer
+    samples_per_image: int = 1  # editing rows: output images per edited image (per batch item)
+    inpaint_fraction: float | None = None  # editing rows: the fraction of the tokens regenerated
+
+    @property
+    def title(self) -> str:
+        if self.name in ROW_TITLES:
+            return ROW_TITLES[self.name]
+        return f"ENAT inpainting {self.inpaint_fraction:.1%}, {self.samples_per_image}/img"
 
 
 def enat_row(name: str, setup: Setup, mode: str, args, device, blocks=()) -> Row:
@@ -550,7 +605,51 @@ def enat_row(name: str, setup: Setup, mode: str, args, device, blocks=()) -> Row
     return Row(name, sample, wrapper.probe, setup.transformer.config.codebook_size, twin_of=twin)
 
 
-def amused_row(setup: Setup, args, device: torch.device, dtype: torch.dtype) -> Row:
+def editing_mask(side: int, fraction: float) -> torch.BoolTensor:
+    """`(side, side)` token mask: the last `fraction` of the tokens in raster order (a band at the bottom)."""
+    count = round(fraction * side * side)
+    if count < 1:
+        raise SystemExit(f"--inpaint_fractions {fraction}: masks no token of a {side}x{side} grid; give a larger one")
+    mask = torch.zeros(side * side, dtype=torch.bool)
+    mask[-count:] = True
+    return mask.reshape(side, side)
+
+
+def inpaint_row(setup: Setup, fraction: float, samples: int, args, device: torch.device, dtype) -> Row:
+    """`ENATInpaintPipeline` with the benchmark's probe: `samples` samples of each of `batch_size` random images."""
+    wrapper = BenchmarkTransformer(setup.transformer, "enat")
+    pipe = ENATInpaintPipeline(transformer=wrapper, vqvae=setup.vqvae, scheduler=setup.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    config = setup.transformer.config
+    factor = setup.vqvae.downsample_factor
+    token_mask = editing_mask(config.sample_size, fraction)
+    mask = token_mask.repeat_interleave(factor, 0).repeat_interleave(factor, 1)[None].to(device, dtype)
+
+    def sample(batch_size: int) -> torch.Tensor:
+        generator = torch.Generator(device).manual_seed(args.seed)
+        size = pipe.image_size
+        images = torch.rand(batch_size, 3, size, size, generator=generator, device=device, dtype=dtype)
+        output = pipe(
+            image=images,
+            mask_image=mask,
+            class_labels=[index % config.num_classes for index in range(batch_size)],
+            num_images_per_prompt=samples,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            output_type="latent",
+            generator=generator,
+        )
+        return output.images
+
+    name = f"inpaint_{fraction:g}_x{samples}"
+    return Row(name, sample, wrapper.probe, config.codebook_size, samples_per_image=samples, inpaint_fraction=fraction)
+
+
+def amused_row(
+    setup: Setup, args, device: torch.device, dtype: torch.dtype, inpaint_fraction: float | None = None
+) -> Row:
+    """aMUSEd's sampling loop; with `inpaint_fraction`, its inpainting path: the grid starts as random tokens with
+    that band masked and the scheduler reveals from `starting_mask_ratio`, as `AmusedInpaintPipeline` does."""
     torch.manual_seed(args.seed)
     model = to_device(UVit2DModel(**setup.amused_config), device, dtype)
     scheduler = AmusedScheduler(mask_token_id=model.config.vocab_size - 1)
@@ -566,6 +665,12 @@ def amused_row(setup: Setup, args, device: torch.device, dtype: torch.dtype) -> 
         micro_conds = torch.tensor([AMUSED_MICRO_CONDS], device=device, dtype=dtype).expand(streams, -1)
         side = config.sample_size
         latents = torch.full((batch_size, side, side), scheduler.config.mask_token_id, device=device)
+        step_options = {}
+        if inpaint_fraction is not None:
+            kept = torch.randint(0, config.codebook_size, latents.shape, generator=generator, device=device)
+            region = editing_mask(side, inpaint_fraction).to(device)
+            latents = torch.where(region, latents, kept)
+            step_options["starting_mask_ratio"] = region.float().mean().item()
         scheduler.set_timesteps(args.amused_steps, device=device)
         for timestep in scheduler.timesteps:
             model_input = torch.cat([latents, latents]) if guided else latents
@@ -573,10 +678,12 @@ def amused_row(setup: Setup, args, device: torch.device, dtype: torch.dtype) -> 
             if guided:
                 unconditional, conditional = logits.chunk(2)
                 logits = unconditional + args.guidance_scale * (conditional - unconditional)
-            latents = scheduler.step(logits.float(), timestep, latents, generator=generator).prev_sample
+            latents = scheduler.step(logits.float(), timestep, latents, generator=generator, **step_options)
+            latents = latents.prev_sample
         return latents
 
-    return Row("amused", sample, probe, model.config.codebook_size, model=model)
+    name = "amused" if inpaint_fraction is None else "amused_inpaint"
+    return Row(name, sample, probe, model.config.codebook_size, model=model, inpaint_fraction=inpaint_fraction)
 
 
 def build_rows(setup: Setup, args, device: torch.device, dtype: torch.dtype) -> list[Row]:
@@ -588,6 +695,12 @@ def build_rows(setup: Setup, args, device: torch.device, dtype: torch.dtype) -> 
             rows.append(enat_row(name, setup, name, args, device))
         if name == "enat" and args.compile:
             rows.append(enat_row("enat_compiled", setup, "enat", args, device, compiled_blocks(setup.transformer)))
+    if args.editing:
+        for fraction in args.inpaint_fractions:
+            rows.extend(
+                inpaint_row(setup, fraction, samples, args, device, dtype) for samples in args.samples_per_image
+            )
+        rows.append(amused_row(setup, args, device, dtype, inpaint_fraction=max(args.inpaint_fractions)))
     return rows
 
 
@@ -603,14 +716,18 @@ def analyse(row: Row, batch_size: int, device: torch.device, excluded: set[int])
     finally:
         row.probe.active = False
     ids_valid = bool(((ids >= 0) & (ids < row.codebook_size)).all())
+    images = batch_size * row.samples_per_image
     result = {
-        "gflops_per_image": row.probe.flops / batch_size / 1e9,
-        "attention_gflops_per_image": row.probe.attention_flops / batch_size / 1e9,
+        "gflops_per_image": row.probe.flops / images / 1e9,
+        "attention_gflops_per_image": row.probe.attention_flops / images / 1e9,
         "transformer_calls": row.probe.calls,
         "peak_memory_mib": peak / MIB,
-        "peak_memory_mib_per_image": peak / MIB / batch_size,
-        "finite": row.probe.finite and ids_valid,
+        "peak_memory_mib_per_image": peak / MIB / images,
+        "finite": row.probe.finite and ids_valid and ids.shape[0] == images,
     }
+    if row.inpaint_fraction is not None:
+        result["inpaint_fraction"] = row.inpaint_fraction
+        result["samples_per_image"] = row.samples_per_image
     if row.probe.state_shapes:
         result["reuse_state_shapes"] = sorted(
             [list(features), list(masking)] for features, masking in row.probe.state_shapes
@@ -636,29 +753,37 @@ def measure_batch(rows: list[Row], batch_size: int, args, device: torch.device, 
             twin = stats[row.twin_of]
             shared = ("gflops_per_image", "attention_gflops_per_image", "transformer_calls", "finite")
             stats[row.name].update({key: twin[key] for key in shared})
+    times = {row.name: [] for row in rows}
+    if args.flops_only:
+        return [summarise(row, batch_size, stats[row.name], []) for row in rows]
     for _ in range(args.warmup):
         for row in rows:
             row.sample(batch_size)
-    times = {row.name: [] for row in rows}
     for repeat in range(args.repeats):
         for row in rows:  # alternate rows so that load changes hit them alike
             times[row.name].append(timed(lambda: row.sample(batch_size), device))  # noqa: B023
         print(f"  batch {batch_size}: repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-    return [summarise(row.name, batch_size, stats[row.name], times[row.name]) for row in rows]
+    return [summarise(row, batch_size, stats[row.name], times[row.name]) for row in rows]
 
 
-def summarise(name: str, batch_size: int, stats: dict, times: list[float]) -> dict:
-    median = statistics.median(times)
+def summarise(row: Row, batch_size: int, stats: dict, times: list[float]) -> dict:
+    """One table row; per output image (`samples_per_image` of them per batch item); no times: timing skipped."""
+    images = batch_size * row.samples_per_image
+    median = statistics.median(times) if times else None
     return {
-        "row": name,
-        "title": ROW_TITLES[name],
+        "row": row.name,
+        "title": row.title,
         "batch_size": batch_size,
         **stats,
-        "seconds_per_image": median / batch_size,
-        "seconds_per_image_min": min(times) / batch_size,
-        "images_per_second": batch_size / median,
+        "seconds_per_image": median / images if times else None,
+        "seconds_per_image_min": min(times) / images if times else None,
+        "images_per_second": images / median if times else None,
         "times_seconds": times,
     }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or not denominator else numerator / denominator
 
 
 def ratios(results: list[dict]) -> dict:
@@ -672,11 +797,34 @@ def ratios(results: list[dict]) -> dict:
         output[str(batch_size)] = {
             name: {
                 "flops_vs_enat": row["gflops_per_image"] / base["gflops_per_image"],
-                "time_vs_enat": row["seconds_per_image"] / base["seconds_per_image"],
+                "time_vs_enat": ratio(row["seconds_per_image"], base["seconds_per_image"]),
             }
             for name, row in rows.items()
             if name != "enat"
         }
+    return output
+
+
+def editing_ratios(results: list[dict]) -> dict:
+    """Per batch size: FLOPs, time and memory per image of each inpainting row relative to generation (`enat`) and
+    to aMUSEd's inpainting path."""
+    output = {}
+    for batch_size in sorted({r["batch_size"] for r in results}):
+        rows = {r["row"]: r for r in results if r["batch_size"] == batch_size}
+        bases = {name: rows[name] for name in ("enat", "amused_inpaint") if name in rows}
+        table = {}
+        for name, row in rows.items():
+            if "samples_per_image" not in row or name == "amused_inpaint":
+                continue
+            table[name] = {}
+            for base_name, base in bases.items():
+                label = "generation" if base_name == "enat" else base_name
+                table[name][f"flops_vs_{label}"] = ratio(row["gflops_per_image"], base["gflops_per_image"])
+                table[name][f"time_vs_{label}"] = ratio(row["seconds_per_image"], base["seconds_per_image"])
+                table[name][f"memory_vs_{label}"] = ratio(
+                    row["peak_memory_mib_per_image"], base["peak_memory_mib_per_image"]
+                )
+        output[str(batch_size)] = table
     return output
 
 
@@ -1162,6 +1310,10 @@ def describe(setup: Setup, args, device: torch.device) -> dict:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "compile": args.compile,
+            "editing": {"inpaint_fractions": args.inpaint_fractions, "samples_per_image": args.samples_per_image}
+            if args.editing
+            else None,
+            "flops_only": args.flops_only,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
@@ -1174,11 +1326,18 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         memory = r.get("peak_memory_mib")
         memory_cells = "- | -" if memory is None else f"{memory:.1f} | {r['peak_memory_mib_per_image']:.1f}"
+        timed_cells = "- | -"
+        if r["seconds_per_image"] is not None:
+            timed_cells = f"{r['seconds_per_image']:.3f} | {r['images_per_second']:.2f}"
         lines.append(
-            f"| {r['title']} | {r['batch_size']} | {r['gflops_per_image']:.4g} | {r['seconds_per_image']:.3f} | "
-            f"{r['images_per_second']:.2f} | {memory_cells} | {'yes' if r['finite'] else 'NO'} |"
+            f"| {r['title']} | {r['batch_size']} | {r['gflops_per_image']:.4g} | {timed_cells} | {memory_cells} | "
+            f"{'yes' if r['finite'] else 'NO'} |"
         )
     return "\n".join(lines)
+
+
+def times(value: float | None) -> str:
+    return "" if value is None else f", {value:.2f}x time"
 
 
 def print_report(report: dict) -> None:
@@ -1191,12 +1350,21 @@ def print_report(report: dict) -> None:
         f"(aMUSEd {settings['amused_steps']}), guidance {settings['guidance_scale']}, {settings['device_name']} "
         f"{settings['dtype']}, torch {settings['torch']}, {settings['threads']} threads"
     )
-    for key in ("gflops", "seconds", "memory"):
-        print(f"  {key}: {report['notes'][key]}")
+    for key, note in report["notes"].items():
+        print(f"  {key}: {note}")
     print(format_table(report["results"]))
     for batch_size, table in report["ratios"].items():
-        parts = [f"{n}: {v['flops_vs_enat']:.2f}x FLOPs, {v['time_vs_enat']:.2f}x time" for n, v in table.items()]
+        parts = [f"{n}: {v['flops_vs_enat']:.2f}x FLOPs{times(v['time_vs_enat'])}" for n, v in table.items()]
         print(f"vs ENAT with reuse, batch {batch_size}: " + "; ".join(parts))
+    for batch_size, table in report.get("editing", {}).items():
+        print(f"editing vs generation and vs aMUSEd's inpainting, batch {batch_size} (per output image):")
+        for name, values in table.items():
+            parts = [
+                f"{values[f'flops_vs_{base}']:.2f}x FLOPs{times(values[f'time_vs_{base}'])} of {base}"
+                for base in ("generation", "amused_inpaint")
+                if f"flops_vs_{base}" in values
+            ]
+            print(f"  {name}: " + "; ".join(parts))
     for batch_size, gain in report.get("compile", {}).items():
         print(
             f"compile, batch {batch_size}: {gain['speedup']:.2f}x vs eager "
@@ -1250,6 +1418,9 @@ def measure_rows(setup: Setup, args, device: torch.device, dtype: torch.dtype) -
     notes = {key: NOTES[key] for key in ("gflops", "seconds")}
     notes["memory"] = NOTES["memory_cuda" if device.type == "cuda" else "memory_cpu"]
     report = {"config": describe(setup, args, device), "notes": notes, "results": results, "ratios": ratio_table}
+    if args.editing:
+        report["notes"]["editing"] = NOTES["editing"]
+        report["editing"] = editing_ratios(results)
     if args.compile:
         report["compile"] = compile_gain(results)
     if args.vq_decode:

@@ -12,14 +12,13 @@
 `--prompt`). Images must have the model's resolution (16x16 for the demos). Masks: white = regenerate. The output
 grid shows the samples of each input image in a row.
 
-`--measure_flops` counts the transformer's forward FLOPs per image (`torch.utils.flop_counter.FlopCounterMode`, both
-guidance streams, all steps) of a full-size ENAT-L 256 (random weights) for inpainting 12.5 / 25 / 50% of the tokens
-(a band of rows at the bottom) with 1 and 4 samples per image, next to generating the whole image, and prints them
-as json.
+`--measure_flops` runs the editing rows of `examples/benchmark.py` without timing (`python examples/benchmark.py
+--rows enat --editing --flops_only --batch_sizes 1`): transformer FLOPs per image of a full-size ENAT-L 256 (random
+weights) inpainting 12.5 / 25 / 50% of the tokens with 1 and 4 samples per image, next to generation and aMUSEd's
+inpainting path.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ DEMO_MASKED_ROWS = slice(8, 16)
 
 
 def _examples_module(name: str):
-    """Another script of this folder (the digit helpers of train_demo_digits, the FLOP formulas of benchmark)."""
+    """Another script of this folder (the digit helpers of train_demo_digits, the editing rows of benchmark)."""
     if str(EXAMPLES) not in sys.path:
         sys.path.insert(0, str(EXAMPLES))
     return __import__(name)
@@ -66,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upscale", type=int, default=None, help="Nearest-neighbour factor (default 8 for demos).")
     parser.add_argument("--output", default="enat_edit.png")
     parser.add_argument("--figure", default=None, help="Write the README picture to this path and exit.")
-    parser.add_argument("--measure_flops", action="store_true", help="Print editing FLOPs (ENAT-L) and exit.")
+    parser.add_argument(
+        "--measure_flops", action="store_true", help="Print the benchmark's editing FLOPs (ENAT-L) and exit."
+    )
     return parser
 
 
@@ -238,87 +239,25 @@ def make_figure(path: str, seed: int = 0) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# FLOPs of editing against generation
+# FLOPs of editing against generation: the benchmark's editing rows
 
 
-def measure_flops(
-    config: dict | None = None,
-    fractions: tuple[float, ...] = (0.125, 0.25, 0.5),
-    samples: tuple[int, ...] = (1, 4),
-    num_inference_steps: int = 8,
-    guidance_scale: float = 3.5,
-) -> dict:
+MEASURE_FLOPS_ARGUMENTS = ("--rows", "enat", "--editing", "--flops_only", "--batch_sizes", "1")
+
+
+def measure_flops(extra_arguments: tuple[str, ...] = ()) -> dict:
     """
-    Transformer forward FLOPs per output image of inpainting a band of `fraction` of the token rows (bottom) with
-    `samples` samples per image, and of generation (`fraction` 1.0), for an ENAT transformer of `config` (default:
-    ENAT-L 256, random weights). A VQ with the same grid and codebook but tiny width tokenizes the (random) input;
-    its FLOPs are not counted. Returns `{"generation": ..., "inpainting": [{fraction, samples, gflops_per_image,
-    ratio_to_generation}, ...]}`.
+    The editing rows of `examples/benchmark.py` (ENAT-L 256 by default, random weights), FLOPs and memory only:
+    transformer FLOPs per output image of inpainting 12.5 / 25 / 50% of the tokens with 1 and 4 samples per image,
+    generation and aMUSEd's inpainting path, with their ratios. `extra_arguments` are more benchmark flags.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from enat_diffusers import ENAT_PRESETS, ENATScheduler, ENATTransformer2DModel, MaskGITVQModel
-
-    extra_formulas = _examples_module("benchmark").EXTRA_FLOP_FORMULAS
-    config = config or {**ENAT_PRESETS["ENAT-L"], "sample_size": 16, "codebook_size": 1024, "num_classes": 1000}
-    # No parameter may ask for gradients: the flop counter's module tracking fails on them under `no_grad`.
-    transformer = ENATTransformer2DModel(**config).eval().requires_grad_(False)
-    side, codebook = config["sample_size"], config["codebook_size"]
-    # Five levels: downsampling by 16, as MaskGIT's tokenizer.
-    vqvae = MaskGITVQModel(
-        hidden_channels=4, channel_multipliers=(1,) * 5, layers_per_block=1, latent_channels=4,
-        num_vq_embeddings=codebook, norm_num_groups=2, sample_size=side * 16,
-    ).eval().requires_grad_(False)  # fmt: skip
-    pipe = ENATInpaintPipeline(transformer=transformer, vqvae=vqvae, scheduler=ENATScheduler(mask_token_id=codebook))
-    pipe.set_progress_bar_config(disable=True)
-    counted = {"flops": 0}
-    forward = transformer.forward
-
-    def counting_forward(*args, **kwargs):
-        with FlopCounterMode(display=False, custom_mapping=extra_formulas) as counter:
-            output = forward(*args, **kwargs)
-        counted["flops"] += counter.get_total_flops()
-        return output
-
-    transformer.forward = counting_forward
-    image = torch.rand(1, 3, side * 16, side * 16, generator=torch.Generator().manual_seed(0))
-
-    def gflops_per_image(fraction: float, num_samples: int) -> float:
-        mask = torch.zeros(1, side * 16, side * 16)
-        mask[:, side * 16 - round(fraction * side) * 16 :] = 1
-        counted["flops"] = 0
-        pipe(image=image, mask_image=mask, class_labels=[1], num_images_per_prompt=num_samples,
-             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-             generator=torch.manual_seed(0), output_type="latent")  # fmt: skip
-        return counted["flops"] / num_samples / 1e9
-
-    with torch.no_grad():
-        generation = gflops_per_image(1.0, 1)
-        rows = [
-            {
-                "fraction": fraction,
-                "samples": num_samples,
-                "gflops_per_image": round(flops, 2),
-                "ratio_to_generation": round(flops / generation, 3),
-            }
-            for fraction in fractions
-            for num_samples in samples
-            for flops in [gflops_per_image(fraction, num_samples)]
-        ]
-    return {
-        "config": config,
-        "num_inference_steps": num_inference_steps,
-        "generation_gflops_per_image": round(generation, 2),
-        "inpainting": rows,
-    }
+    return _examples_module("benchmark").main([*MEASURE_FLOPS_ARGUMENTS, *extra_arguments])
 
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     if args.measure_flops:
-        result = measure_flops()
-        print(json.dumps(result, indent=2))
-        return result
+        return measure_flops()
     if args.figure:
         print(f"wrote {make_figure(args.figure, args.seed)}")
         return args.figure

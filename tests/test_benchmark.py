@@ -226,3 +226,55 @@ def test_busy_cores_run_only_while_measuring(benchmark):
         (process,) = busy.processes
         assert process.poll() is None
     assert process.poll() is not None
+
+
+def test_editing_rows_cost_less_per_image_with_shared_samples_and_less_than_amused(benchmark, tiny_config):
+    args = benchmark.parse_args(
+        ["--config", str(tiny_config), "--rows", "enat", "--batch_sizes", "1", "--editing", "--flops_only",
+         "--inpaint_fractions", "0.25", "0.5", "--num_inference_steps", "4", "--amused_steps", "4"]
+    )  # fmt: skip
+    report = benchmark.run_benchmark(args)
+    results = {r["row"]: r for r in report["results"]}
+    assert set(results) == {"enat", "amused_inpaint"} | {
+        f"inpaint_{fraction}_x{samples}" for fraction in (0.25, 0.5) for samples in (1, 4)
+    }
+    flops = {name: r["gflops_per_image"] for name, r in results.items()}
+    for fraction in (0.25, 0.5):
+        # four samples of one image share the kept tokens' first encoder pass: less per image than one sample
+        assert 0 < flops[f"inpaint_{fraction}_x4"] < flops[f"inpaint_{fraction}_x1"]
+        assert results[f"inpaint_{fraction}_x4"]["samples_per_image"] == 4
+    editing = {name: value for name, value in flops.items() if name.startswith("inpaint_")}
+    # aMUSEd recomputes every token at every step: every ENAT edit costs less
+    assert max(editing.values()) < flops["amused_inpaint"]
+    assert all(r["finite"] and r["seconds_per_image"] is None for r in results.values())
+    table = report["editing"]["1"]
+    assert set(table) == set(editing)
+    for name, value in editing.items():
+        assert table[name]["flops_vs_generation"] == pytest.approx(value / flops["enat"])
+        assert table[name]["flops_vs_amused_inpaint"] == pytest.approx(value / flops["amused_inpaint"])
+        assert table[name]["time_vs_generation"] is None
+
+
+def test_amused_inpainting_row_keeps_the_given_tokens(benchmark, tiny_config):
+    args = _args(benchmark, tiny_config, "--rows", "enat", "--editing", "--inpaint_fractions", "0.5")
+    setup = benchmark.load_setup(args)
+    row = benchmark.amused_row(setup, args, torch.device("cpu"), torch.float32, inpaint_fraction=0.5)
+    region = benchmark.editing_mask(setup.amused_config["sample_size"], 0.5)
+    with torch.no_grad():
+        tokens = row.sample(2)
+    # the row draws the kept tokens first from its seeded generator; aMUSEd's scheduler must leave them as they are
+    given = torch.randint(0, 16, tokens.shape, generator=torch.Generator().manual_seed(args.seed))
+    assert torch.equal(tokens[:, ~region], given[:, ~region])
+    assert (tokens[:, region] < 16).all()  # the region is filled: no mask token (id 16) left
+    assert region.sum() == 8 and region[-1].all() and not region[0].any()
+
+
+def test_editing_flags_fail_clearly(benchmark, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--editing", "--rows", "amused"])
+    assert "keep `enat` in --rows" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--editing", "--inpaint_fractions", "1.5"])
+    assert "must be a fraction in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="masks no token"):
+        benchmark.editing_mask(4, 0.01)
