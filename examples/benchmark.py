@@ -94,6 +94,7 @@ from enat_diffusers.models.vq_maskgit import MaskGITVQModel
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
 from enat_diffusers.pipelines.pipeline_enat_inpaint import ENATInpaintPipeline
 from enat_diffusers.schedulers.scheduling_enat import ENATScheduler
+from enat_diffusers.script_utils import DTYPES
 from enat_diffusers.testing_utils import randomize_modulation
 
 ROWS = ("enat", "no_reuse", "plain_nat", "amused")
@@ -114,7 +115,6 @@ CONFIGS = {"ENAT-S": ("ENAT-S", 16), "ENAT-B": ("ENAT-B", 16), "ENAT-L": ("ENAT-
 AMUSED_CONFIGS = {16: {"sample_size": 16}, 32: {"sample_size": 32, "downsample": True, "upsample": True}}
 AMUSED_TEXT_LENGTH = 77
 AMUSED_MICRO_CONDS = (256.0, 256.0, 0.0, 0.0, 6.0)  # width, height, crop top-left, aesthetic score
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_SAMPLING = {"mask_temp": 1.5, "samp_temp": 6.0}
 MIB = 2**20
 # Environment variables that decide how torch's CPU threads wait and how many there are (recorded in the json).
