@@ -28,7 +28,7 @@ import torch
 
 from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline, ENATScheduler
 from enat_diffusers.demo import resolve_pretrained_location
-from enat_diffusers.schedulers.scheduling_enat import _MASKING_SCHEDULES as MASKING_SCHEDULES
+from enat_diffusers.schedulers.scheduling_enat import MASKING_SCHEDULES
 
 EXAMPLES = Path(__file__).resolve().parent
 DEMO_UPSCALE = 8
