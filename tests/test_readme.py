@@ -17,6 +17,7 @@ ALLOWED_SKIP_REASONS = {
     "needs a GPU",
     "needs a dataset",
     "needs the reference repository",
+    "runs a full-size benchmark",
 }
 # What a warning on stderr looks like: Python's warnings, diffusers' and transformers' logger warnings we know of.
 WARNING_MARKS = ("Warning:", "will be ignored", "non-standard module", "deprecated", "cannot verify")
