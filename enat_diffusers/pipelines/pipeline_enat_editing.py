@@ -231,6 +231,15 @@ class ENATEditingPipelineBase(ENATBasePipeline):
     # ----------------------------------------------------------------------------------------------------------------
     # Step 4: the first step, shared by the samples of one image
 
+    def denoise_images(self, latents: torch.LongTensor, *, rows_per_image: int, **denoise_kwargs) -> torch.LongTensor:
+        """`denoise` for `rows_per_image` consecutive rows per input image: their first step may be shared (see
+        `transformer_forward`) for the duration of this call only."""
+        self._rows_per_image = int(rows_per_image)
+        try:
+            return self.denoise(latents, **denoise_kwargs)
+        finally:
+            self._rows_per_image = 1
+
     def transformer_forward(self, model_input: torch.LongTensor, *, condition_kwargs: dict, reuse_state=None):
         """
         At the first step (no reuse state yet), the `num_images_per_prompt` rows of one image and guidance stream are

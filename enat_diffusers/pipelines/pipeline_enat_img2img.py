@@ -173,19 +173,16 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
 
         # 4. Sampling loop from the matching point of the schedule; rows that start alike share the first step
         if len(timesteps):
-            self._rows_per_image = int(num_images_per_prompt)
-            try:
-                latents = self.denoise(
-                    latents,
-                    condition_kwargs=condition_kwargs,
-                    timesteps=timesteps,
-                    num_inference_steps=num_inference_steps,
-                    generator=generator,
-                    callback_on_step_end=callback_on_step_end,
-                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                )
-            finally:
-                self._rows_per_image = 1
+            latents = self.denoise_images(
+                latents,
+                rows_per_image=num_images_per_prompt,
+                condition_kwargs=condition_kwargs,
+                timesteps=timesteps,
+                num_inference_steps=num_inference_steps,
+                generator=generator,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            )
         else:
             logger.info(
                 f"strength {strength} runs no step of {num_inference_steps}: the images are returned as encoded"

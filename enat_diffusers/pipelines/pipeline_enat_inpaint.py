@@ -277,18 +277,15 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
 
         # 4. Sampling loop over the region, the first step shared by the samples of one image
         if token_masks.any():
-            self._rows_per_image = int(num_images_per_prompt)
-            try:
-                latents = self.denoise(
-                    latents,
-                    condition_kwargs=condition_kwargs,
-                    timesteps=timesteps,
-                    generator=generator,
-                    callback_on_step_end=callback_on_step_end,
-                    callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                )
-            finally:
-                self._rows_per_image = 1
+            latents = self.denoise_images(
+                latents,
+                rows_per_image=num_images_per_prompt,
+                condition_kwargs=condition_kwargs,
+                timesteps=timesteps,
+                generator=generator,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            )
         else:
             logger.info("the masks select no token: the images are returned as encoded, without sampling")
 
