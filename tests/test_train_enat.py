@@ -21,7 +21,14 @@ from safetensors.torch import load_file
 from enat_diffusers import ENATPipeline, ENATText2ImagePipeline, ENATTransformer2DModel, MaskGITVQModel
 
 from .tiny_components import NUM_CLASSES, tiny_pipeline
-from .training_assets import COLORS, IMAGES_PER_CLASS, fresh_accelerate_state, make_assets, train_enat
+from .training_assets import (
+    COLORS,
+    IMAGES_PER_CLASS,
+    fresh_accelerate_state,
+    make_assets,
+    recorded_training_prompts,
+    train_enat,
+)
 from .training_assets import common_args as _common_args
 from .training_assets import square as _square
 
@@ -416,14 +423,7 @@ def test_text_conditional_training(assets, tmp_path, source):
     else:  # fine-tuning a text pipeline (its text encoder, tokenizer and VQ model)
         data = ["--caption_data_dir", assets.captions]
         model = ["--pretrained_model_name_or_path", assets.text_pipeline]
-    prompts = []
-    model_kwargs = train_enat.TextConditioning.model_kwargs
-
-    def record_prompts(conditioning, batch):
-        prompts.extend(batch)
-        return model_kwargs(conditioning, batch)
-
-    with mock.patch.object(train_enat.TextConditioning, "model_kwargs", autospec=True, side_effect=record_prompts):
+    with recorded_training_prompts() as prompts:
         train_enat.main(
             data + model + _common_args(tmp_path, 3, "--cond_drop_prob", 0.5, "--validation_steps", 3,
                                         "--validation_prompts", "red", "blue", "--num_validation_images", 1)

@@ -5,7 +5,6 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from unittest import mock
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 from enat_diffusers import ENATPipeline, ENATTransformer2DModel
 
 from .tiny_components import NUM_CLASSES
-from .training_assets import common_args, fresh_accelerate_state, make_assets, train_enat
+from .training_assets import common_args, fresh_accelerate_state, make_assets, recorded_training_prompts, train_enat
 
 _fresh_accelerate_state = pytest.fixture(autouse=True)(fresh_accelerate_state)
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -269,14 +268,7 @@ def test_text_data_from_an_imagefolder_with_captions(assets, tmp_path):
 
     data = ["--dataset_name", "imagefolder", "--train_data_dir", str(folder), "--caption_column", "caption"]
     model = ["--pretrained_model_name_or_path", assets.text_pipeline]
-    prompts = []
-    model_kwargs = train_enat.TextConditioning.model_kwargs
-
-    def record_prompts(conditioning, batch):
-        prompts.extend(batch)
-        return model_kwargs(conditioning, batch)
-
-    with mock.patch.object(train_enat.TextConditioning, "model_kwargs", autospec=True, side_effect=record_prompts):
+    with recorded_training_prompts() as prompts:
         train_enat.main(data + model + common_args(tmp_path, 3, "--cond_drop_prob", 0))
     assert set(prompts) <= {f"a {name} tile" for name in names} | set(names) and len(set(prompts)) > 2
     card = (tmp_path / "out" / "README.md").read_text()

@@ -1,8 +1,10 @@
 """Tiny training data, models and arguments shared by the tests of examples/train_enat.py (CPU, offline)."""
 
+import contextlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 from accelerate.state import AcceleratorState
@@ -78,3 +80,17 @@ def common_args(tmp_path, steps, *extra) -> list[str]:
         "--train_batch_size", "4", "--max_train_steps", str(steps), "--learning_rate", "3e-3",
         "--lr_warmup_steps", "0", *map(str, extra),
     ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def recorded_training_prompts():
+    """Within the block, every prompt that train_enat.py encodes for training is appended to the yielded list."""
+    prompts = []
+    model_kwargs = train_enat.TextConditioning.model_kwargs
+
+    def record_prompts(conditioning, batch):
+        prompts.extend(batch)
+        return model_kwargs(conditioning, batch)
+
+    with mock.patch.object(train_enat.TextConditioning, "model_kwargs", autospec=True, side_effect=record_prompts):
+        yield prompts
