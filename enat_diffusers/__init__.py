@@ -5,6 +5,7 @@ from .demo import load_demo_pipeline
 from .models import (
     ENAT_PRESETS,
     ENATConditioning,
+    ENATKeptContext,
     ENATReuseState,
     ENATTransformer2DModel,
     ENATTransformer2DModelOutput,
@@ -38,6 +39,7 @@ __all__ = [
     "ENATPipeline",
     "ENATPromptEmbeds",
     "ENATConditioning",
+    "ENATKeptContext",
     "ENATReuseState",
     "ENATScheduler",
     "ENATSchedulerOutput",

@@ -173,7 +173,7 @@ def held_out_digits(num_images: int):
     return images, test_labels[:num_images]
 
 
-def inpainting_demo(num_images: int = 100, seed: int = 0, pipeline=None) -> dict:
+def inpainting_demo(num_images: int = 100, seed: int = 0, pipeline=None, kept_context_mode: str = "fixed") -> dict:
     """
     The digits demo's inpainting check: real held-out digits, the bottom half masked, redrawn with the true class.
     Returns how often an independent classifier (the demo's SVC) recognises the true digit, and the fraction of
@@ -186,7 +186,12 @@ def inpainting_demo(num_images: int = 100, seed: int = 0, pipeline=None) -> dict
     mask[:, DEMO_MASKED_ROWS] = 1
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(labels))]
     tokens = pipeline(
-        image=images, mask_image=mask, class_labels=labels.tolist(), generator=generators, output_type="latent"
+        image=images,
+        mask_image=mask,
+        class_labels=labels.tolist(),
+        generator=generators,
+        kept_context_mode=kept_context_mode,
+        output_type="latent",
     ).images
     kept = ~pipeline.prepare_token_mask(mask)[1].expand_as(tokens)
     encoded = pipeline.encode_image(images * 2 - 1)

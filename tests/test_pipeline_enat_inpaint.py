@@ -201,7 +201,7 @@ def test_outpainting_keeps_the_image_tokens_and_fills_the_canvas(pipe):
 
 
 @pytest.mark.parametrize("kind", ["class", "text"])
-def test_samples_of_one_image_share_the_first_step_and_equal_the_unshared_run(kind, pipe, text_pipe):
+def test_samples_of_one_image_share_the_first_step_and_equal_the_unshared_run(kind, pipe, text_pipe, monkeypatch):
     pipe = pipe if kind == "class" else text_pipe
     inputs = {"image": images(2), "mask_image": bottom_half(), **condition(pipe, 2), "num_images_per_prompt": 3}
     calls = TransformerCalls(pipe.transformer)
@@ -209,7 +209,11 @@ def test_samples_of_one_image_share_the_first_step_and_equal_the_unshared_run(ki
     calls.remove()
     assert calls.calls[0] == (2 * 2, False)  # 2 images x 2 guidance streams at the first step
     assert all(rows == 6 * 2 for rows, _ in calls.calls[1:])
-    pipe.transformer_forward = lambda *args, **kwargs: ENATBasePipeline.transformer_forward(pipe, *args, **kwargs)
+    # Unshared: every row runs its own first step and gets its own kept context.
+    def unshared_first_step(model_input, condition_kwargs):
+        return ENATBasePipeline.transformer_forward(pipe, model_input, condition_kwargs=condition_kwargs)
+
+    monkeypatch.setattr(pipe, "_first_step_forward", unshared_first_step)
     unshared = pipe(**inputs, generator=generators(range(6)), **COMMON).images
     assert torch.equal(shared, unshared)
     assert len({tuple(row.flatten().tolist()) for row in shared[:3]}) > 1  # samples still differ

@@ -1,6 +1,7 @@
 from .transformer_enat import (
     ENAT_PRESETS,
     ENATConditioning,
+    ENATKeptContext,
     ENATReuseState,
     ENATTransformer2DModel,
     ENATTransformer2DModelOutput,
@@ -10,6 +11,7 @@ from .vq_maskgit import MaskGITVQEncoderOutput, MaskGITVQModel, MaskGITVQModelOu
 __all__ = [
     "ENAT_PRESETS",
     "ENATConditioning",
+    "ENATKeptContext",
     "ENATReuseState",
     "ENATTransformer2DModel",
     "ENATTransformer2DModelOutput",

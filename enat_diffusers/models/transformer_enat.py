@@ -13,6 +13,10 @@ Per step and image, the encoder costs `O(n_encoded * (n_reused + n_encoded))` at
 per layer instead of `O(L^2)` and `O(L)`; the decoder is small. Features before the output norm are returned as
 `reuse_state` for the next step.
 
+Editing adds a fourth kind of token: kept tokens (`ENATKeptContext`), which stay visible and unchanged for the rest
+of a run. After their first pass they are neither reused nor encoded: their keys/values at every block are computed
+once, like text keys/values, and shared by the samples of one image.
+
 Rows of a batch may have groups of different sizes (editing: every image masks its own region). Each group is then
 padded to its largest row; padding slots are left out of attention as keys and out of the results, so a row's logits
 are those of the row run alone. A batch whose rows have equal group sizes (plain generation) has no padding and no
@@ -75,6 +79,41 @@ class ENATConditioning(BaseOutput):
 
 
 @dataclass
+class ENATKeptContext(BaseOutput):
+    """
+    Tokens that stay visible and unchanged for the rest of a sampling run (the kept tokens of an edited image),
+    prepared once by `ENATTransformer2DModel.prepare_kept_context` as fixed context: at every later step they take
+    no part in the encoder, and every block attends to their stored keys/values (the way it attends to text). Their
+    features are the reuse projection of their first-pass features, which is what the reuse projection gives them at
+    the first reuse step; without a kept context the projection is applied again at every step (the generation rule),
+    which costs a projection and keys/values at every block, every step. One group serves `rows_per_group`
+    consecutive batch rows (the samples of one image in one guidance stream), so that cost is paid once per image.
+
+    Args:
+        positions (`torch.LongTensor` of shape `(num_groups, num_kept)`):
+            Raster positions of each group's kept tokens; groups with fewer kept tokens are padded with `num_tokens`.
+        features (`torch.Tensor` of shape `(num_groups, num_kept, hidden_size)`):
+            Their features at every later step.
+        key_values (`torch.Tensor` of shape `(num_groups, num_blocks, num_kept, 2 * hidden_size)`):
+            Their keys/values at every block (encoder blocks first).
+        valid (`torch.BoolTensor` of shape `(num_groups, num_kept)`):
+            False at padding slots.
+        rows_per_group (`int`):
+            Consecutive batch rows served by one group: a batch has `num_groups * rows_per_group` rows.
+    """
+
+    positions: torch.LongTensor = None
+    features: torch.Tensor = None
+    key_values: torch.Tensor = None
+    valid: torch.BoolTensor = None
+    rows_per_group: int = 1
+
+    def for_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A per-group tensor repeated for the batch rows each group serves."""
+        return tensor if self.rows_per_group == 1 else tensor.repeat_interleave(self.rows_per_group, dim=0)
+
+
+@dataclass
 class ENATTransformer2DModelOutput(BaseOutput):
     """
     Args:
@@ -92,7 +131,8 @@ class ENATTransformer2DModelOutput(BaseOutput):
 @dataclass
 class ENATTokenGroups:
     """
-    Which tokens of each row a forward call reuses, encodes and leaves masked, laid out group after group.
+    Which tokens of each row a forward call reuses, encodes and leaves masked, laid out group after group. Kept tokens
+    (`ENATKeptContext`) have no slot: they enter as stored keys/values.
 
     Args:
         order (`torch.LongTensor` of shape `(batch_size, sum(sizes))`):
@@ -116,30 +156,43 @@ class ENATTokenGroups:
         reused: torch.BoolTensor,
         masked_counts: list[int],
         reused_counts: list[int],
+        kept: torch.BoolTensor | None = None,
+        kept_counts: list[int] | None = None,
     ) -> "ENATTokenGroups":
         """
-        Groups of the tokens given which are masked and which are reused `(B, L)`, and the per-row counts of both
-        (host integers, which fix the group widths without another device sync).
+        Groups of the tokens given which are masked, reused and kept `(B, L)` (kept: optional), and the per-row
+        counts of each (host integers, which fix the group widths without another device sync).
         """
         batch_size, num_tokens = masking.shape
-        encoded_counts = [num_tokens - m - r for m, r in zip(masked_counts, reused_counts, strict=True)]
+        kept_counts = kept_counts or [0] * batch_size
+        encoded_counts = [
+            num_tokens - m - r - k for m, r, k in zip(masked_counts, reused_counts, kept_counts, strict=True)
+        ]
         sizes = (max(reused_counts), max(encoded_counts), max(masked_counts))
+        total = sum(sizes)
         group = torch.where(masking, 2, torch.where(reused, 0, 1))
-        # Slot of a token = start of its group + its rank among the row's tokens of that group (raster order).
-        rank = F.one_hot(group, 3).cumsum(dim=1).gather(2, group[..., None]).squeeze(-1) - 1
-        starts = torch.tensor([0, sizes[0], sizes[0] + sizes[1]], device=masking.device)
+        if kept is not None:
+            group = torch.where(kept, 3, group)
+        # Slot of a token = start of its group + its rank among the row's tokens of that group (raster order); kept
+        # tokens all land in one extra slot past the groups, which is dropped.
+        rank = F.one_hot(group, 4).cumsum(dim=1).gather(2, group[..., None]).squeeze(-1) - 1
+        starts = torch.tensor([0, sizes[0], sizes[0] + sizes[1], total], device=masking.device)
+        slots = torch.where(group == 3, total, starts[group] + rank)
         positions = torch.arange(num_tokens, device=masking.device).expand(batch_size, num_tokens)
-        order = positions.new_full((batch_size, sum(sizes)), num_tokens).scatter_(1, starts[group] + rank, positions)
-        ragged = len(set(masked_counts)) > 1 or len(set(reused_counts)) > 1
+        order = positions.new_full((batch_size, total + 1), num_tokens).scatter_(1, slots, positions)[:, :total]
+        ragged = len(set(zip(masked_counts, reused_counts, encoded_counts))) > 1
         return cls(order=order, sizes=sizes, valid=order < num_tokens if ragged else None)
 
     def attention_masks(
-        self, text_mask: torch.BoolTensor | None, text_length: int
+        self, prefix_mask: torch.BoolTensor | None, prefix_length: int
     ) -> tuple[torch.BoolTensor | None, torch.BoolTensor | None]:
         """
-        Key masks `(B, num_keys)` of the encoder blocks (keys: text, reused, encoded) and of the decoder blocks
-        (keys: text, reused, encoded, masked), True for keys to attend to; None where every key counts.
+        Key masks `(B, num_keys)` of the encoder blocks (keys: prefix, reused, encoded) and of the decoder blocks
+        (keys: prefix, reused, encoded, masked), True for keys to attend to; None where every key counts. The prefix
+        holds the stored keys/values (text, then kept tokens) of `prefix_length` keys, with mask `prefix_mask`
+        (None: all count).
         """
+        text_mask, text_length = prefix_mask, prefix_length
         num_visible = self.sizes[0] + self.sizes[1]
         if self.valid is None:
             if text_mask is None:
@@ -289,16 +342,17 @@ class ENATBlock(nn.Module):
         hidden_states: torch.Tensor,
         modulation: torch.Tensor,
         context: torch.Tensor | None = None,
-        text_key_values: torch.Tensor | None = None,
+        stored_key_values: torch.Tensor | None = None,
         attention_mask: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
         """
         `hidden_states` `(B, N, D)`, `modulation` `(B, 8D)` (from `modulation()`), `context` `(B, M, D)` or None,
-        `text_key_values` `(B, T, 2D)` (from `context_key_values()`) or None, `attention_mask` `(B, T + M + N)`
-        (keys in that order; False: ignore) or None -> `(B, N, D)`.
+        `stored_key_values` `(B, S, 2D)`: keys/values computed ahead (text, kept tokens; from
+        `context_key_values()`) or None, `attention_mask` `(B, S + M + N)` (keys in that order; False: ignore) or
+        None -> `(B, N, D)`.
         """
         shift, scale, _, _, gate_attn, shift_ff, scale_ff, gate_ff = modulation[:, None].chunk(8, dim=-1)
-        context_key_values = () if text_key_values is None else (text_key_values,)
+        context_key_values = () if stored_key_values is None else (stored_key_values,)
         if context is not None:
             context_key_values += (self.context_key_values(context, modulation),)
         attn_input = _modulate(self.norm1(hidden_states), shift, scale)
@@ -553,6 +607,7 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         encoder_attention_mask: torch.Tensor | None = None,
         pooled_text_embeds: torch.Tensor | None = None,
         conditioning: ENATConditioning | None = None,
+        kept_context: ENATKeptContext | None = None,
     ) -> ENATTransformer2DModelOutput | tuple:
         """
         Args:
@@ -575,6 +630,9 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
             conditioning (`ENATConditioning`, *optional*):
                 The `conditioning` returned by an earlier call for the same batch, in place of `class_labels` or the
                 text arguments: later sampling steps skip recomputing it.
+            kept_context (`ENATKeptContext`, *optional*):
+                Tokens kept fixed for the rest of the run (editing), from `prepare_kept_context`: they must be visible
+                in `input_ids`; they skip the encoder and every block attends to their stored keys/values.
 
         Returns:
             `ENATTransformer2DModelOutput` with `logits` of shape `(batch_size, codebook_size, height, width)`, the
@@ -592,13 +650,20 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
             self._check_text_inputs(input_ids.shape[0], *condition_inputs)
         if reuse_state is not None:
             self._check_reuse_state_shapes(reuse_state, *input_ids.shape)
+        kept = None
+        if kept_context is not None:
+            kept = self._kept_tokens(kept_context, *input_ids.shape)
         reused = self._reused_tokens(masking, reuse_state)
-        masked_counts, reused_counts = self._check_tokens(input_ids, masking, reused, class_labels, reuse_state)
-        groups = ENATTokenGroups.from_masks(masking, reused, masked_counts, reused_counts)
+        if kept is not None:
+            reused = reused & ~kept
+        masked_counts, reused_counts, kept_counts = self._check_tokens(
+            input_ids, masking, reused, class_labels, reuse_state, kept
+        )
+        groups = ENATTokenGroups.from_masks(masking, reused, masked_counts, reused_counts, kept, kept_counts)
         if conditioning is None:
             conditioning = self._build_conditioning(*condition_inputs)
         tokens = self.embed(input_ids)
-        features = self._encode_decode(tokens, groups, conditioning, reuse_state)
+        features = self._encode_decode(tokens, groups, conditioning, reuse_state, kept_context)
         logits = self.head(features, self.embed.word_embedding.weight[: self.config.codebook_size])
         side = self.config.sample_size
         logits = logits.transpose(1, 2).reshape(logits.shape[0], -1, side, side)
@@ -606,6 +671,99 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         if not return_dict:
             return logits, reuse_state, conditioning
         return ENATTransformer2DModelOutput(logits=logits, reuse_state=reuse_state, conditioning=conditioning)
+
+    def prepare_kept_context(
+        self,
+        reuse_state: ENATReuseState,
+        conditioning: ENATConditioning,
+        *,
+        rows_per_group: int = 1,
+    ) -> ENATKeptContext | None:
+        """
+        Turns the tokens that were visible in a pass into fixed context for the rest of a sampling run (editing: the
+        kept tokens of the images, after the first step): their features become the reuse projection of that pass's
+        features, and their keys/values at every block are computed once here. Pass the result as `kept_context=` to
+        every later step of the stream; the tokens must stay visible. Later steps then spend nothing on them beyond
+        attending to their keys/values, where the generation rule (no kept context) projects their features again
+        and recomputes their keys/values at every block, every step. The first step after this one gives the same
+        logits either way; later steps differ slightly, as the generation rule keeps projecting features that do not
+        change.
+
+        Args:
+            reuse_state (`ENATReuseState`):
+                The state returned by the pass, one row per group: `(num_groups, L, D)` features and `(num_groups, L)`
+                masking.
+            conditioning (`ENATConditioning`):
+                The groups' conditioning (`num_groups` rows, e.g. that pass's `output.conditioning`).
+            rows_per_group (`int`, defaults to 1):
+                Consecutive batch rows of the later steps that each group serves (samples of one image and stream).
+
+        Returns:
+            [`ENATKeptContext`], or None when no token was visible (nothing to keep).
+
+        Memory: `num_blocks * num_kept * 2 * hidden_size` values per group (ENAT-L, 224 kept tokens of 256, fp32:
+        44 MiB per image and guidance stream).
+        """
+        features, masking = reuse_state.features, reuse_state.masking
+        if isinstance(rows_per_group, bool) or not isinstance(rows_per_group, int) or rows_per_group < 1:
+            raise ValueError(f"`rows_per_group` must be a positive integer, got {rows_per_group!r}")
+        self._check_reuse_state_shapes(reuse_state, *masking.shape)
+        if conditioning.modulation is None or conditioning.modulation.shape[0] != masking.shape[0]:
+            raise ValueError(
+                f"`conditioning` must hold the {masking.shape[0]} rows of `reuse_state`, got "
+                f"{None if conditioning.modulation is None else conditioning.modulation.shape[0]}"
+            )
+        num_groups, num_tokens = masking.shape
+        visible = ~masking
+        num_kept = int(visible.sum(1).max())
+        if num_kept == 0:
+            return None
+        # Visible positions first (raster order), then padding that points one past the grid.
+        rank = visible.long().cumsum(1) - 1
+        positions = masking.new_full((num_groups, num_kept + 1), num_tokens, dtype=torch.long)
+        slots = torch.where(visible, rank, num_kept)
+        grid = torch.arange(num_tokens, device=masking.device).expand(num_groups, -1)
+        positions = positions.scatter_(1, slots, grid)[:, :num_kept]
+        valid = positions < num_tokens
+        gathered = torch.gather(
+            features.detach(), 1, positions.clamp(max=num_tokens - 1)[..., None].expand(-1, -1, features.shape[2])
+        )
+        kept_features = self.reuse_proj(gathered).to(features.dtype)
+        key_values = torch.stack(
+            [
+                block.context_key_values(kept_features, conditioning.modulation[:, i])
+                for i, block in enumerate(self.blocks)
+            ],
+            dim=1,
+        )
+        return ENATKeptContext(
+            positions=positions,
+            features=kept_features,
+            key_values=key_values,
+            valid=valid,
+            rows_per_group=rows_per_group,
+        )
+
+    def _kept_tokens(self, kept_context: ENATKeptContext, batch_size: int, num_tokens: int) -> torch.BoolTensor:
+        """Checks `kept_context` against the batch; returns which tokens of each row it keeps `(B, L)`."""
+        if not isinstance(kept_context, ENATKeptContext):
+            raise TypeError(
+                f"`kept_context` must be the ENATKeptContext of `prepare_kept_context`, got {type(kept_context)}"
+            )
+        positions, rows_per_group = kept_context.positions, kept_context.rows_per_group
+        num_groups = positions.shape[0] if isinstance(positions, torch.Tensor) and positions.ndim == 2 else None
+        if num_groups is None or num_groups * rows_per_group != batch_size:
+            raise ValueError(
+                f"`kept_context` serves {num_groups} groups x {rows_per_group} rows, but the batch has {batch_size} "
+                "rows; prepare it for this batch (its rows per group)"
+            )
+        num_kept = positions.shape[1]
+        expected = (num_groups, len(self.blocks), num_kept, 2 * self.config.hidden_size)
+        if kept_context.key_values is None or tuple(kept_context.key_values.shape) != expected:
+            raise ValueError(f"`kept_context.key_values` must have shape {expected}")
+        rows = kept_context.for_rows(positions)
+        kept = torch.zeros(batch_size, num_tokens + 1, dtype=torch.bool, device=rows.device)
+        return kept.scatter_(1, rows, True)[:, :num_tokens]
 
     @property
     def blocks(self) -> list[ENATBlock]:
@@ -701,6 +859,7 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         groups: ENATTokenGroups,
         conditioning: ENATConditioning,
         reuse_state: ENATReuseState | None,
+        kept_context: ENATKeptContext | None = None,
     ) -> torch.Tensor:
         """Runs the blocks on the token groups; returns the final features `(B, L, D)` in raster order."""
         batch_size, num_tokens, width = tokens.shape
@@ -709,8 +868,8 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         index = groups.order if groups.valid is None else groups.order.clamp(max=num_tokens - 1)
         index = index[..., None].expand(-1, -1, width)
         _, encoded, masked = torch.gather(tokens, 1, index).split(groups.sizes, dim=1)
-        text_length = 0 if conditioning.text_key_values is None else conditioning.text_key_values.shape[2]
-        encoder_mask, decoder_mask = groups.attention_masks(conditioning.text_mask, text_length)
+        prefix_mask, prefix_length = self._prefix_mask(conditioning, kept_context, batch_size)
+        encoder_mask, decoder_mask = groups.attention_masks(prefix_mask, prefix_length)
 
         reused_features = None
         if num_reused:
@@ -718,18 +877,40 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
             reused_features = self.reuse_proj(previous).to(tokens.dtype)
         if num_encoded:
             for i, block in enumerate(self.encoder_blocks):
-                encoded = self._run_block(block, i, encoded, conditioning, reused_features, encoder_mask)
+                encoded = self._run_block(
+                    block, i, encoded, conditioning, reused_features, encoder_mask, kept_context
+                )
         visible = encoded if reused_features is None else torch.cat([reused_features, encoded], dim=1)
         if num_masked:
             context = visible if visible.shape[1] else None
             for i, block in enumerate(self.decoder_blocks, start=len(self.encoder_blocks)):
-                masked = self._run_block(block, i, masked, conditioning, context, decoder_mask)
+                masked = self._run_block(block, i, masked, conditioning, context, decoder_mask, kept_context)
         features = torch.cat([visible, masked], dim=1)
-        if groups.valid is None:
+        if groups.valid is None and kept_context is None:
             return torch.empty_like(tokens).scatter_(1, index, features)
         # Padding slots all land on one extra position past the grid, which is dropped.
         scattered = tokens.new_empty(batch_size, num_tokens + 1, width)
+        if kept_context is not None:
+            kept_positions = kept_context.for_rows(kept_context.positions)[..., None].expand(-1, -1, width)
+            scattered.scatter_(1, kept_positions, kept_context.for_rows(kept_context.features).to(tokens.dtype))
         return scattered.scatter_(1, groups.order[..., None].expand_as(features), features)[:, :num_tokens]
+
+    @staticmethod
+    def _prefix_mask(
+        conditioning: ENATConditioning, kept_context: ENATKeptContext | None, batch_size: int
+    ) -> tuple[torch.BoolTensor | None, int]:
+        """Mask `(B, T + K)` (None: every key counts) and length of the stored keys every block attends to first:
+        the text tokens, then the kept tokens."""
+        text_length = 0 if conditioning.text_key_values is None else conditioning.text_key_values.shape[2]
+        text_mask = conditioning.text_mask
+        if kept_context is None:
+            return text_mask, text_length
+        kept_valid = kept_context.for_rows(kept_context.valid)
+        if text_mask is None and bool(kept_valid.all()):
+            return None, text_length + kept_valid.shape[1]
+        if text_mask is None:
+            text_mask = kept_valid.new_ones(batch_size, text_length)
+        return torch.cat([text_mask, kept_valid], dim=1), text_length + kept_valid.shape[1]
 
     def _run_block(
         self,
@@ -739,15 +920,19 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         conditioning: ENATConditioning,
         context: torch.Tensor | None,
         attention_mask: torch.BoolTensor | None,
+        kept_context: ENATKeptContext | None = None,
     ) -> torch.Tensor:
         # Fresh contiguous tensors: views into the stacked conditioning or the token groups would make a compiled
         # block (`compile_repeated_blocks`) specialise on their strides and offsets and recompile per block.
         hidden_states = hidden_states.contiguous()
-        text_key_values = None
+        stored = []
         if conditioning.text_key_values is not None:
-            text_key_values = conditioning.text_key_values[:, index].clone()
+            stored.append(conditioning.text_key_values[:, index])
+        if kept_context is not None:
+            stored.append(kept_context.for_rows(kept_context.key_values[:, index]).to(hidden_states.dtype))
+        stored_key_values = torch.cat(stored, dim=1) if len(stored) > 1 else stored[0].clone() if stored else None
         modulation = conditioning.modulation[:, index].clone()
-        inputs = (hidden_states, modulation, context, text_key_values, attention_mask)
+        inputs = (hidden_states, modulation, context, stored_key_values, attention_mask)
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             return self._gradient_checkpointing_func(block, *inputs)
         return block(*inputs)
@@ -865,20 +1050,25 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         reused: torch.BoolTensor,
         class_labels: torch.LongTensor | None,
         reuse_state: ENATReuseState | None,
-    ) -> tuple[list[int], list[int]]:
+        kept: torch.BoolTensor | None = None,
+    ) -> tuple[list[int], list[int], list[int] | None]:
         """
-        Validates token ids, labels and the reuse state with a single device sync, which also fetches the per-row
-        numbers of masked and reused tokens (returned as lists) that the token groups are sized by.
+        Validates token ids, labels, the reuse state and the kept tokens with a single device sync, which also
+        fetches the per-row numbers of masked, reused and kept tokens (returned as lists; kept: None without kept
+        tokens) that the token groups are sized by.
         """
         batch_size = input_ids.shape[0]
         remasked = torch.zeros_like(masking)
         if reuse_state is not None:
             remasked = masking & ~reuse_state.masking.to(masking.device)
         labels = class_labels if class_labels is not None else input_ids.new_zeros(1)
-        statistics = [input_ids.min(), input_ids.max(), labels.min(), labels.max(), remasked.any()]
+        kept_masked = torch.zeros_like(masking) if kept is None else kept & masking
+        statistics = [input_ids.min(), input_ids.max(), labels.min(), labels.max(), remasked.any(), kept_masked.any()]
         statistics += [masking.sum(1), reused.sum(1)]
+        if kept is not None:
+            statistics.append(kept.sum(1))
         values = torch.cat([s.to(input_ids.device).reshape(-1).long() for s in statistics]).tolist()
-        id_min, id_max, label_min, label_max, any_remasked = values[:5]
+        id_min, id_max, label_min, label_max, any_remasked, any_kept_masked = values[:6]
         if id_min < 0 or id_max > self.mask_token_id:
             raise ValueError(
                 f"`input_ids` must lie in [0, {self.mask_token_id}] (codebook ids, {self.mask_token_id} = mask), "
@@ -894,7 +1084,14 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
                 "`reuse_state` does not fit: some tokens masked in `input_ids` were visible in the previous step; "
                 "pass the state of the previous step of the same stream, or None"
             )
-        return values[5 : 5 + batch_size], values[5 + batch_size :]
+        if any_kept_masked:
+            raise ValueError(
+                "`kept_context` does not fit: some of its kept tokens are masked in `input_ids`; a kept context is "
+                "for tokens that stay visible for the rest of the run (pass None to encode them as usual)"
+            )
+        counts = values[6:]
+        kept_counts = counts[2 * batch_size :] if kept is not None else None
+        return counts[:batch_size], counts[batch_size : 2 * batch_size], kept_counts
 
     def _check_reuse_state_shapes(self, reuse_state: ENATReuseState, batch_size: int, num_tokens: int) -> None:
         expected_features = (batch_size, num_tokens, self.config.hidden_size)

@@ -1,9 +1,10 @@
 """What the ENAT editing pipelines (inpainting, image-to-image) share on top of [`ENATBasePipeline`]: their
 components (both kinds of transformer), image and mask checks in diffusers' input conventions, tokenizing the input
-images once per image, matching conditions to images, and the first sampling step shared by the samples of one
-image.
+images once per image, matching conditions to images, the first sampling step shared by the samples of one image,
+and the kept tokens as fixed context for the later steps.
 """
 
+import difflib
 import math
 import numbers
 
@@ -16,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..models.transformer_enat import (
     ENATConditioning,
+    ENATKeptContext,
     ENATReuseState,
     ENATTransformer2DModel,
     ENATTransformer2DModelOutput,
@@ -32,6 +34,14 @@ _TEXT_TENSOR_ARGUMENTS = (
     "negative_prompt_attention_mask",
     "negative_pooled_prompt_embeds",
 )
+# How the later steps of an editing run see the kept tokens (the `kept_context_mode` argument):
+# "fixed": after the first step their features (the reuse projection of their first-pass features) and keys/values at
+#   every block are computed once per image and guidance stream (`ENATTransformer2DModel.prepare_kept_context`) and
+#   reused by every later step and every sample of the image; the region's tokens are all that is encoded.
+# "refreshed": the generation rule: every step projects their features again and recomputes their keys/values at every
+#   block, for every sample. Same first two steps as "fixed"; costs more than generating the whole image.
+KEPT_CONTEXT_MODES = ("fixed", "refreshed")
+
 _IMAGE_TYPES = "a PIL image, a float numpy array (H, W, C) / (N, H, W, C) in [0, 1], a float torch tensor (C, H, W) / (N, C, H, W) in [0, 1], or a list of them"
 _MASK_TYPES = "a PIL image, a numpy array or torch tensor (H, W) / (N, H, W) / (N, 1, H, W) with 1 = regenerate, or a list of them"
 
@@ -132,8 +142,13 @@ class ENATEditingPipelineBase(ENATBasePipeline):
         self.mask_processor = VaeImageProcessor(
             do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
-        # Rows of one image and guidance stream that start identical (set per call; see `transformer_forward`).
+        # Per call (see `denoise_images`): rows of one image and guidance stream that start identical, how the kept
+        # tokens are seen, and the kept context once made.
         self._rows_per_image = 1
+        self._kept_context_mode = "refreshed"
+        self._shared_rows = 1
+        self._kept_context: ENATKeptContext | None = None
+        self._kept_context_made = False
 
     @property
     def image_size(self) -> int:
@@ -142,6 +157,17 @@ class ENATEditingPipelineBase(ENATBasePipeline):
 
     # ----------------------------------------------------------------------------------------------------------------
     # Step 0: image checks and matching conditions to images
+
+    @staticmethod
+    def check_kept_context_mode(kept_context_mode) -> str:
+        """`kept_context_mode` if it is one of `KEPT_CONTEXT_MODES`, else a clear error."""
+        if kept_context_mode not in KEPT_CONTEXT_MODES:
+            hint = difflib.get_close_matches(str(kept_context_mode), KEPT_CONTEXT_MODES, n=1)
+            raise ValueError(
+                f"`kept_context_mode` must be one of {list(KEPT_CONTEXT_MODES)}, got {kept_context_mode!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+        return kept_context_mode
 
     def check_image(self, image, *, name: str = "image", is_mask: bool = False) -> list[tuple[int, int]]:
         """Checks `image` (or a mask) and returns the size of each image; every one must be `image_size` square."""
@@ -229,29 +255,81 @@ class ENATEditingPipelineBase(ENATBasePipeline):
         return self.vqvae.encode(pixels.to(self.vqvae.dtype)).token_ids
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Step 4: the first step, shared by the samples of one image
+    # Step 4: the first step, shared by the samples of one image; the kept tokens as fixed context afterwards
 
-    def denoise_images(self, latents: torch.LongTensor, *, rows_per_image: int, **denoise_kwargs) -> torch.LongTensor:
-        """`denoise` for `rows_per_image` consecutive rows per input image: their first step may be shared (see
-        `transformer_forward`) for the duration of this call only."""
+    def denoise_images(
+        self,
+        latents: torch.LongTensor,
+        *,
+        rows_per_image: int,
+        kept_context_mode: str = "fixed",
+        **denoise_kwargs,
+    ) -> torch.LongTensor:
+        """`denoise` for `rows_per_image` consecutive rows per input image: their first step may be shared, and the
+        tokens visible at the first step are seen as `kept_context_mode` says (`KEPT_CONTEXT_MODES`), for the
+        duration of this call only (see `transformer_forward`)."""
         self._rows_per_image = int(rows_per_image)
+        self._kept_context_mode = self.check_kept_context_mode(kept_context_mode)
         try:
             return self.denoise(latents, **denoise_kwargs)
         finally:
-            self._rows_per_image = 1
+            self._rows_per_image, self._kept_context_mode, self._shared_rows = 1, "refreshed", 1
+            self._kept_context, self._kept_context_made = None, False
 
     def transformer_forward(self, model_input: torch.LongTensor, *, condition_kwargs: dict, reuse_state=None):
         """
-        At the first step (no reuse state yet), the `num_images_per_prompt` rows of one image and guidance stream are
-        identical: same tokens, same condition. The transformer then runs once per image and stream and its logits,
+        First step (no reuse state yet): the `num_images_per_prompt` rows of one image and guidance stream are
+        identical (same tokens, same condition), so the transformer runs once per image and stream and its logits,
         reuse state and conditioning are repeated for the other rows; this is where the kept tokens go through the
         encoder, so their cost is paid once per image. The rows' results are those of the unshared call (they only
-        diverge through their own random draws). Any later step, or rows that differ (image-to-image re-masks each
-        sample at random), runs as usual.
+        diverge through their own random draws). Rows that differ (image-to-image re-masks each sample at random)
+        run as usual.
+
+        Later steps, with `kept_context_mode="fixed"`: the tokens visible at the first step (the kept ones) become a
+        fixed context (`ENATTransformer2DModel.prepare_kept_context`) at the first reuse step, once per image and
+        stream where the first step was shared, and every later step attends to it; only the region's tokens are
+        encoded. With `"refreshed"`, every step projects the kept tokens again, as generation does.
         """
-        group = self._rows_per_image
-        if reuse_state is not None or group <= 1 or "conditioning" in condition_kwargs:
+        if reuse_state is None:
+            self._kept_context, self._kept_context_made = None, False
+            return self._first_step_forward(model_input, condition_kwargs=condition_kwargs)
+        if self._kept_context_mode == "fixed" and not self._kept_context_made:
+            self._kept_context = self._make_kept_context(reuse_state, condition_kwargs.get("conditioning"))
+            self._kept_context_made = True
+        if self._kept_context is None:
             return super().transformer_forward(model_input, condition_kwargs=condition_kwargs, reuse_state=reuse_state)
+        return self.transformer(
+            model_input, **condition_kwargs, reuse_state=reuse_state, kept_context=self._kept_context
+        )
+
+    def _make_kept_context(
+        self, reuse_state: ENATReuseState, conditioning: ENATConditioning | None
+    ) -> ENATKeptContext | None:
+        """The kept context from the first reuse state, one group per image and stream where the first step was
+        shared (its rows are copies), else one per row."""
+        if conditioning is None:
+            return None
+        group = self._shared_rows
+
+        def first_of_group(tensor):
+            return None if tensor is None else tensor[::group]
+
+        if group > 1:
+            reuse_state = ENATReuseState(
+                features=first_of_group(reuse_state.features), masking=first_of_group(reuse_state.masking)
+            )
+            conditioning = ENATConditioning(
+                modulation=first_of_group(conditioning.modulation),
+                text_key_values=first_of_group(conditioning.text_key_values),
+                text_mask=first_of_group(conditioning.text_mask),
+            )
+        return self.transformer.prepare_kept_context(reuse_state, conditioning, rows_per_group=group)
+
+    def _first_step_forward(self, model_input: torch.LongTensor, *, condition_kwargs: dict):
+        group = self._rows_per_image
+        self._shared_rows = 1
+        if group <= 1 or "conditioning" in condition_kwargs:
+            return super().transformer_forward(model_input, condition_kwargs=condition_kwargs, reuse_state=None)
         unique_input = model_input[::group]
         unique_kwargs = {
             name: value[::group] if isinstance(value, torch.Tensor) else value
@@ -262,8 +340,9 @@ class ENATEditingPipelineBase(ENATBasePipeline):
             (value, unique_kwargs[name]) for name, value in condition_kwargs.items() if isinstance(value, torch.Tensor)
         ]
         if not all(torch.equal(full, unique.repeat_interleave(group, dim=0)) for full, unique in pairs):
-            return super().transformer_forward(model_input, condition_kwargs=condition_kwargs, reuse_state=reuse_state)
+            return super().transformer_forward(model_input, condition_kwargs=condition_kwargs, reuse_state=None)
         output = self.transformer(unique_input, **unique_kwargs, reuse_state=None)
+        self._shared_rows = group
 
         def repeat(tensor):
             return None if tensor is None else tensor.repeat_interleave(group, dim=0)

@@ -82,6 +82,7 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         num_images_per_prompt: int = 1,
+        kept_context_mode: str = "fixed",
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         guidance_schedule: str = "linear",
@@ -108,6 +109,12 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
                 Class-conditional transformer: one class per image or one for all (ids or names).
             num_images_per_prompt (`int`, defaults to 1):
                 Samples per image (each re-masked at random).
+            kept_context_mode (`str`, defaults to `"fixed"`):
+                How later steps see the kept tokens (`KEPT_CONTEXT_MODES`). `"fixed"`: after the first step their
+                keys/values at every block are computed once per image and guidance stream and reused by every later
+                step and sample, so only the region is encoded (cheaper than generating the whole image).
+                `"refreshed"`: generation's rule, their features projected again and their keys/values recomputed at
+                every step for every sample (costs more than generation). The two agree on the first two steps.
             num_inference_steps, guidance_scale, guidance_schedule, generator, output_type, return_dict,
             callback_on_step_end, callback_on_step_end_tensor_inputs:
                 As for [`ENATPipeline`]. The guidance ramp and the callback's step index count from the start of the
@@ -139,6 +146,7 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
         num_inference_steps, guidance_scale = self.resolve_defaults(num_inference_steps, guidance_scale)
         num_images = len(self.check_image(image))
         strength = check_fraction(strength, "strength")
+        self.check_kept_context_mode(kept_context_mode)
         conditions = self.match_conditions_to_images(num_images, conditions)
         batch_size = self.check_inputs(
             **conditions,
@@ -176,6 +184,7 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
             latents = self.denoise_images(
                 latents,
                 rows_per_image=num_images_per_prompt,
+                kept_context_mode=kept_context_mode,
                 condition_kwargs=condition_kwargs,
                 timesteps=timesteps,
                 num_inference_steps=num_inference_steps,

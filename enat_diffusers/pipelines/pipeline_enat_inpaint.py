@@ -78,8 +78,10 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
       token is regenerated when more than `mask_threshold` of its patch is masked; with the default 0 that is when
       any of its pixels is masked, so the regenerated region covers the pixel mask.
     - Every other token is exactly the input image's token (`output_type="latent"` shows them), and the kept tokens
-      go through the transformer's encoder once, as fixed context for the region. The masking schedule runs over the
-      region: each step reveals its share of the region's tokens, no step is idle.
+      go through the transformer's encoder once, at the first step (shared by the samples of an image); afterwards
+      their keys/values are computed once and every step attends to them as fixed context for the region
+      (`kept_context_mode`). The masking schedule runs over the region: each step reveals its share of the region's
+      tokens, no step is idle.
     - Decoded images are the VQ reconstruction outside the region; `paste_back=True` pastes the original pixels back
       outside the pixel mask (diffusers' `VaeImageProcessor.apply_overlay`).
     - An image whose mask selects no token is returned as its reconstruction (the input itself with
@@ -180,6 +182,7 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
         mask_threshold: float = 0.0,
         paste_back: bool = False,
         num_images_per_prompt: int = 1,
+        kept_context_mode: str = "fixed",
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         guidance_schedule: str = "linear",
@@ -211,6 +214,12 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
                 then goes through 8-bit PIL images).
             num_images_per_prompt (`int`, defaults to 1):
                 Samples per image. They share the first transformer pass (the kept tokens are encoded once).
+            kept_context_mode (`str`, defaults to `"fixed"`):
+                How later steps see the kept tokens (`KEPT_CONTEXT_MODES`). `"fixed"`: after the first step their
+                keys/values at every block are computed once per image and guidance stream and reused by every later
+                step and sample, so only the region is encoded (cheaper than generating the whole image).
+                `"refreshed"`: generation's rule, their features projected again and their keys/values recomputed at
+                every step for every sample (costs more than generation). The two agree on the first two steps.
             num_inference_steps, guidance_scale, guidance_schedule, generator, output_type, return_dict,
             callback_on_step_end, callback_on_step_end_tensor_inputs:
                 As for [`ENATPipeline`]; `generator` may hold one generator per output image.
@@ -240,6 +249,7 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
         # 0. Defaults; check every argument (images and masks included) before any model runs
         num_inference_steps, guidance_scale = self.resolve_defaults(num_inference_steps, guidance_scale)
         num_images, num_masks = self.check_mask_inputs(image, mask_image, mask_threshold, paste_back)
+        self.check_kept_context_mode(kept_context_mode)
         conditions = self.match_conditions_to_images(num_images, conditions)
         batch_size = self.check_inputs(
             **conditions,
@@ -280,6 +290,7 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
             latents = self.denoise_images(
                 latents,
                 rows_per_image=num_images_per_prompt,
+                kept_context_mode=kept_context_mode,
                 condition_kwargs=condition_kwargs,
                 timesteps=timesteps,
                 generator=generator,
