@@ -209,6 +209,7 @@ def test_samples_of_one_image_share_the_first_step_and_equal_the_unshared_run(ki
     calls.remove()
     assert calls.calls[0] == (2 * 2, False)  # 2 images x 2 guidance streams at the first step
     assert all(rows == 6 * 2 for rows, _ in calls.calls[1:])
+
     # Unshared: every row runs its own first step and gets its own kept context.
     def unshared_first_step(model_input, condition_kwargs):
         return ENATBasePipeline.transformer_forward(pipe, model_input, condition_kwargs=condition_kwargs)

@@ -180,7 +180,7 @@ class ENATTokenGroups:
         slots = torch.where(group == 3, total, starts[group] + rank)
         positions = torch.arange(num_tokens, device=masking.device).expand(batch_size, num_tokens)
         order = positions.new_full((batch_size, total + 1), num_tokens).scatter_(1, slots, positions)[:, :total]
-        ragged = len(set(zip(masked_counts, reused_counts, encoded_counts))) > 1
+        ragged = len(set(zip(masked_counts, reused_counts, encoded_counts, strict=True))) > 1
         return cls(order=order, sizes=sizes, valid=order < num_tokens if ragged else None)
 
     def attention_masks(
@@ -877,9 +877,7 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
             reused_features = self.reuse_proj(previous).to(tokens.dtype)
         if num_encoded:
             for i, block in enumerate(self.encoder_blocks):
-                encoded = self._run_block(
-                    block, i, encoded, conditioning, reused_features, encoder_mask, kept_context
-                )
+                encoded = self._run_block(block, i, encoded, conditioning, reused_features, encoder_mask, kept_context)
         visible = encoded if reused_features is None else torch.cat([reused_features, encoded], dim=1)
         if num_masked:
             context = visible if visible.shape[1] else None
