@@ -19,9 +19,11 @@ Rows (`--rows`), all class-conditional sampling of `--num_inference_steps` steps
 * `--editing` adds inpainting rows: `ENATInpaintPipeline(..., output_type="latent")` on random images (encoded by the
   VQ, whose FLOPs are not counted and whose time is) regenerating the last `--inpaint_fractions` of the tokens in
   raster order (a band at the bottom), `--samples_per_image` samples of each image (they share the kept tokens'
-  first encoder pass), and aMUSEd's inpainting path (`amused_inpaint`: the `amused` loop started from a partly masked
-  grid with `starting_mask_ratio`, as `AmusedInpaintPipeline` runs it; it recomputes every token at every step, so its
-  cost does not depend on the fraction: one row, at the largest fraction). Editing rows count per output image: at
+  first encoder pass), per `--kept_context_modes` (`fixed`, the default: the kept tokens' keys/values computed once
+  per image and stream after the first step; `refreshed`: generation's rule, recomputed every step), and aMUSEd's
+  inpainting path (`amused_inpaint`: the `amused` loop started from a partly masked grid with `starting_mask_ratio`,
+  as `AmusedInpaintPipeline` runs it; it recomputes every token at every step, so its cost does not depend on the
+  fraction: one row, at the largest fraction). Editing rows count per output image: at
   batch size B they edit B images, each with its samples; the json's `editing` section gives their FLOP and time
   ratios to generation (the `enat` row) and to `amused_inpaint`.
 * `enat_compiled` (with `--compile`): the `enat` row with every transformer block compiled,
@@ -92,6 +94,7 @@ from enat_diffusers.models.transformer_enat import (
 )
 from enat_diffusers.models.vq_maskgit import MaskGITVQModel
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
+from enat_diffusers.pipelines.pipeline_enat_editing import KEPT_CONTEXT_MODES
 from enat_diffusers.pipelines.pipeline_enat_inpaint import ENATInpaintPipeline
 from enat_diffusers.schedulers.scheduling_enat import ENATScheduler
 from enat_diffusers.script_utils import DTYPES
@@ -205,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=list(EDITING_SAMPLES),
         help="with --editing: samples per edited image (num_images_per_prompt)",
+    )
+    parser.add_argument(
+        "--kept_context_modes",
+        nargs="+",
+        choices=KEPT_CONTEXT_MODES,
+        default=["fixed"],
+        help="with --editing: how the inpainting rows see the kept tokens (the pipelines' kept_context_mode)",
     )
     parser.add_argument(
         "--flops_only", action="store_true", help="count FLOPs and memory in one run per row; no timed runs"
@@ -392,13 +402,21 @@ class Probe:
         self.finite = True
         self.state_shapes = set()
 
-    def call(self, run: Callable[[], object]) -> object:
+    def count(self, run: Callable[[], object]) -> object:
+        """Runs `run`, adding its FLOPs while active."""
         if not self.active:
             return run()
         with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
             output = run()
         self.flops += counter.get_total_flops()
         self.attention_flops += attention_flops(counter)
+        return output
+
+    def call(self, run: Callable[[], object]) -> object:
+        """A transformer call: counted, and its logits and reuse state checked."""
+        if not self.active:
+            return run()
+        output = self.count(run)
         self.calls += 1
         logits = output if isinstance(output, torch.Tensor) else output.logits
         self.finite = self.finite and bool(torch.isfinite(logits).all())
@@ -546,6 +564,10 @@ class BenchmarkTransformer(nn.Module):
         finally:
             self.transformer.encoder_blocks, self.transformer.decoder_blocks = original
 
+    def prepare_kept_context(self, *args, **kwargs):
+        """Counted with the calls: the kept tokens' keys/values (once per editing run) are transformer work."""
+        return self.probe.count(lambda: self.transformer.prepare_kept_context(*args, **kwargs))
+
     def _forward(self, input_ids, class_labels, reuse_state, **kwargs):
         if self.mode == "plain_nat":
             conditioning = kwargs["conditioning"]
@@ -575,12 +597,13 @@ class Row:
     model: nn.Module | None = None  # a model of its own (aMUSEd), besides the shared ENAT transformer
     samples_per_image: int = 1  # editing rows: output images per edited image (per batch item)
     inpaint_fraction: float | None = None  # editing rows: the fraction of the tokens regenerated
+    kept_context_mode: str | None = None  # editing rows: the pipelines' kept_context_mode
 
     @property
     def title(self) -> str:
         if self.name in ROW_TITLES:
             return ROW_TITLES[self.name]
-        return f"ENAT inpainting {self.inpaint_fraction:.1%}, {self.samples_per_image}/img"
+        return f"ENAT inpainting {self.inpaint_fraction:.1%}, {self.samples_per_image}/img, {self.kept_context_mode}"
 
 
 def enat_row(name: str, setup: Setup, mode: str, args, device, blocks=()) -> Row:
@@ -615,7 +638,9 @@ def editing_mask(side: int, fraction: float) -> torch.BoolTensor:
     return mask.reshape(side, side)
 
 
-def inpaint_row(setup: Setup, fraction: float, samples: int, args, device: torch.device, dtype) -> Row:
+def inpaint_row(
+    setup: Setup, fraction: float, samples: int, kept_context_mode: str, args, device: torch.device, dtype
+) -> Row:
     """`ENATInpaintPipeline` with the benchmark's probe: `samples` samples of each of `batch_size` random images."""
     wrapper = BenchmarkTransformer(setup.transformer, "enat")
     pipe = ENATInpaintPipeline(transformer=wrapper, vqvae=setup.vqvae, scheduler=setup.scheduler)
@@ -634,6 +659,7 @@ def inpaint_row(setup: Setup, fraction: float, samples: int, args, device: torch
             mask_image=mask,
             class_labels=[index % config.num_classes for index in range(batch_size)],
             num_images_per_prompt=samples,
+            kept_context_mode=kept_context_mode,
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
             output_type="latent",
@@ -641,8 +667,16 @@ def inpaint_row(setup: Setup, fraction: float, samples: int, args, device: torch
         )
         return output.images
 
-    name = f"inpaint_{fraction:g}_x{samples}"
-    return Row(name, sample, wrapper.probe, config.codebook_size, samples_per_image=samples, inpaint_fraction=fraction)
+    name = f"inpaint_{fraction:g}_x{samples}" + ("" if kept_context_mode == "fixed" else f"_{kept_context_mode}")
+    return Row(
+        name,
+        sample,
+        wrapper.probe,
+        config.codebook_size,
+        samples_per_image=samples,
+        inpaint_fraction=fraction,
+        kept_context_mode=kept_context_mode,
+    )
 
 
 def amused_row(
@@ -698,7 +732,9 @@ def build_rows(setup: Setup, args, device: torch.device, dtype: torch.dtype) -> 
     if args.editing:
         for fraction in args.inpaint_fractions:
             rows.extend(
-                inpaint_row(setup, fraction, samples, args, device, dtype) for samples in args.samples_per_image
+                inpaint_row(setup, fraction, samples, mode, args, device, dtype)
+                for mode in args.kept_context_modes
+                for samples in args.samples_per_image
             )
         rows.append(amused_row(setup, args, device, dtype, inpaint_fraction=max(args.inpaint_fractions)))
     return rows
@@ -728,6 +764,8 @@ def analyse(row: Row, batch_size: int, device: torch.device, excluded: set[int])
     if row.inpaint_fraction is not None:
         result["inpaint_fraction"] = row.inpaint_fraction
         result["samples_per_image"] = row.samples_per_image
+        if row.kept_context_mode is not None:
+            result["kept_context_mode"] = row.kept_context_mode
     if row.probe.state_shapes:
         result["reuse_state_shapes"] = sorted(
             [list(features), list(masking)] for features, masking in row.probe.state_shapes

@@ -28,6 +28,7 @@ import torch
 
 from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline, ENATScheduler
 from enat_diffusers.demo import resolve_pretrained_location
+from enat_diffusers.pipelines.pipeline_enat_editing import KEPT_CONTEXT_MODES
 from enat_diffusers.schedulers.scheduling_enat import MASKING_SCHEDULES
 
 EXAMPLES = Path(__file__).resolve().parent
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--masking_schedule", choices=MASKING_SCHEDULES, default=None,
                         help="Masking schedule of the ENAT scheduler (default: the pipeline's).")  # fmt: skip
     parser.add_argument("--paste_back", action="store_true", help="Inpainting: original pixels outside the mask.")
+    parser.add_argument("--kept_context_mode", choices=KEPT_CONTEXT_MODES, default="fixed",
+                        help="How later steps see the kept tokens (fixed: computed once; refreshed: every step).")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--upscale", type=int, default=None, help="Nearest-neighbour factor (default 8 for demos).")
     parser.add_argument("--output", default="enat_edit.png")
@@ -140,6 +143,7 @@ def edit(args: argparse.Namespace) -> list[list[PIL.Image.Image]]:
     condition = {"prompt": args.prompt} if text else {"class_labels": class_labels_argument(args.class_labels)}
     options = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale}
     options = {key: value for key, value in options.items() if value is not None}
+    options["kept_context_mode"] = args.kept_context_mode
     samples = args.num_images_per_prompt
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(images) * samples)]
     if inpainting:

@@ -231,18 +231,28 @@ def test_busy_cores_run_only_while_measuring(benchmark):
 def test_editing_rows_cost_less_per_image_with_shared_samples_and_less_than_amused(benchmark, tiny_config):
     args = benchmark.parse_args(
         ["--config", str(tiny_config), "--rows", "enat", "--batch_sizes", "1", "--editing", "--flops_only",
-         "--inpaint_fractions", "0.25", "0.5", "--num_inference_steps", "4", "--amused_steps", "4"]
+         "--inpaint_fractions", "0.25", "0.5", "--num_inference_steps", "4", "--amused_steps", "4",
+         "--kept_context_modes", "fixed", "refreshed"]
     )  # fmt: skip
     report = benchmark.run_benchmark(args)
     results = {r["row"]: r for r in report["results"]}
     assert set(results) == {"enat", "amused_inpaint"} | {
-        f"inpaint_{fraction}_x{samples}" for fraction in (0.25, 0.5) for samples in (1, 4)
+        f"inpaint_{fraction}_x{samples}{suffix}"
+        for fraction in (0.25, 0.5)
+        for samples in (1, 4)
+        for suffix in ("", "_refreshed")
     }
     flops = {name: r["gflops_per_image"] for name, r in results.items()}
     for fraction in (0.25, 0.5):
         # four samples of one image share the kept tokens' first encoder pass: less per image than one sample
         assert 0 < flops[f"inpaint_{fraction}_x4"] < flops[f"inpaint_{fraction}_x1"]
         assert results[f"inpaint_{fraction}_x4"]["samples_per_image"] == 4
+        for samples in (1, 4):
+            # the kept tokens' keys/values once per run (counted with the calls) instead of at every step
+            fixed, refreshed = f"inpaint_{fraction}_x{samples}", f"inpaint_{fraction}_x{samples}_refreshed"
+            assert flops[fixed] < flops[refreshed]
+            assert results[fixed]["kept_context_mode"] == "fixed"
+            assert results[refreshed]["kept_context_mode"] == "refreshed"
     editing = {name: value for name, value in flops.items() if name.startswith("inpaint_")}
     # aMUSEd recomputes every token at every step: every ENAT edit costs less
     assert max(editing.values()) < flops["amused_inpaint"]
