@@ -702,7 +702,7 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
             [`ENATKeptContext`], or None when no token was visible (nothing to keep).
 
         Memory: `num_blocks * num_kept * 2 * hidden_size` values per group (ENAT-L, 224 kept tokens of 256, fp32:
-        44 MiB per image and guidance stream).
+        42 MiB per image and guidance stream).
         """
         features, masking = reuse_state.features, reuse_state.masking
         if isinstance(rows_per_group, bool) or not isinstance(rows_per_group, int) or rows_per_group < 1:

@@ -39,7 +39,8 @@ _TEXT_TENSOR_ARGUMENTS = (
 #   every block are computed once per image and guidance stream (`ENATTransformer2DModel.prepare_kept_context`) and
 #   reused by every later step and every sample of the image; the region's tokens are all that is encoded.
 # "refreshed": the generation rule: every step projects their features again and recomputes their keys/values at every
-#   block, for every sample. Same first two steps as "fixed"; costs more than generating the whole image.
+#   block, for every sample. Same first two steps as "fixed"; an inpainting costs more than generating the whole image
+#   this way (README, "Editing images").
 KEPT_CONTEXT_MODES = ("fixed", "refreshed")
 
 _IMAGE_TYPES = "a PIL image, a float numpy array (H, W, C) / (N, H, W, C) in [0, 1], a float torch tensor (C, H, W) / (N, C, H, W) in [0, 1], or a list of them"

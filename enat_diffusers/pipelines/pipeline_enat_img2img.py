@@ -114,7 +114,7 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
                 keys/values at every block are computed once per image and guidance stream and reused by every later
                 step and sample, so only the region is encoded (cheaper than generating the whole image).
                 `"refreshed"`: generation's rule, their features projected again and their keys/values recomputed at
-                every step for every sample (costs more than generation). The two agree on the first two steps.
+                every step for every sample (costs more). The two agree on the first two steps.
             num_inference_steps, guidance_scale, guidance_schedule, generator, output_type, return_dict,
             callback_on_step_end, callback_on_step_end_tensor_inputs:
                 As for [`ENATPipeline`]. The guidance ramp and the callback's step index count from the start of the
