@@ -192,16 +192,15 @@ class ENATTokenGroups:
         holds the stored keys/values (text, then kept tokens) of `prefix_length` keys, with mask `prefix_mask`
         (None: all count).
         """
-        text_mask, text_length = prefix_mask, prefix_length
         num_visible = self.sizes[0] + self.sizes[1]
         if self.valid is None:
-            if text_mask is None:
+            if prefix_mask is None:
                 return None, None
-            ones = text_mask.new_ones(text_mask.shape[0], sum(self.sizes))
-            return torch.cat([text_mask, ones[:, :num_visible]], dim=1), torch.cat([text_mask, ones], dim=1)
-        if text_mask is None:
-            text_mask = self.valid.new_ones(self.valid.shape[0], text_length)
-        masks = [torch.cat([text_mask, self.valid[:, :num_visible]], 1), torch.cat([text_mask, self.valid], 1)]
+            ones = prefix_mask.new_ones(prefix_mask.shape[0], sum(self.sizes))
+            return torch.cat([prefix_mask, ones[:, :num_visible]], dim=1), torch.cat([prefix_mask, ones], dim=1)
+        if prefix_mask is None:
+            prefix_mask = self.valid.new_ones(self.valid.shape[0], prefix_length)
+        masks = [torch.cat([prefix_mask, self.valid[:, :num_visible]], 1), torch.cat([prefix_mask, self.valid], 1)]
         # A row without any key to attend to has only padding queries (e.g. a fully masked row in the encoder next
         # to rows with visible tokens). Kernels differ on such queries (torch's SDPA returns zeros, others NaN);
         # letting them attend to the padding keeps their discarded outputs finite in every kernel, since a NaN
