@@ -930,8 +930,12 @@ class BusyCores:
         self.count = count
         self.processes = []
 
+    # The loop also ends when its parent is gone (its parent id changes), so a benchmark killed from outside leaves
+    # no busy core behind to skew the next measurement.
+    LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass"
+
     def __enter__(self):
-        command = [sys.executable, "-c", "while True: pass"]
+        command = [sys.executable, "-c", self.LOOP]
         self.processes = [subprocess.Popen(command) for _ in range(self.count)]
         return self
 

@@ -3,6 +3,9 @@
 import argparse
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -226,6 +229,31 @@ def test_busy_cores_run_only_while_measuring(benchmark):
         (process,) = busy.processes
         assert process.poll() is None
     assert process.poll() is not None
+
+
+def test_busy_cores_stop_when_the_benchmark_is_killed(benchmark):
+    # A benchmark killed from outside (no __exit__) must not leave a busy core behind for the next measurement.
+    parent_code = (
+        f"import sys, time; sys.path.insert(0, {str(Path(benchmark.__file__).parent)!r}); import benchmark\n"
+        "with benchmark.BusyCores(1) as busy:\n    print(busy.processes[0].pid, flush=True)\n    time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    loop_pid = int(parent.stdout.readline())
+    assert Path(f"/proc/{loop_pid}").exists()
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and process_running(loop_pid):
+        time.sleep(0.1)
+    assert not process_running(loop_pid)
+
+
+def process_running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (an exited process its new parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def test_editing_rows_cost_less_per_image_with_shared_samples_and_less_than_amused(benchmark, tiny_config):
