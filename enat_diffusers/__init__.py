@@ -1,5 +1,7 @@
 """ENAT (EfficientNAT, NeurIPS 2024) token-based image generation for Hugging Face diffusers."""
 
+# First, before anything imports torch: the CPU threads' wait policy (see `cpu_threads`).
+from . import cpu_threads  # noqa: F401  # isort: skip
 from ._diffusers_registry import register_with_diffusers
 from .demo import load_demo_pipeline
 from .models import (

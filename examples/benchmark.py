@@ -76,6 +76,7 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+import enat_diffusers  # noqa: F401  # isort: skip  (before torch: sets the CPU threads' wait policy)
 import torch
 from diffusers import AmusedScheduler, UVit2DModel
 from diffusers.utils import logging as diffusers_logging

@@ -22,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import enat_diffusers  # noqa: F401  # isort: skip  (before torch: sets the CPU threads' wait policy)
 import numpy as np
 import PIL.Image
 import torch

@@ -50,6 +50,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import enat_diffusers  # noqa: F401  # isort: skip  (before torch: sets the CPU threads' wait policy)
 import numpy as np
 import torch
 from torch import nn

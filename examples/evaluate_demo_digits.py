@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+import enat_diffusers  # noqa: F401  # isort: skip  (before torch: sets the CPU threads' wait policy)
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -15,6 +15,7 @@ import argparse
 import textwrap
 from pathlib import Path
 
+import enat_diffusers  # noqa: F401  # isort: skip  (before torch: sets the CPU threads' wait policy)
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont

@@ -66,6 +66,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import enat_diffusers  # isort: skip  (first, before torch: sets the CPU threads' wait policy)
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -74,7 +75,6 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-import enat_diffusers
 from enat_diffusers.demo import DEMO_NAMES, DEMO_PREFIX, resolve_pretrained_location
 from enat_diffusers.image_utils import to_uint8
 from enat_diffusers.pipelines import GUIDANCE_SCHEDULES

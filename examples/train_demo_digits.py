@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import enat_diffusers  # noqa: F401  # isort: skip  (before torch: sets the CPU threads' wait policy)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -343,8 +344,6 @@ def finalize_pipeline(trained: Path, output: Path, settings: dict):
     """Loads the pipeline `train_enat.py` wrote, sets `settings` (class names, defaults), saves it in fp16 to
     `output` (only the pipeline: no logs or checkpoints) and returns it loaded back (in float32)."""
     from diffusers import DiffusionPipeline
-
-    import enat_diffusers  # noqa: F401  (registers the ENAT classes)
 
     pipeline = DiffusionPipeline.from_pretrained(trained)
     pipeline = type(pipeline)(**pipeline.components, **{**pipeline_settings(pipeline), **settings})

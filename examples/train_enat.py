@@ -107,6 +107,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import enat_diffusers  # noqa: F401  # isort: skip  (before torch: sets the CPU threads' wait policy)
 import diffusers
 import huggingface_hub
 import numpy as np
