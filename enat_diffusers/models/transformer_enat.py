@@ -713,16 +713,12 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
                 f"{None if conditioning.modulation is None else conditioning.modulation.shape[0]}"
             )
         num_groups, num_tokens = masking.shape
-        visible = ~masking
-        num_kept = int(visible.sum(1).max())
-        if num_kept == 0:
+        masked_counts = masking.sum(1).tolist()
+        if min(masked_counts) == num_tokens:
             return None
-        # Visible positions first (raster order), then padding that points one past the grid.
-        rank = visible.long().cumsum(1) - 1
-        positions = masking.new_full((num_groups, num_kept + 1), num_tokens, dtype=torch.long)
-        slots = torch.where(visible, rank, num_kept)
-        grid = torch.arange(num_tokens, device=masking.device).expand(num_groups, -1)
-        positions = positions.scatter_(1, slots, grid)[:, :num_kept]
+        # The visible tokens are the pass's encoded group: their raster positions, padded with `num_tokens`.
+        groups = ENATTokenGroups.from_masks(masking, torch.zeros_like(masking), masked_counts, [0] * num_groups)
+        positions = groups.order[:, : groups.sizes[1]]
         valid = positions < num_tokens
         gathered = torch.gather(
             features.detach(), 1, positions.clamp(max=num_tokens - 1)[..., None].expand(-1, -1, features.shape[2])
@@ -867,7 +863,7 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         index = groups.order if groups.valid is None else groups.order.clamp(max=num_tokens - 1)
         index = index[..., None].expand(-1, -1, width)
         _, encoded, masked = torch.gather(tokens, 1, index).split(groups.sizes, dim=1)
-        prefix_mask, prefix_length = self._prefix_mask(conditioning, kept_context, batch_size)
+        prefix_mask, prefix_length = self._prefix_mask(conditioning, kept_context, groups)
         encoder_mask, decoder_mask = groups.attention_masks(prefix_mask, prefix_length)
 
         reused_features = None
@@ -894,7 +890,7 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
 
     @staticmethod
     def _prefix_mask(
-        conditioning: ENATConditioning, kept_context: ENATKeptContext | None, batch_size: int
+        conditioning: ENATConditioning, kept_context: ENATKeptContext | None, groups: ENATTokenGroups
     ) -> tuple[torch.BoolTensor | None, int]:
         """Mask `(B, T + K)` (None: every key counts) and length of the stored keys every block attends to first:
         the text tokens, then the kept tokens."""
@@ -902,11 +898,14 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         text_mask = conditioning.text_mask
         if kept_context is None:
             return text_mask, text_length
+        num_kept = kept_context.positions.shape[1]
+        # Rows without padding in their groups keep equally many tokens, so no kept slot is padding either (and no
+        # device sync is needed to know it).
+        if text_mask is None and groups.valid is None:
+            return None, text_length + num_kept
         kept_valid = kept_context.for_rows(kept_context.valid)
-        if text_mask is None and bool(kept_valid.all()):
-            return None, text_length + kept_valid.shape[1]
         if text_mask is None:
-            text_mask = kept_valid.new_ones(batch_size, text_length)
+            text_mask = kept_valid.new_ones(groups.order.shape[0], text_length)
         return torch.cat([text_mask, kept_valid], dim=1), text_length + kept_valid.shape[1]
 
     def _run_block(

@@ -311,18 +311,9 @@ class ENATEditingPipelineBase(ENATBasePipeline):
         if conditioning is None:
             return None
         group = self._shared_rows
-
-        def first_of_group(tensor):
-            return None if tensor is None else tensor[::group]
-
         if group > 1:
-            reuse_state = ENATReuseState(
-                features=first_of_group(reuse_state.features), masking=first_of_group(reuse_state.masking)
-            )
-            conditioning = ENATConditioning(
-                modulation=first_of_group(conditioning.modulation),
-                text_key_values=first_of_group(conditioning.text_key_values),
-                text_mask=first_of_group(conditioning.text_mask),
+            reuse_state, conditioning = (
+                map_rows(part, lambda rows: rows[::group]) for part in (reuse_state, conditioning)
             )
         return self.transformer.prepare_kept_context(reuse_state, conditioning, rows_per_group=group)
 
@@ -345,21 +336,20 @@ class ENATEditingPipelineBase(ENATBasePipeline):
         output = self.transformer(unique_input, **unique_kwargs, reuse_state=None)
         self._shared_rows = group
 
-        def repeat(tensor):
-            return None if tensor is None else tensor.repeat_interleave(group, dim=0)
+        def repeat(rows):
+            return rows.repeat_interleave(group, dim=0)
 
-        conditioning = output.conditioning
         return ENATTransformer2DModelOutput(
             logits=repeat(output.logits),
-            reuse_state=ENATReuseState(
-                features=repeat(output.reuse_state.features), masking=repeat(output.reuse_state.masking)
-            ),
-            conditioning=ENATConditioning(
-                modulation=repeat(conditioning.modulation),
-                text_key_values=repeat(conditioning.text_key_values),
-                text_mask=repeat(conditioning.text_mask),
-            ),
+            reuse_state=map_rows(output.reuse_state, repeat),
+            conditioning=map_rows(output.conditioning, repeat),
         )
+
+
+def map_rows(rows_output, function):
+    """`rows_output` (an `ENATReuseState` or `ENATConditioning`) with `function` applied to each of its tensors, all of
+    which have a batch axis first; fields that are None stay None."""
+    return type(rows_output)(**{name: function(value) for name, value in rows_output.items()})
 
 
 def check_fraction(value, name: str, *, closed_above: bool = True) -> float:
