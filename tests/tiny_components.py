@@ -12,6 +12,7 @@ from enat_diffusers.models.vq_maskgit import MaskGITVQModel
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
 from enat_diffusers.pipelines.pipeline_enat_text2img import ENATText2ImagePipeline
 from enat_diffusers.schedulers.scheduling_enat import ENATScheduler
+from enat_diffusers.testing_utils import randomize_modulation
 
 CODEBOOK_SIZE = 16
 GRID = 4
@@ -38,12 +39,7 @@ TINY_TRANSFORMER_CONFIG = {
 def tiny_transformer(seed: int = 0, **config) -> ENATTransformer2DModel:
     torch.manual_seed(seed)
     model = ENATTransformer2DModel(**{**TINY_TRANSFORMER_CONFIG, **config})
-    with torch.no_grad():  # as after training: no block is an identity map
-        for block in [*model.encoder_blocks, *model.decoder_blocks]:
-            block.adaln_modulation.weight.normal_(0, 0.2)
-            block.adaln_modulation.bias.normal_(0, 0.2)
-        if model.is_class_conditional:
-            model.class_embedding.weight.normal_(0, 1.0)
+    randomize_modulation(model, std=0.2)  # as after training: no block is an identity map
     return model.eval()
 
 
