@@ -109,7 +109,9 @@ class ENATPipeline(ENATBasePipeline):
                 `pipe._interrupt = True` there stops sampling after that step; the result is then that step's
                 `pred_original_sample` (every masked token filled by its sample), in any `output_type`.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
-                Tensors passed to the callback; only `"latents"`.
+                Tensors passed to the callback: `"latents"` (the tokens after the step, which the callback may
+                replace) and `"pred_original_sample"` (the step's prediction: every masked token filled by its
+                sample; decode it with `pipe.decode_latents` to show the run's progress).
             num_images_per_class (`int`, *optional*):
                 Deprecated name of `num_images_per_prompt` (removed in 0.3.0).
 

@@ -4,10 +4,6 @@ images once per image, matching conditions to images, the first sampling step sh
 and the kept tokens as fixed context for the later steps.
 """
 
-import difflib
-import math
-import numbers
-
 import numpy as np
 import PIL.Image
 import torch
@@ -15,14 +11,11 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import SchedulerMixin
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..models.transformer_enat import (
-    ENATConditioning,
-    ENATKeptContext,
-    ENATReuseState,
-    ENATTransformer2DModel,
-    ENATTransformer2DModelOutput,
-)
+from ..checks import check_choice, check_fraction
+from ..conditioning import ENATPromptEncodingMixin
+from ..models.transformer_enat import ENATTransformer2DModel
 from ..models.vq_maskgit import MaskGITVQModel
+from ..sampling import KEPT_CONTEXT_MODES, ENATEditState, map_rows
 from .pipeline_enat_base import ENATBasePipeline
 
 # Condition arguments of a text transformer that hold one row per prompt.
@@ -34,14 +27,6 @@ _TEXT_TENSOR_ARGUMENTS = (
     "negative_prompt_attention_mask",
     "negative_pooled_prompt_embeds",
 )
-# How the later steps of an editing run see the kept tokens (the `kept_context_mode` argument):
-# "fixed": after the first step their features (the reuse projection of their first-pass features) and keys/values at
-#   every block are computed once per image and guidance stream (`ENATTransformer2DModel.prepare_kept_context`) and
-#   reused by every later step and every sample of the image; the region's tokens are all that is encoded.
-# "refreshed": the generation rule: every step projects their features again and recomputes their keys/values at every
-#   block, for every sample. Same first two steps as "fixed"; an inpainting costs more than generating the whole image
-#   this way (README, "Editing images").
-KEPT_CONTEXT_MODES = ("fixed", "refreshed")
 
 _IMAGE_TYPES = "a PIL image, a float numpy array (H, W, C) / (N, H, W, C) in [0, 1], a float torch tensor (C, H, W) / (N, C, H, W) in [0, 1], or a list of them"
 _MASK_TYPES = "a PIL image, a numpy array or torch tensor (H, W) / (N, H, W) / (N, 1, H, W) with 1 = regenerate, or a list of them"
@@ -105,7 +90,7 @@ def image_batch_sizes(image, *, name: str = "image", is_mask: bool = False) -> l
     return sizes
 
 
-class ENATEditingPipelineBase(ENATBasePipeline):
+class ENATEditingPipelineBase(ENATPromptEncodingMixin, ENATBasePipeline):
     r"""
     Base of [`ENATInpaintPipeline`] and [`ENATImg2ImgPipeline`]. Takes the components of either generation pipeline:
     a class-conditional transformer (with `id2label` class names) or a text one (with an optional `text_encoder` and
@@ -143,13 +128,6 @@ class ENATEditingPipelineBase(ENATBasePipeline):
         self.mask_processor = VaeImageProcessor(
             do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
-        # Per call (see `denoise_images`): rows of one image and guidance stream that start identical, how the kept
-        # tokens are seen, and the kept context once made.
-        self._rows_per_image = 1
-        self._kept_context_mode = "refreshed"
-        self._shared_rows = 1
-        self._kept_context: ENATKeptContext | None = None
-        self._kept_context_made = False
 
     @property
     def image_size(self) -> int:
@@ -162,13 +140,7 @@ class ENATEditingPipelineBase(ENATBasePipeline):
     @staticmethod
     def check_kept_context_mode(kept_context_mode) -> str:
         """`kept_context_mode` if it is one of `KEPT_CONTEXT_MODES`, else a clear error."""
-        if kept_context_mode not in KEPT_CONTEXT_MODES:
-            hint = difflib.get_close_matches(str(kept_context_mode), KEPT_CONTEXT_MODES, n=1)
-            raise ValueError(
-                f"`kept_context_mode` must be one of {list(KEPT_CONTEXT_MODES)}, got {kept_context_mode!r}"
-                + (f"; did you mean {hint[0]!r}?" if hint else "")
-            )
-        return kept_context_mode
+        return check_choice(kept_context_mode, KEPT_CONTEXT_MODES, "kept_context_mode")
 
     def check_image(self, image, *, name: str = "image", is_mask: bool = False) -> list[tuple[int, int]]:
         """Checks `image` (or a mask) and returns the size of each image; every one must be `image_size` square."""
@@ -267,95 +239,10 @@ class ENATEditingPipelineBase(ENATBasePipeline):
         **denoise_kwargs,
     ) -> torch.LongTensor:
         """`denoise` for `rows_per_image` consecutive rows per input image: their first step may be shared, and the
-        tokens visible at the first step are seen as `kept_context_mode` says (`KEPT_CONTEXT_MODES`), for the
-        duration of this call only (see `transformer_forward`)."""
-        self._rows_per_image = int(rows_per_image)
-        self._kept_context_mode = self.check_kept_context_mode(kept_context_mode)
-        try:
-            return self.denoise(latents, **denoise_kwargs)
-        finally:
-            self._rows_per_image, self._kept_context_mode, self._shared_rows = 1, "refreshed", 1
-            self._kept_context, self._kept_context_made = None, False
-
-    def transformer_forward(self, model_input: torch.LongTensor, *, condition_kwargs: dict, reuse_state=None):
-        """
-        First step (no reuse state yet): the `num_images_per_prompt` rows of one image and guidance stream are
-        identical (same tokens, same condition), so the transformer runs once per image and stream and its logits,
-        reuse state and conditioning are repeated for the other rows; this is where the kept tokens go through the
-        encoder, so their cost is paid once per image. The rows' results are those of the unshared call (they only
-        diverge through their own random draws). Rows that differ (image-to-image re-masks each sample at random)
-        run as usual.
-
-        Later steps, with `kept_context_mode="fixed"`: the tokens visible at the first step (the kept ones) become a
-        fixed context (`ENATTransformer2DModel.prepare_kept_context`) at the first reuse step, once per image and
-        stream where the first step was shared, and every later step attends to it; only the region's tokens are
-        encoded. With `"refreshed"`, every step projects the kept tokens again, as generation does.
-        """
-        if reuse_state is None:
-            self._kept_context, self._kept_context_made = None, False
-            return self._first_step_forward(model_input, condition_kwargs=condition_kwargs)
-        if self._kept_context_mode == "fixed" and not self._kept_context_made:
-            self._kept_context = self._make_kept_context(reuse_state, condition_kwargs.get("conditioning"))
-            self._kept_context_made = True
-        if self._kept_context is None:
-            return super().transformer_forward(model_input, condition_kwargs=condition_kwargs, reuse_state=reuse_state)
-        return self.transformer(
-            model_input, **condition_kwargs, reuse_state=reuse_state, kept_context=self._kept_context
-        )
-
-    def _make_kept_context(
-        self, reuse_state: ENATReuseState, conditioning: ENATConditioning | None
-    ) -> ENATKeptContext | None:
-        """The kept context from the first reuse state, one group per image and stream where the first step was
-        shared (its rows are copies), else one per row."""
-        if conditioning is None:
-            return None
-        group = self._shared_rows
-        if group > 1:
-            reuse_state, conditioning = (
-                map_rows(part, lambda rows: rows[::group]) for part in (reuse_state, conditioning)
-            )
-        return self.transformer.prepare_kept_context(reuse_state, conditioning, rows_per_group=group)
-
-    def _first_step_forward(self, model_input: torch.LongTensor, *, condition_kwargs: dict):
-        group = self._rows_per_image
-        self._shared_rows = 1
-        if group <= 1 or "conditioning" in condition_kwargs:
-            return super().transformer_forward(model_input, condition_kwargs=condition_kwargs, reuse_state=None)
-        unique_input = model_input[::group]
-        unique_kwargs = {
-            name: value[::group] if isinstance(value, torch.Tensor) else value
-            for name, value in condition_kwargs.items()
-        }
-        pairs = [(model_input, unique_input)]
-        pairs += [
-            (value, unique_kwargs[name]) for name, value in condition_kwargs.items() if isinstance(value, torch.Tensor)
-        ]
-        if not all(torch.equal(full, unique.repeat_interleave(group, dim=0)) for full, unique in pairs):
-            return super().transformer_forward(model_input, condition_kwargs=condition_kwargs, reuse_state=None)
-        output = self.transformer(unique_input, **unique_kwargs, reuse_state=None)
-        self._shared_rows = group
-
-        def repeat(rows):
-            return rows.repeat_interleave(group, dim=0)
-
-        return ENATTransformer2DModelOutput(
-            logits=repeat(output.logits),
-            reuse_state=map_rows(output.reuse_state, repeat),
-            conditioning=map_rows(output.conditioning, repeat),
-        )
+        tokens visible at the first step are seen as `kept_context_mode` says (`KEPT_CONTEXT_MODES`). The state of
+        the run is an [`ENATEditState`] made here for this call."""
+        edit_state = ENATEditState(rows_per_image=rows_per_image, kept_context_mode=kept_context_mode)
+        return self.denoise(latents, edit_state=edit_state, **denoise_kwargs)
 
 
-def map_rows(rows_output, function):
-    """`rows_output` (an `ENATReuseState` or `ENATConditioning`) with `function` applied to each of its tensors, all of
-    which have a batch axis first; fields that are None stay None."""
-    return type(rows_output)(**{name: function(value) for name, value in rows_output.items()})
-
-
-def check_fraction(value, name: str, *, closed_above: bool = True) -> float:
-    """`value` as a float in `[0, 1]` (`[0, 1)` with `closed_above=False`), or a clear error."""
-    interval = "[0, 1]" if closed_above else "[0, 1)"
-    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value) or value < 0 or value > 1 or (value == 1 and not closed_above):
-        raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}")
-    return float(value)
+__all__ = ["KEPT_CONTEXT_MODES", "ENATEditingPipelineBase", "check_fraction", "image_batch_sizes", "map_rows"]
