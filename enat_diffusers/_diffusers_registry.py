@@ -116,7 +116,7 @@ class _AutoPipelineImportHook(importlib.abc.MetaPathFinder):
 
 def register_with_auto_pipelines_when_imported() -> None:
     if AUTO_PIPELINE_MODULE in sys.modules:
-        register_with_auto_pipelines_when_imported()
+        register_with_auto_pipelines()
     elif not any(isinstance(finder, _AutoPipelineImportHook) for finder in sys.meta_path):
         sys.meta_path.insert(0, _AutoPipelineImportHook())
 

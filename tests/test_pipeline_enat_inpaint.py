@@ -266,8 +266,14 @@ def test_one_image_for_several_classes_and_one_class_for_several_images(pipe):
     [
         ({"mask_image": torch.ones(2, SIDE, SIDE)}, ValueError, "2 masks for 3 images"),
         ({"class_labels": [0, 1]}, ValueError, "2 `class_labels` for 3 images"),
-        ({"mask_image": torch.ones(SIDE, SIDE + 2)}, ValueError, "`mask_image` must be 8x8 pixels"),
-        ({"image": torch.rand(3, 3, 16, 16)}, ValueError, r"`image` must be 8x8 pixels.*resize"),
+        ({"mask_image": torch.full((SIDE, SIDE), float("nan"))}, ValueError, "`mask_image` holds NaN"),
+        (
+            {"image": torch.rand(3, 3, SIDE, SIDE) * 255},
+            ValueError,
+            r"`image` must hold values in \[0, 1\].*divide by 255",
+        ),
+        ({"image": torch.full((3, 3, SIDE, SIDE), float("nan"))}, ValueError, "`image` holds NaN"),
+        ({"height": 2 * SIDE}, ValueError, "`height` must be 8"),
         ({"image": "cat.png"}, TypeError, "`image` must be a PIL image, a float numpy array"),
         ({"image": np.zeros((SIDE, SIDE, 3), dtype=np.uint8)}, TypeError, "floats in \\[0, 1\\]"),
         ({"image": None}, ValueError, "`image` is required"),

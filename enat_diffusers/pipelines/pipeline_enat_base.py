@@ -204,6 +204,29 @@ class ENATBasePipeline(ENATSamplingMixin, ENATLoraLoaderMixin, ENATHubMixin, Dif
 
     class_label_ids = get_label_ids
 
+    def prompt_as_class_labels(self, prompt, class_labels) -> tuple:
+        """
+        The one meaning of a bare string across the ENAT pipelines: it names the condition. A class-conditional
+        pipeline reads `prompt` (a string or a list of strings, given without `class_labels`) as class names, as
+        `ENATPipeline("seven")` does; a name that is not a class is refused, saying what to pass. Returns the
+        `(prompt, class_labels)` to check.
+        """
+        if not self.is_class_conditional or prompt is None or class_labels is not None:
+            return prompt, class_labels
+        names = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(names, list) or not names or not all(isinstance(name, str) for name in names):
+            return prompt, class_labels  # `check_inputs` refuses it
+        class_names = self.class_names
+        unknown = [name for name in names if class_names.lookup(name) is None]
+        if unknown:
+            known = sorted(class_names.mapping)[:10] or "none: this pipeline has no `id2label`"
+            largest = self.transformer.config.num_classes - 1
+            raise ValueError(
+                f"this pipeline's transformer is class-conditional: a prompt is read as class names, and {unknown} "
+                f"names no class (known names: {known}); pass `class_labels` (class ids in [0, {largest}] or names)"
+            )
+        return None, prompt
+
     # ----------------------------------------------------------------------------------------------------------------
     # Step 0: defaults and checks
 
@@ -283,14 +306,20 @@ class ENATBasePipeline(ENATSamplingMixin, ENATLoraLoaderMixin, ENATHubMixin, Dif
             )
         if latents is not None:
             self.check_latents(latents, batch_size)
-        self.check_scheduler()
+        self.check_scheduler(generator)
         return batch_size
 
-    def check_scheduler(self) -> None:
+    def check_scheduler(self, generator=None) -> None:
         """diffusers' `AmusedScheduler` knows fewer masking schedules than `ENATScheduler` (the ones its `__init__`
-        declares); a config converted from ours may name another one, which it would only refuse at the first step."""
+        declares); a config converted from ours may name another one, which it would only refuse at the first step.
+        It also draws with one generator: a list would fail inside its `step`, after the transformer ran."""
         if not isinstance(self.scheduler, AmusedScheduler):
             return
+        if isinstance(generator, (list, tuple)):
+            raise ValueError(
+                "`generator` is a list, but AmusedScheduler draws with one torch.Generator: pass a single generator, "
+                "or use ENATScheduler (ENATScheduler.from_config(pipe.scheduler.config)) for one generator per image"
+            )
         supported = AMUSED_MASKING_SCHEDULES
         schedule = self.scheduler.config.masking_schedule
         if supported and schedule not in supported:
@@ -331,6 +360,11 @@ class ENATBasePipeline(ENATSamplingMixin, ENATLoraLoaderMixin, ENATHubMixin, Dif
     ) -> None:
         width = self.transformer.config.text_embed_dim
         pooled_width = self.transformer.config.pooled_text_embed_dim
+        if not hasattr(self, "encode_prompt"):
+            raise ValueError(
+                f"{type(self).__name__} is for class-conditional transformers, and this one is text-conditioned: use "
+                "ENATText2ImagePipeline.from_pipe(pipe) (or an editing pipeline) and pass `prompt`"
+            )
         if class_labels is not None:
             raise ValueError("this pipeline's transformer is text-conditioned: pass `prompt`, not `class_labels`")
         if (prompt is None) == (prompt_embeds is None):

@@ -4,8 +4,6 @@ images once per image, matching conditions to images, the first sampling step sh
 and the kept tokens as fixed context for the later steps.
 """
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import SchedulerMixin
@@ -13,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..checks import check_choice, check_fraction
 from ..conditioning import ENATPromptEncodingMixin
+from ..image_utils import editing_inputs_as_pixels, resize_pixels
 from ..models.transformer_enat import ENATTransformer2DModel
 from ..models.vq_maskgit import MaskGITVQModel
 from ..sampling import KEPT_CONTEXT_MODES, ENATEditState, map_rows
@@ -28,66 +27,11 @@ _TEXT_TENSOR_ARGUMENTS = (
     "negative_pooled_prompt_embeds",
 )
 
-_IMAGE_TYPES = "a PIL image, a float numpy array (H, W, C) / (N, H, W, C) in [0, 1], a float torch tensor (C, H, W) / (N, C, H, W) in [0, 1], or a list of them"
-_MASK_TYPES = "a PIL image, a numpy array or torch tensor (H, W) / (N, H, W) / (N, 1, H, W) with 1 = regenerate, or a list of them"
-
-
-def _is_array(value) -> bool:
-    return isinstance(value, (np.ndarray, torch.Tensor))
-
-
-def _float_like(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.is_floating_point()
-    return np.issubdtype(value.dtype, np.floating)
-
 
 def image_batch_sizes(image, *, name: str = "image", is_mask: bool = False) -> list[tuple[int, int]]:
-    """
-    The `(height, width)` of every image of `image` in diffusers' input conventions (what `VaeImageProcessor.
-    preprocess` takes), checked without converting anything. Masks (`is_mask=True`) are single-channel: a 3-dim
-    array is a batch `(N, H, W)` (numpy `(H, W, 1)`: one mask), and bool arrays are accepted.
-    """
-    items = image if isinstance(image, (list, tuple)) else [image]
-    accepted = _MASK_TYPES if is_mask else _IMAGE_TYPES
-    if not items:
-        raise ValueError(f"`{name}` is an empty list; pass {accepted}")
-    sizes = []
-    for item in items:
-        if isinstance(item, PIL.Image.Image):
-            sizes.append((item.height, item.width))
-            continue
-        if not _is_array(item):
-            raise TypeError(f"`{name}` must be {accepted}, got {type(item).__name__}")
-        if not (_float_like(item) or (is_mask and item.dtype in (np.bool_, torch.bool))):
-            raise TypeError(
-                f"`{name}` arrays must hold floats in [0, 1]{' (or bools)' if is_mask else ''}, got {item.dtype}; "
-                "pass a PIL image for 8-bit pixels"
-            )
-        shape = tuple(item.shape)
-        if is_mask:
-            if len(shape) == 2:
-                sizes.append(shape)
-            elif len(shape) == 3 and isinstance(item, np.ndarray) and shape[-1] == 1:
-                sizes.append(shape[:2])
-            elif len(shape) == 3:
-                sizes += [shape[1:]] * shape[0]
-            elif len(shape) == 4 and (shape[1] == 1 if isinstance(item, torch.Tensor) else shape[-1] == 1):
-                sizes += [shape[2:] if isinstance(item, torch.Tensor) else shape[1:3]] * shape[0]
-            else:
-                raise ValueError(f"`{name}` must be {accepted}; got an array of shape {shape}")
-            continue
-        channels_first = isinstance(item, torch.Tensor)
-        if len(shape) not in (3, 4) or shape[-3 if channels_first else -1] not in (1, 3):
-            layout = "(C, H, W) or (N, C, H, W)" if channels_first else "(H, W, C) or (N, H, W, C)"
-            raise ValueError(
-                f"`{name}` {type(item).__name__} must have shape {layout} with 1 or 3 channels, got {shape}"
-            )
-        height_width = shape[-2:] if channels_first else shape[-3:-1]
-        sizes += [height_width] * (shape[0] if len(shape) == 4 else 1)
-    if not sizes:
-        raise ValueError(f"`{name}` holds no images")
-    return sizes
+    """The `(height, width)` of every image of `image` in diffusers' input conventions, all of it checked
+    (`enat_diffusers.image_utils.editing_inputs_as_pixels`)."""
+    return [tuple(pixels.shape[-2:]) for pixels in editing_inputs_as_pixels(image, name=name, is_mask=is_mask)]
 
 
 class ENATEditingPipelineBase(ENATPromptEncodingMixin, ENATBasePipeline):
@@ -97,9 +41,12 @@ class ENATEditingPipelineBase(ENATPromptEncodingMixin, ENATBasePipeline):
     `tokenizer`), so `from_pipe(pipe)` works from any ENAT pipeline without reloading weights.
 
     Conditions and images: `class_labels` (or prompts) and `image` each hold one entry per input image, or one for
-    all of them; every input image then gives `num_images_per_prompt` outputs. Input images must have the model's
-    resolution (`image_size`: token grid side x the VQ downsampling factor); other sizes are refused with the
-    resize to make, never resized silently.
+    all of them; every input image then gives `num_images_per_prompt` outputs. Images of any size are accepted and
+    resized to the model's resolution (`image_size`: token grid side x the VQ downsampling factor), which is also the
+    size of the results: images with antialiased bicubic resampling, masks by area averaging (a resized mask pixel
+    is the fraction of it that was masked, then binarized at 0.5 as diffusers does). Float pixels must lie in
+    [0, 1] (diffusers' convention); NaN or 0..255 floats are refused. 16-bit PIL images (16-bit PNGs) are read at
+    their full scale.
     """
 
     _abstract = True
@@ -143,18 +90,19 @@ class ENATEditingPipelineBase(ENATPromptEncodingMixin, ENATBasePipeline):
         return check_choice(kept_context_mode, KEPT_CONTEXT_MODES, "kept_context_mode")
 
     def check_image(self, image, *, name: str = "image", is_mask: bool = False) -> list[tuple[int, int]]:
-        """Checks `image` (or a mask) and returns the size of each image; every one must be `image_size` square."""
-        if image is None:
-            raise ValueError(f"`{name}` is required: {_MASK_TYPES if is_mask else _IMAGE_TYPES}")
-        sizes = image_batch_sizes(image, name=name, is_mask=is_mask)
+        """Checks `image` (or a mask: `is_mask=True`) and returns the `(height, width)` of each image. Any size is
+        accepted: `preprocess_image` and the masks' preparation resize to `image_size`."""
+        return image_batch_sizes(image, name=name, is_mask=is_mask)
+
+    def check_output_size(self, height, width) -> None:
+        """`height` / `width` (diffusers' names) may only be the model's resolution: ENAT draws a fixed token grid."""
         side = self.image_size
-        wrong = sorted({size for size in sizes if tuple(size) != (side, side)})
-        if wrong:
-            raise ValueError(
-                f"`{name}` must be {side}x{side} pixels (this model's resolution), got height x width {wrong}; resize "
-                f"it first (e.g. `image.resize(({side}, {side}))` for a PIL image)"
-            )
-        return sizes
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value != side:
+                raise ValueError(
+                    f"`{name}` must be {side} (or None): this model draws {side}x{side} images; inputs of other sizes "
+                    f"are resized to {side}x{side}"
+                )
 
     def _num_conditions(self, class_labels, prompt, prompt_embeds) -> int | None:
         """Number of conditions, or None where the arguments are too wrong to count (`check_inputs` says why)."""
@@ -211,16 +159,10 @@ class ENATEditingPipelineBase(ENATPromptEncodingMixin, ENATBasePipeline):
     # Step 2: the input images as tokens
 
     def preprocess_image(self, image, *, device: torch.device | None = None) -> torch.Tensor:
-        """Images (checked by `check_image`) -> `(num_images, 3, H, W)` in `[-1, 1]`, by diffusers' image processor."""
-        # PIL images of any mode (greyscale, with alpha, palette) become RGB, as the VQ encoder reads.
-        if isinstance(image, (list, tuple)):
-            image = [item.convert("RGB") if isinstance(item, PIL.Image.Image) else item for item in image]
-        elif isinstance(image, PIL.Image.Image):
-            image = image.convert("RGB")
-        pixels = self.image_processor.preprocess(image)
-        if pixels.shape[1] == 1:  # greyscale arrays
-            pixels = pixels.expand(-1, 3, -1, -1)
-        return pixels.to(device or self._execution_device)
+        """Images (see `check_image`) -> `(num_images, 3, image_size, image_size)` in `[-1, 1]`, resized where
+        needed (antialiased bicubic)."""
+        pixels = [resize_pixels(item, self.image_size) for item in editing_inputs_as_pixels(image)]
+        return (2.0 * torch.stack(pixels) - 1.0).to(device or self._execution_device)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.LongTensor:
