@@ -38,6 +38,7 @@ from ..checks import (  # noqa: E402, F401
     is_real_number,
 )
 from ..conditioning import TEXT_CONDITION_KEYS, ENATClassNames, ENATPromptEmbeds, encode_text, parse_id2label  # noqa: E402, F401
+from ..demo import resolve_pretrained_location
 from ..hub import ENATHubMixin
 from ..models.transformer_enat import ENATTransformer2DModel
 from ..models.vq_maskgit import MaskGITVQModel
@@ -128,6 +129,13 @@ class ENATBasePipeline(ENATSamplingMixin, ENATLoraLoaderMixin, ENATHubMixin, Dif
         self._guidance_schedule = "linear"
         self._num_timesteps = 0
         self._interrupt = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`DiffusionPipeline.from_pretrained`, where `demo:NAME` also names a packaged demo pipeline
+        (`ENATPipeline.from_pretrained("demo:digits")`). diffusers' own `DiffusionPipeline.from_pretrained` has no
+        public hook for it: there, use `enat_diffusers.load_demo_pipeline(NAME)`."""
+        return super().from_pretrained(resolve_pretrained_location(pretrained_model_name_or_path), **kwargs)
 
     def register_modules(self, **kwargs):
         """diffusers' `register_modules`, refusing components of the wrong kind (a `model_index.json` naming another
