@@ -2,40 +2,48 @@
 
 # First, before anything imports torch: the CPU threads' wait policy (see `cpu_threads`).
 from . import cpu_threads  # noqa: F401  # isort: skip
-from ._diffusers_registry import register_with_diffusers
-from .demo import load_demo_pipeline
-from .models import (
-    ENAT_PRESETS,
-    ENATConditioning,
-    ENATKeptContext,
-    ENATReuseState,
-    ENATTransformer2DModel,
-    ENATTransformer2DModelOutput,
-    MaskGITVQEncoderOutput,
-    MaskGITVQModel,
-    MaskGITVQModelOutput,
-)
-from .pipelines import (
-    ENAT_PIPELINES,
-    ENATBasePipeline,
-    ENATImg2ImgPipeline,
-    ENATInpaintPipeline,
-    ENATPipeline,
-    ENATPromptEmbeds,
-    ENATText2ImagePipeline,
-    encode_text,
-    outpainting_canvas,
-)
-from .schedulers import ENATScheduler, ENATSchedulerOutput
+from ._quiet import import_noise_silenced, silence_session_noise  # isort: skip
+
+with import_noise_silenced():
+    from ._diffusers_registry import register_with_diffusers
+    from .conditioning import ENATClassNames
+    from .demo import load_demo_pipeline
+    from .models import (
+        ENAT_PRESETS,
+        ENATConditioning,
+        ENATKeptContext,
+        ENATReuseState,
+        ENATTransformer2DModel,
+        ENATTransformer2DModelOutput,
+        MaskGITVQEncoderOutput,
+        MaskGITVQModel,
+        MaskGITVQModelOutput,
+    )
+    from .pipelines import (
+        ENAT_PIPELINES,
+        ENATBasePipeline,
+        ENATImg2ImgPipeline,
+        ENATInpaintPipeline,
+        ENATPipeline,
+        ENATPromptEmbeds,
+        ENATText2ImagePipeline,
+        encode_text,
+        outpainting_canvas,
+    )
+    from .sampling import ENATEditState
+    from .schedulers import ENATScheduler, ENATSchedulerOutput
 
 __version__ = "0.1.0.dev0"
 
 register_with_diffusers()
+silence_session_noise()
 
 __all__ = [
     "ENAT_PIPELINES",
     "ENAT_PRESETS",
     "ENATBasePipeline",
+    "ENATClassNames",
+    "ENATEditState",
     "ENATImg2ImgPipeline",
     "ENATInpaintPipeline",
     "ENATPipeline",

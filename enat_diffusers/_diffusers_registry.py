@@ -30,12 +30,21 @@ is from an editing pipeline to `AutoPipelineForText2Image`: diffusers finds the 
 editing classes are found in `"enat"` first, so it gives `ENATText2ImagePipeline`, which takes prompts. Use
 `ENATPipeline.from_pipe(editing_pipe)` there.
 
+The AutoPipeline tables live in `diffusers.pipelines.auto_pipeline`, whose import pulls in every diffusers pipeline
+(and prints transformers' "requires torchvision" lines where torchvision is missing). `import enat_diffusers` does not
+import it: the ENAT families are added when it is first imported (an import hook), or at once if it already was.
+
 What `save_pretrained` writes is unchanged.
 """
 
+import importlib.abc
+import importlib.machinery
+import sys
+
 import diffusers
+import diffusers.pipelines
 from diffusers import AmusedScheduler
-from diffusers.pipelines import auto_pipeline, pipeline_loading_utils
+from diffusers.pipelines import pipeline_loading_utils
 
 from .models import transformer_enat, vq_maskgit
 from .pipelines import (
@@ -59,7 +68,12 @@ AUTO_PIPELINE_FAMILIES = {
 }
 
 
-def register_with_auto_pipelines() -> None:
+AUTO_PIPELINE_MODULE = "diffusers.pipelines.auto_pipeline"
+
+
+def register_with_auto_pipelines(auto_pipeline=None) -> None:
+    """Adds the ENAT families to the AutoPipeline tables (of `auto_pipeline`, the imported module)."""
+    auto_pipeline = auto_pipeline or sys.modules[AUTO_PIPELINE_MODULE]
     tables = (
         auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
         auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
@@ -70,9 +84,48 @@ def register_with_auto_pipelines() -> None:
             table[family] = pipeline_class
 
 
+class _RegisterAfterExec(importlib.abc.Loader):
+    """Runs the real loader of `diffusers.pipelines.auto_pipeline`, then adds the ENAT families to its tables."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        register_with_auto_pipelines(module)
+
+
+class _AutoPipelineImportHook(importlib.abc.MetaPathFinder):
+    """Finds `diffusers.pipelines.auto_pipeline` as the path finder does, with a loader that registers after it
+    runs; removes itself once used."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != AUTO_PIPELINE_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec.loader = _RegisterAfterExec(spec.loader)
+        return spec
+
+
+def register_with_auto_pipelines_when_imported() -> None:
+    if AUTO_PIPELINE_MODULE in sys.modules:
+        register_with_auto_pipelines()
+    elif not any(isinstance(finder, _AutoPipelineImportHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AutoPipelineImportHook())
+
+
 def register_with_diffusers() -> None:
     for pipeline_class in ENAT_PIPELINES:
+        # Where diffusers' own pipeline classes are found: the package and its `pipelines` module.
         setattr(diffusers, pipeline_class.__name__, pipeline_class)
+        setattr(diffusers.pipelines, pipeline_class.__name__, pipeline_class)
     diffusers_classes = pipeline_loading_utils.LOADABLE_CLASSES["diffusers"]
     for module, base_class in COMPONENT_MODULES.items():
         pipeline_loading_utils.LOADABLE_CLASSES[module.__name__] = {base_class: diffusers_classes[base_class]}
@@ -80,4 +133,4 @@ def register_with_diffusers() -> None:
     if ENATScheduler.__name__ not in AmusedScheduler._compatibles:
         # A new list: the one there may be shared with other classes.
         AmusedScheduler._compatibles = [*AmusedScheduler._compatibles, ENATScheduler.__name__]
-    register_with_auto_pipelines()
+    register_with_auto_pipelines_when_imported()

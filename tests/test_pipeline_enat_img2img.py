@@ -136,7 +136,7 @@ def test_images_of_numpy_pil_and_tensor_give_the_same_result(pipe):
         ({"strength": float("nan")}, ValueError, "`strength` must be a number"),
         ({"image": np.zeros((2, 5, 5))}, ValueError, "`image` ndarray must have shape"),
         ({"image": {"pixels": 1}}, TypeError, "`image` must be a PIL image"),
-        ({"image": torch.rand(3, 3, 4, 4)}, ValueError, "`image` must be 8x8 pixels"),
+        ({"image": torch.rand(3, 3, 8, 8) * 255}, ValueError, "divide by 255"),
         ({"image": images(3)}, ValueError, "2 `class_labels` for 3 images"),
         ({"class_labels": [0, 9]}, ValueError, "class_labels"),
     ],

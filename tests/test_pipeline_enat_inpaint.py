@@ -1,6 +1,8 @@
 """ENATInpaintPipeline: the token mask, kept tokens, the region's schedule, shared first step, ragged batches,
 outpainting, paste-back, bad input, AutoPipelines, and the digits demo."""
 
+import functools
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -8,13 +10,14 @@ import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
 from enat_diffusers import (
-    ENATBasePipeline,
     ENATImg2ImgPipeline,
     ENATInpaintPipeline,
     ENATPipeline,
     ENATText2ImagePipeline,
     outpainting_canvas,
 )
+from enat_diffusers.pipelines import pipeline_enat_editing
+from enat_diffusers.sampling import ENATEditState
 
 from .example_scripts import load_example
 from .tiny_components import CODEBOOK_SIZE as MASK
@@ -211,10 +214,9 @@ def test_samples_of_one_image_share_the_first_step_and_equal_the_unshared_run(ki
     assert all(rows == 6 * 2 for rows, _ in calls.calls[1:])
 
     # Unshared: every row runs its own first step and gets its own kept context.
-    def unshared_first_step(model_input, condition_kwargs):
-        return ENATBasePipeline.transformer_forward(pipe, model_input, condition_kwargs=condition_kwargs)
-
-    monkeypatch.setattr(pipe, "_first_step_forward", unshared_first_step)
+    monkeypatch.setattr(
+        pipeline_enat_editing, "ENATEditState", functools.partial(ENATEditState, share_first_step=False)
+    )
     unshared = pipe(**inputs, generator=generators(range(6)), **COMMON).images
     assert torch.equal(shared, unshared)
     assert len({tuple(row.flatten().tolist()) for row in shared[:3]}) > 1  # samples still differ
@@ -264,8 +266,14 @@ def test_one_image_for_several_classes_and_one_class_for_several_images(pipe):
     [
         ({"mask_image": torch.ones(2, SIDE, SIDE)}, ValueError, "2 masks for 3 images"),
         ({"class_labels": [0, 1]}, ValueError, "2 `class_labels` for 3 images"),
-        ({"mask_image": torch.ones(SIDE, SIDE + 2)}, ValueError, "`mask_image` must be 8x8 pixels"),
-        ({"image": torch.rand(3, 3, 16, 16)}, ValueError, r"`image` must be 8x8 pixels.*resize"),
+        ({"mask_image": torch.full((SIDE, SIDE), float("nan"))}, ValueError, "`mask_image` holds NaN"),
+        (
+            {"image": torch.rand(3, 3, SIDE, SIDE) * 255},
+            ValueError,
+            r"`image` must hold values in \[0, 1\].*divide by 255",
+        ),
+        ({"image": torch.full((3, 3, SIDE, SIDE), float("nan"))}, ValueError, "`image` holds NaN"),
+        ({"height": 2 * SIDE}, ValueError, "`height` must be 8"),
         ({"image": "cat.png"}, TypeError, "`image` must be a PIL image, a float numpy array"),
         ({"image": np.zeros((SIDE, SIDE, 3), dtype=np.uint8)}, TypeError, "floats in \\[0, 1\\]"),
         ({"image": None}, ValueError, "`image` is required"),

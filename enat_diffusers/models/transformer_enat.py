@@ -36,6 +36,14 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..checks import (
+    check_class_label_range,
+    check_class_label_tensor,
+    check_text_companions,
+    check_text_embeds,
+    check_token_id_range,
+    check_token_id_tensor,
+)
 from ..hub import ENATHubMixin
 
 
@@ -126,6 +134,57 @@ class ENATTransformer2DModelOutput(BaseOutput):
     logits: torch.Tensor = None
     reuse_state: ENATReuseState = None
     conditioning: ENATConditioning = None
+
+
+@dataclass
+class ENATTokenCounts:
+    """
+    Host numbers of one forward call, fetched from the device at once (`fetch`, one sync): the per-row counts of
+    masked, reused and kept tokens that size the token groups, and the extremes that the input checks read.
+    """
+
+    masked: list[int]
+    reused: list[int]
+    kept: list[int]
+    id_min: int
+    id_max: int
+    label_min: int
+    label_max: int
+    any_remasked: bool
+    any_kept_masked: bool
+
+    @classmethod
+    def fetch(
+        cls,
+        input_ids: torch.LongTensor,
+        masking: torch.BoolTensor,
+        reused: torch.BoolTensor,
+        class_labels: torch.LongTensor | None,
+        reuse_state: "ENATReuseState | None",
+        kept: torch.BoolTensor | None,
+    ) -> "ENATTokenCounts":
+        batch_size = input_ids.shape[0]
+        remasked = torch.zeros_like(masking)
+        if reuse_state is not None:
+            remasked = masking & ~reuse_state.masking.to(masking.device)
+        labels = class_labels if class_labels is not None else input_ids.new_zeros(1)
+        kept_masked = torch.zeros_like(masking) if kept is None else kept & masking
+        kept_rows = torch.zeros_like(masking) if kept is None else kept
+        values = [input_ids.min(), input_ids.max(), labels.min(), labels.max(), remasked.any(), kept_masked.any()]
+        values += [masking.sum(1), reused.sum(1), kept_rows.sum(1)]
+        host = torch.cat([v.to(input_ids.device).reshape(-1).long() for v in values]).tolist()
+        counts = host[6:]
+        return cls(
+            masked=counts[:batch_size],
+            reused=counts[batch_size : 2 * batch_size],
+            kept=counts[2 * batch_size :],
+            id_min=host[0],
+            id_max=host[1],
+            label_min=host[2],
+            label_max=host[3],
+            any_remasked=bool(host[4]),
+            any_kept_masked=bool(host[5]),
+        )
 
 
 @dataclass
@@ -256,10 +315,11 @@ class ENATAttnProcessor:
         context_key_values: tuple[torch.Tensor, ...] = (),
         attention_mask: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
-        key_values = [*context_key_values, attn.to_kv(hidden_states)]
+        query, own_key_values = attn.project_own_tokens(hidden_states)
+        key_values = [*context_key_values, own_key_values]
         key, value = (torch.cat(key_values, dim=1) if len(key_values) > 1 else key_values[0]).chunk(2, dim=-1)
         # The dispatcher takes (batch, tokens, heads, head_dim).
-        query, key, value = (x.unflatten(-1, (attn.heads, -1)) for x in (attn.to_q(hidden_states), key, value))
+        query, key, value = (x.unflatten(-1, (attn.heads, -1)) for x in (query, key, value))
         if attention_mask is not None:
             attention_mask = attention_mask[:, None, None, :]
         attended = dispatch_attention_fn(
@@ -282,7 +342,10 @@ class ENATAttention(nn.Module, AttentionModuleMixin):
 
     _default_processor_cls = ENATAttnProcessor
     _available_processors = [ENATAttnProcessor]
-    _supports_qkv_fusion = False  # keys and values come from two projections; nothing to fuse with the queries
+    # `fuse_qkv_projections()` joins the queries' projection with the own tokens' key/value projection (`to_kv`,
+    # fused already, as checkpoints store it) into `to_qkv`: one matmul for the block's tokens. `to_kv` stays after
+    # unfusing, since it is the model's own layer (diffusers' generic mixin expects it to go: not applicable here).
+    _supports_qkv_fusion = True
 
     def __init__(self, hidden_size: int, num_heads: int, processor: ENATAttnProcessor | None = None):
         super().__init__()
@@ -297,6 +360,31 @@ class ENATAttention(nn.Module, AttentionModuleMixin):
         self.to_kv_context = nn.Linear(hidden_size, 2 * hidden_size)
         self.to_out = nn.Linear(hidden_size, hidden_size)
         self.set_processor(processor or self._default_processor_cls())
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Adds `to_qkv`, the query and own key/value projections in one layer, and sets `fused_projections`."""
+        if self.fused_projections:
+            return
+        weight = torch.cat([self.to_q.weight, self.to_kv.weight])
+        self.to_qkv = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+        self.to_qkv.weight.copy_(weight)
+        self.to_qkv.bias.copy_(torch.cat([self.to_q.bias, self.to_kv.bias]))
+        self.fused_projections = True
+
+    def unfuse_projections(self) -> None:
+        """Removes `to_qkv`; `to_q` and `to_kv` are used again."""
+        if not self.fused_projections:
+            return
+        del self.to_qkv
+        self.fused_projections = False
+
+    def project_own_tokens(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries `(B, N, D)` and keys/values `(B, N, 2D)` of the block's own tokens."""
+        if self.fused_projections:
+            query_key_values = self.to_qkv(hidden_states)
+            return query_key_values.split([hidden_states.shape[-1], 2 * hidden_states.shape[-1]], dim=-1)
+        return self.to_q(hidden_states), self.to_kv(hidden_states)
 
     def forward(
         self,
@@ -638,27 +726,29 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
             `reuse_state` for the next step and the batch's `conditioning`. As a tuple: `(logits, reuse_state,
             conditioning)`.
         """
-        input_ids = self._flatten_input_ids(input_ids)
-        masking = input_ids == self.mask_token_id
+        self._check_inputs(
+            input_ids,
+            class_labels,
+            encoder_hidden_states,
+            reuse_state,
+            encoder_attention_mask,
+            pooled_text_embeds,
+            conditioning,
+            kept_context,
+        )
         condition_inputs = (class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds)
-        if conditioning is not None:
-            self._check_conditioning(input_ids.shape[0], conditioning, condition_inputs)
-        elif self.is_class_conditional:
-            self._check_class_inputs(input_ids.shape[0], class_labels, encoder_hidden_states)
-        else:
-            self._check_text_inputs(input_ids.shape[0], *condition_inputs)
-        if reuse_state is not None:
-            self._check_reuse_state_shapes(reuse_state, *input_ids.shape)
-        kept = None
-        if kept_context is not None:
-            kept = self._kept_tokens(kept_context, *input_ids.shape)
+        input_ids = input_ids.reshape(input_ids.shape[0], -1).long()
+        masking = input_ids == self.mask_token_id
+        kept = None if kept_context is None else self._kept_tokens(kept_context, *input_ids.shape)
         reused = self._reused_tokens(masking, reuse_state)
         if kept is not None:
             reused = reused & ~kept
-        masked_counts, reused_counts, kept_counts = self._check_tokens(
-            input_ids, masking, reused, class_labels, reuse_state, kept
+        # One device sync fetches what the checks of token values need and the per-row counts of every group.
+        counts = ENATTokenCounts.fetch(input_ids, masking, reused, class_labels, reuse_state, kept)
+        self._check_token_values(counts, class_labels is not None)
+        groups = ENATTokenGroups.from_masks(
+            masking, reused, counts.masked, counts.reused, kept, counts.kept if kept is not None else None
         )
-        groups = ENATTokenGroups.from_masks(masking, reused, masked_counts, reused_counts, kept, kept_counts)
         if conditioning is None:
             conditioning = self._build_conditioning(*condition_inputs)
         tokens = self.embed(input_ids)
@@ -739,24 +829,10 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
             rows_per_group=rows_per_group,
         )
 
-    def _kept_tokens(self, kept_context: ENATKeptContext, batch_size: int, num_tokens: int) -> torch.BoolTensor:
-        """Checks `kept_context` against the batch; returns which tokens of each row it keeps `(B, L)`."""
-        if not isinstance(kept_context, ENATKeptContext):
-            raise TypeError(
-                f"`kept_context` must be the ENATKeptContext of `prepare_kept_context`, got {type(kept_context)}"
-            )
-        positions, rows_per_group = kept_context.positions, kept_context.rows_per_group
-        num_groups = positions.shape[0] if isinstance(positions, torch.Tensor) and positions.ndim == 2 else None
-        if num_groups is None or num_groups * rows_per_group != batch_size:
-            raise ValueError(
-                f"`kept_context` serves {num_groups} groups x {rows_per_group} rows, but the batch has {batch_size} "
-                "rows; prepare it for this batch (its rows per group)"
-            )
-        num_kept = positions.shape[1]
-        expected = (num_groups, len(self.blocks), num_kept, 2 * self.config.hidden_size)
-        if kept_context.key_values is None or tuple(kept_context.key_values.shape) != expected:
-            raise ValueError(f"`kept_context.key_values` must have shape {expected}")
-        rows = kept_context.for_rows(positions)
+    @staticmethod
+    def _kept_tokens(kept_context: ENATKeptContext, batch_size: int, num_tokens: int) -> torch.BoolTensor:
+        """Which tokens of each row `kept_context` keeps `(B, L)`."""
+        rows = kept_context.for_rows(kept_context.positions)
         kept = torch.zeros(batch_size, num_tokens + 1, dtype=torch.bool, device=rows.device)
         return kept.scatter_(1, rows, True)[:, :num_tokens]
 
@@ -794,21 +870,14 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         """
         inputs = (class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds)
         if self.is_class_conditional:
-            batch_size = class_labels.numel() if isinstance(class_labels, torch.Tensor) else 0
-            self._check_class_inputs(batch_size, class_labels, encoder_hidden_states)
-            label_min, label_max = torch.stack([class_labels.min(), class_labels.max()]).tolist()
-            if label_min < 0 or label_max > self.config.num_classes:
-                raise ValueError(
-                    f"`class_labels` must lie in [0, {self.config.num_classes}] ({self.config.num_classes} = null "
-                    f"class), got values in [{label_min}, {label_max}]"
-                )
+            batch_size = class_labels.numel() if isinstance(class_labels, torch.Tensor) else None
         else:
-            batch_size = encoder_hidden_states.shape[0] if isinstance(encoder_hidden_states, torch.Tensor) else 0
-            self._check_text_inputs(batch_size, *inputs)
+            batch_size = encoder_hidden_states.shape[0] if isinstance(encoder_hidden_states, torch.Tensor) else None
+        self._check_condition_inputs(batch_size, *inputs)
+        if self.is_class_conditional:
+            label_min, label_max = torch.stack([class_labels.min(), class_labels.max()]).tolist()
+            check_class_label_range(label_min, label_max, self.config.num_classes, null_allowed=True)
         return self._build_conditioning(*inputs)
-
-    # examples/benchmark.py still calls the former private name.
-    _prepare_conditioning = prepare_conditioning
 
     def _build_conditioning(
         self,
@@ -940,10 +1009,24 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
             class_labels = class_labels.masked_fill(dropped, self.null_class_label)
         return class_labels
 
-    def _flatten_input_ids(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+    # ----------------------------------------------------------------------------------------------------------------
+    # Input checks (the rules are `enat_diffusers.checks`'): `_check_inputs` runs first in `forward`, without a device
+    # sync; `_check_token_values` checks the values fetched with the token counts.
+
+    def _check_inputs(
+        self,
+        input_ids,
+        class_labels,
+        encoder_hidden_states,
+        reuse_state,
+        encoder_attention_mask,
+        pooled_text_embeds,
+        conditioning,
+        kept_context,
+    ) -> None:
+        """Types and shapes of every `forward` argument."""
         side = self.config.sample_size
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError("`input_ids` must be an integer torch.Tensor of token ids")
+        check_token_id_tensor(input_ids)
         grid_ok = input_ids.ndim == 3 and tuple(input_ids.shape[1:]) == (side, side)
         flat_ok = input_ids.ndim == 2 and input_ids.shape[1] == side * side
         if not (grid_ok or flat_ok):
@@ -951,49 +1034,73 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
                 f"`input_ids` must have shape (batch, {side}, {side}) or (batch, {side * side}) for this model "
                 f"(trained on a {side}x{side} token grid), got {tuple(input_ids.shape)}"
             )
-        return input_ids.reshape(input_ids.shape[0], -1).long()
+        batch_size, num_tokens = input_ids.shape[0], side * side
+        condition_inputs = (class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds)
+        if conditioning is not None:
+            self._check_conditioning(batch_size, conditioning, condition_inputs)
+        else:
+            self._check_condition_inputs(batch_size, *condition_inputs)
+        if reuse_state is not None:
+            self._check_reuse_state_shapes(reuse_state, batch_size, num_tokens)
+        if kept_context is not None:
+            self._check_kept_context(kept_context, batch_size)
 
-    def _check_class_inputs(
-        self, batch_size: int, class_labels: torch.LongTensor | None, encoder_hidden_states: torch.Tensor | None
+    def _check_condition_inputs(
+        self, batch_size, class_labels, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds
     ) -> None:
-        if encoder_hidden_states is not None:
-            raise ValueError("`encoder_hidden_states` was given, but this model is class-conditional")
-        if class_labels is None:
-            raise ValueError("`class_labels` is required: a (batch_size,) tensor of labels in [0, num_classes]")
-        if not isinstance(class_labels, torch.Tensor) or class_labels.is_floating_point():
-            raise TypeError("`class_labels` must be an integer torch.Tensor")
-        if class_labels.numel() != batch_size:
-            raise ValueError(f"`class_labels` must hold {batch_size} labels, got shape {tuple(class_labels.shape)}")
-
-    def _check_text_inputs(
-        self,
-        batch_size: int,
-        class_labels: torch.LongTensor | None,
-        encoder_hidden_states: torch.Tensor | None,
-        encoder_attention_mask: torch.Tensor | None,
-        pooled_text_embeds: torch.Tensor | None,
-    ) -> None:
+        """The condition of a class-conditional model (`class_labels`) or a text one (the text arguments)."""
+        if self.is_class_conditional:
+            if encoder_hidden_states is not None:
+                raise ValueError("`encoder_hidden_states` was given, but this model is class-conditional")
+            if class_labels is None:
+                raise ValueError("`class_labels` is required: a (batch_size,) tensor of labels in [0, num_classes]")
+            check_class_label_tensor(class_labels, batch_size)
+            return
         if class_labels is not None:
             raise ValueError("`class_labels` was given, but this model is text-conditioned")
-        width = self.config.text_embed_dim
-        if encoder_hidden_states is None or encoder_hidden_states.ndim != 3:
-            raise ValueError(f"`encoder_hidden_states` of shape (batch_size, text_length, {width}) is required")
-        if encoder_hidden_states.shape[0] != batch_size or encoder_hidden_states.shape[2] != width:
-            raise ValueError(
-                f"`encoder_hidden_states` must have shape ({batch_size}, text_length, {width}), "
-                f"got {tuple(encoder_hidden_states.shape)}"
+        check_text_embeds(
+            "encoder_hidden_states", encoder_hidden_states, width=self.config.text_embed_dim, batch_size=batch_size
+        )
+        check_text_companions(
+            "",
+            encoder_hidden_states,
+            encoder_attention_mask,
+            pooled_text_embeds,
+            self.config.pooled_text_embed_dim,
+            names=("encoder_attention_mask", "pooled_text_embeds"),
+        )
+
+    def _check_kept_context(self, kept_context: ENATKeptContext, batch_size: int) -> None:
+        if not isinstance(kept_context, ENATKeptContext):
+            raise TypeError(
+                f"`kept_context` must be the ENATKeptContext of `prepare_kept_context`, got {type(kept_context)}"
             )
-        expected_mask = tuple(encoder_hidden_states.shape[:2])
-        if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != expected_mask:
+        positions, rows_per_group = kept_context.positions, kept_context.rows_per_group
+        num_groups = positions.shape[0] if isinstance(positions, torch.Tensor) and positions.ndim == 2 else None
+        if num_groups is None or num_groups * rows_per_group != batch_size:
             raise ValueError(
-                f"`encoder_attention_mask` must have shape {expected_mask}, got {tuple(encoder_attention_mask.shape)}"
+                f"`kept_context` serves {num_groups} groups x {rows_per_group} rows, but the batch has {batch_size} "
+                "rows; prepare it for this batch (its rows per group)"
             )
-        pooled_width = self.config.pooled_text_embed_dim
-        if pooled_width is not None and (
-            pooled_text_embeds is None or tuple(pooled_text_embeds.shape) != (batch_size, pooled_width)
-        ):
-            got = None if pooled_text_embeds is None else tuple(pooled_text_embeds.shape)
-            raise ValueError(f"`pooled_text_embeds` of shape ({batch_size}, {pooled_width}) is required, got {got}")
+        expected = (num_groups, len(self.blocks), positions.shape[1], 2 * self.config.hidden_size)
+        if kept_context.key_values is None or tuple(kept_context.key_values.shape) != expected:
+            raise ValueError(f"`kept_context.key_values` must have shape {expected}")
+
+    def _check_token_values(self, counts: "ENATTokenCounts", has_class_labels: bool) -> None:
+        """The checks that need tensor values, on the host numbers of `ENATTokenCounts.fetch`."""
+        check_token_id_range(counts.id_min, counts.id_max, self.mask_token_id)
+        if has_class_labels:
+            check_class_label_range(counts.label_min, counts.label_max, self.config.num_classes, null_allowed=True)
+        if counts.any_remasked:
+            raise ValueError(
+                "`reuse_state` does not fit: some tokens masked in `input_ids` were visible in the previous step; "
+                "pass the state of the previous step of the same stream, or None"
+            )
+        if counts.any_kept_masked:
+            raise ValueError(
+                "`kept_context` does not fit: some of its kept tokens are masked in `input_ids`; a kept context is "
+                "for tokens that stay visible for the rest of the run (pass None to encode them as usual)"
+            )
 
     def _check_conditioning(
         self, batch_size: int, conditioning: ENATConditioning, condition_inputs: tuple[torch.Tensor | None, ...]
@@ -1038,56 +1145,6 @@ transformer = ENATTransformer2DModel.from_pretrained("{repo_id}")
         if reuse_state is None:
             return torch.zeros_like(masking)
         return ~(masking | reuse_state.masking.to(masking.device))
-
-    def _check_tokens(
-        self,
-        input_ids: torch.LongTensor,
-        masking: torch.BoolTensor,
-        reused: torch.BoolTensor,
-        class_labels: torch.LongTensor | None,
-        reuse_state: ENATReuseState | None,
-        kept: torch.BoolTensor | None = None,
-    ) -> tuple[list[int], list[int], list[int] | None]:
-        """
-        Validates token ids, labels, the reuse state and the kept tokens with a single device sync, which also
-        fetches the per-row numbers of masked, reused and kept tokens (returned as lists; kept: None without kept
-        tokens) that the token groups are sized by.
-        """
-        batch_size = input_ids.shape[0]
-        remasked = torch.zeros_like(masking)
-        if reuse_state is not None:
-            remasked = masking & ~reuse_state.masking.to(masking.device)
-        labels = class_labels if class_labels is not None else input_ids.new_zeros(1)
-        kept_masked = torch.zeros_like(masking) if kept is None else kept & masking
-        statistics = [input_ids.min(), input_ids.max(), labels.min(), labels.max(), remasked.any(), kept_masked.any()]
-        statistics += [masking.sum(1), reused.sum(1)]
-        if kept is not None:
-            statistics.append(kept.sum(1))
-        values = torch.cat([s.to(input_ids.device).reshape(-1).long() for s in statistics]).tolist()
-        id_min, id_max, label_min, label_max, any_remasked, any_kept_masked = values[:6]
-        if id_min < 0 or id_max > self.mask_token_id:
-            raise ValueError(
-                f"`input_ids` must lie in [0, {self.mask_token_id}] (codebook ids, {self.mask_token_id} = mask), "
-                f"got values in [{id_min}, {id_max}]"
-            )
-        if class_labels is not None and (label_min < 0 or label_max > self.config.num_classes):
-            raise ValueError(
-                f"`class_labels` must lie in [0, {self.config.num_classes}] ({self.config.num_classes} = null class), "
-                f"got values in [{label_min}, {label_max}]"
-            )
-        if any_remasked:
-            raise ValueError(
-                "`reuse_state` does not fit: some tokens masked in `input_ids` were visible in the previous step; "
-                "pass the state of the previous step of the same stream, or None"
-            )
-        if any_kept_masked:
-            raise ValueError(
-                "`kept_context` does not fit: some of its kept tokens are masked in `input_ids`; a kept context is "
-                "for tokens that stay visible for the rest of the run (pass None to encode them as usual)"
-            )
-        counts = values[6:]
-        kept_counts = counts[2 * batch_size :] if kept is not None else None
-        return counts[:batch_size], counts[batch_size : 2 * batch_size], kept_counts
 
     def _check_reuse_state_shapes(self, reuse_state: ENATReuseState, batch_size: int, num_tokens: int) -> None:
         expected_features = (batch_size, num_tokens, self.config.hidden_size)

@@ -1,5 +1,6 @@
+from ..conditioning import ENATPromptEmbeds, encode_text
 from .pipeline_enat import ENATPipeline
-from .pipeline_enat_base import GUIDANCE_SCHEDULES, ENATBasePipeline, ENATPromptEmbeds, encode_text
+from .pipeline_enat_base import GUIDANCE_SCHEDULES, ENATBasePipeline
 from .pipeline_enat_editing import ENATEditingPipelineBase
 from .pipeline_enat_img2img import ENATImg2ImgPipeline
 from .pipeline_enat_inpaint import ENATInpaintPipeline, outpainting_canvas

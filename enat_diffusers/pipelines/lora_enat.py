@@ -160,7 +160,7 @@ class ENATLoraLoaderMixin(LoraBaseMixin):
                 model.train(model.training)
 
     def _replace_class_embedding(self, weight: torch.Tensor, id2label: dict | None) -> None:
-        from .pipeline_enat_base import parse_id2label
+        from ..conditioning import parse_id2label
 
         transformer = self.transformer
         if not transformer.is_class_conditional:

@@ -65,7 +65,7 @@ class ENATPipeline(ENATBasePipeline):
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        class_labels: int | str | list[int | str] | torch.Tensor,
+        class_labels: int | str | list[int | str] | torch.Tensor | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         guidance_schedule: str = "linear",
@@ -77,6 +77,7 @@ class ENATPipeline(ENATBasePipeline):
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         num_images_per_class: int | None = None,
+        prompt: str | list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generates images of the given classes.
@@ -109,9 +110,15 @@ class ENATPipeline(ENATBasePipeline):
                 `pipe._interrupt = True` there stops sampling after that step; the result is then that step's
                 `pred_original_sample` (every masked token filled by its sample), in any `output_type`.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
-                Tensors passed to the callback; only `"latents"`.
+                Tensors passed to the callback: `"latents"` (the tokens after the step, which the callback may
+                replace) and `"pred_original_sample"` (the step's prediction: every masked token filled by its
+                sample; decode it with `pipe.decode_latents` to show the run's progress).
             num_images_per_class (`int`, *optional*):
                 Deprecated name of `num_images_per_prompt` (removed in 0.3.0).
+            prompt (`str` or `list[str]`, *optional*):
+                Class names, read as `class_labels` (what a bare string means in every ENAT pipeline), for callers
+                that pass `prompt=` (e.g. through `AutoPipelineForText2Image`); a text that names no class is refused
+                with the names this pipeline knows.
 
         Examples:
 
@@ -128,8 +135,10 @@ class ENATPipeline(ENATBasePipeline):
 
         # 0. Defaults from the pipeline config; check every argument before any model runs
         num_inference_steps, guidance_scale = self.resolve_defaults(num_inference_steps, guidance_scale)
+        prompt, class_labels = self.prompt_as_class_labels(prompt, class_labels)
         batch_size = self.check_inputs(
             class_labels=class_labels,
+            prompt=prompt,
             num_images_per_prompt=num_images_per_prompt,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,

@@ -4,25 +4,17 @@ images once per image, matching conditions to images, the first sampling step sh
 and the kept tokens as fixed context for the later steps.
 """
 
-import difflib
-import math
-import numbers
-
-import numpy as np
-import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import SchedulerMixin
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..models.transformer_enat import (
-    ENATConditioning,
-    ENATKeptContext,
-    ENATReuseState,
-    ENATTransformer2DModel,
-    ENATTransformer2DModelOutput,
-)
+from ..checks import check_choice, check_fraction
+from ..conditioning import ENATPromptEncodingMixin
+from ..image_utils import editing_inputs_as_pixels, resize_pixels
+from ..models.transformer_enat import ENATTransformer2DModel
 from ..models.vq_maskgit import MaskGITVQModel
+from ..sampling import KEPT_CONTEXT_MODES, ENATEditState, map_rows
 from .pipeline_enat_base import ENATBasePipeline
 
 # Condition arguments of a text transformer that hold one row per prompt.
@@ -34,87 +26,27 @@ _TEXT_TENSOR_ARGUMENTS = (
     "negative_prompt_attention_mask",
     "negative_pooled_prompt_embeds",
 )
-# How the later steps of an editing run see the kept tokens (the `kept_context_mode` argument):
-# "fixed": after the first step their features (the reuse projection of their first-pass features) and keys/values at
-#   every block are computed once per image and guidance stream (`ENATTransformer2DModel.prepare_kept_context`) and
-#   reused by every later step and every sample of the image; the region's tokens are all that is encoded.
-# "refreshed": the generation rule: every step projects their features again and recomputes their keys/values at every
-#   block, for every sample. Same first two steps as "fixed"; an inpainting costs more than generating the whole image
-#   this way (README, "Editing images").
-KEPT_CONTEXT_MODES = ("fixed", "refreshed")
-
-_IMAGE_TYPES = "a PIL image, a float numpy array (H, W, C) / (N, H, W, C) in [0, 1], a float torch tensor (C, H, W) / (N, C, H, W) in [0, 1], or a list of them"
-_MASK_TYPES = "a PIL image, a numpy array or torch tensor (H, W) / (N, H, W) / (N, 1, H, W) with 1 = regenerate, or a list of them"
-
-
-def _is_array(value) -> bool:
-    return isinstance(value, (np.ndarray, torch.Tensor))
-
-
-def _float_like(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.is_floating_point()
-    return np.issubdtype(value.dtype, np.floating)
 
 
 def image_batch_sizes(image, *, name: str = "image", is_mask: bool = False) -> list[tuple[int, int]]:
-    """
-    The `(height, width)` of every image of `image` in diffusers' input conventions (what `VaeImageProcessor.
-    preprocess` takes), checked without converting anything. Masks (`is_mask=True`) are single-channel: a 3-dim
-    array is a batch `(N, H, W)` (numpy `(H, W, 1)`: one mask), and bool arrays are accepted.
-    """
-    items = image if isinstance(image, (list, tuple)) else [image]
-    accepted = _MASK_TYPES if is_mask else _IMAGE_TYPES
-    if not items:
-        raise ValueError(f"`{name}` is an empty list; pass {accepted}")
-    sizes = []
-    for item in items:
-        if isinstance(item, PIL.Image.Image):
-            sizes.append((item.height, item.width))
-            continue
-        if not _is_array(item):
-            raise TypeError(f"`{name}` must be {accepted}, got {type(item).__name__}")
-        if not (_float_like(item) or (is_mask and item.dtype in (np.bool_, torch.bool))):
-            raise TypeError(
-                f"`{name}` arrays must hold floats in [0, 1]{' (or bools)' if is_mask else ''}, got {item.dtype}; "
-                "pass a PIL image for 8-bit pixels"
-            )
-        shape = tuple(item.shape)
-        if is_mask:
-            if len(shape) == 2:
-                sizes.append(shape)
-            elif len(shape) == 3 and isinstance(item, np.ndarray) and shape[-1] == 1:
-                sizes.append(shape[:2])
-            elif len(shape) == 3:
-                sizes += [shape[1:]] * shape[0]
-            elif len(shape) == 4 and (shape[1] == 1 if isinstance(item, torch.Tensor) else shape[-1] == 1):
-                sizes += [shape[2:] if isinstance(item, torch.Tensor) else shape[1:3]] * shape[0]
-            else:
-                raise ValueError(f"`{name}` must be {accepted}; got an array of shape {shape}")
-            continue
-        channels_first = isinstance(item, torch.Tensor)
-        if len(shape) not in (3, 4) or shape[-3 if channels_first else -1] not in (1, 3):
-            layout = "(C, H, W) or (N, C, H, W)" if channels_first else "(H, W, C) or (N, H, W, C)"
-            raise ValueError(
-                f"`{name}` {type(item).__name__} must have shape {layout} with 1 or 3 channels, got {shape}"
-            )
-        height_width = shape[-2:] if channels_first else shape[-3:-1]
-        sizes += [height_width] * (shape[0] if len(shape) == 4 else 1)
-    if not sizes:
-        raise ValueError(f"`{name}` holds no images")
-    return sizes
+    """The `(height, width)` of every image of `image` in diffusers' input conventions, all of it checked
+    (`enat_diffusers.image_utils.editing_inputs_as_pixels`)."""
+    return [tuple(pixels.shape[-2:]) for pixels in editing_inputs_as_pixels(image, name=name, is_mask=is_mask)]
 
 
-class ENATEditingPipelineBase(ENATBasePipeline):
+class ENATEditingPipelineBase(ENATPromptEncodingMixin, ENATBasePipeline):
     r"""
     Base of [`ENATInpaintPipeline`] and [`ENATImg2ImgPipeline`]. Takes the components of either generation pipeline:
     a class-conditional transformer (with `id2label` class names) or a text one (with an optional `text_encoder` and
     `tokenizer`), so `from_pipe(pipe)` works from any ENAT pipeline without reloading weights.
 
     Conditions and images: `class_labels` (or prompts) and `image` each hold one entry per input image, or one for
-    all of them; every input image then gives `num_images_per_prompt` outputs. Input images must have the model's
-    resolution (`image_size`: token grid side x the VQ downsampling factor); other sizes are refused with the
-    resize to make, never resized silently.
+    all of them; every input image then gives `num_images_per_prompt` outputs. Images of any size are accepted and
+    resized to the model's resolution (`image_size`: token grid side x the VQ downsampling factor), which is also the
+    size of the results: images with antialiased bicubic resampling, masks by area averaging (a resized mask pixel
+    is the fraction of it that was masked, then binarized at 0.5 as diffusers does). Float pixels must lie in
+    [0, 1] (diffusers' convention); NaN or 0..255 floats are refused. 16-bit PIL images (16-bit PNGs) are read at
+    their full scale.
     """
 
     _abstract = True
@@ -143,13 +75,6 @@ class ENATEditingPipelineBase(ENATBasePipeline):
         self.mask_processor = VaeImageProcessor(
             do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
-        # Per call (see `denoise_images`): rows of one image and guidance stream that start identical, how the kept
-        # tokens are seen, and the kept context once made.
-        self._rows_per_image = 1
-        self._kept_context_mode = "refreshed"
-        self._shared_rows = 1
-        self._kept_context: ENATKeptContext | None = None
-        self._kept_context_made = False
 
     @property
     def image_size(self) -> int:
@@ -162,27 +87,22 @@ class ENATEditingPipelineBase(ENATBasePipeline):
     @staticmethod
     def check_kept_context_mode(kept_context_mode) -> str:
         """`kept_context_mode` if it is one of `KEPT_CONTEXT_MODES`, else a clear error."""
-        if kept_context_mode not in KEPT_CONTEXT_MODES:
-            hint = difflib.get_close_matches(str(kept_context_mode), KEPT_CONTEXT_MODES, n=1)
-            raise ValueError(
-                f"`kept_context_mode` must be one of {list(KEPT_CONTEXT_MODES)}, got {kept_context_mode!r}"
-                + (f"; did you mean {hint[0]!r}?" if hint else "")
-            )
-        return kept_context_mode
+        return check_choice(kept_context_mode, KEPT_CONTEXT_MODES, "kept_context_mode")
 
     def check_image(self, image, *, name: str = "image", is_mask: bool = False) -> list[tuple[int, int]]:
-        """Checks `image` (or a mask) and returns the size of each image; every one must be `image_size` square."""
-        if image is None:
-            raise ValueError(f"`{name}` is required: {_MASK_TYPES if is_mask else _IMAGE_TYPES}")
-        sizes = image_batch_sizes(image, name=name, is_mask=is_mask)
+        """Checks `image` (or a mask: `is_mask=True`) and returns the `(height, width)` of each image. Any size is
+        accepted: `preprocess_image` and the masks' preparation resize to `image_size`."""
+        return image_batch_sizes(image, name=name, is_mask=is_mask)
+
+    def check_output_size(self, height, width) -> None:
+        """`height` / `width` (diffusers' names) may only be the model's resolution: ENAT draws a fixed token grid."""
         side = self.image_size
-        wrong = sorted({size for size in sizes if tuple(size) != (side, side)})
-        if wrong:
-            raise ValueError(
-                f"`{name}` must be {side}x{side} pixels (this model's resolution), got height x width {wrong}; resize "
-                f"it first (e.g. `image.resize(({side}, {side}))` for a PIL image)"
-            )
-        return sizes
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value != side:
+                raise ValueError(
+                    f"`{name}` must be {side} (or None): this model draws {side}x{side} images; inputs of other sizes "
+                    f"are resized to {side}x{side}"
+                )
 
     def _num_conditions(self, class_labels, prompt, prompt_embeds) -> int | None:
         """Number of conditions, or None where the arguments are too wrong to count (`check_inputs` says why)."""
@@ -239,16 +159,10 @@ class ENATEditingPipelineBase(ENATBasePipeline):
     # Step 2: the input images as tokens
 
     def preprocess_image(self, image, *, device: torch.device | None = None) -> torch.Tensor:
-        """Images (checked by `check_image`) -> `(num_images, 3, H, W)` in `[-1, 1]`, by diffusers' image processor."""
-        # PIL images of any mode (greyscale, with alpha, palette) become RGB, as the VQ encoder reads.
-        if isinstance(image, (list, tuple)):
-            image = [item.convert("RGB") if isinstance(item, PIL.Image.Image) else item for item in image]
-        elif isinstance(image, PIL.Image.Image):
-            image = image.convert("RGB")
-        pixels = self.image_processor.preprocess(image)
-        if pixels.shape[1] == 1:  # greyscale arrays
-            pixels = pixels.expand(-1, 3, -1, -1)
-        return pixels.to(device or self._execution_device)
+        """Images (see `check_image`) -> `(num_images, 3, image_size, image_size)` in `[-1, 1]`, resized where
+        needed (antialiased bicubic)."""
+        pixels = [resize_pixels(item, self.image_size) for item in editing_inputs_as_pixels(image)]
+        return (2.0 * torch.stack(pixels) - 1.0).to(device or self._execution_device)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.LongTensor:
@@ -267,95 +181,10 @@ class ENATEditingPipelineBase(ENATBasePipeline):
         **denoise_kwargs,
     ) -> torch.LongTensor:
         """`denoise` for `rows_per_image` consecutive rows per input image: their first step may be shared, and the
-        tokens visible at the first step are seen as `kept_context_mode` says (`KEPT_CONTEXT_MODES`), for the
-        duration of this call only (see `transformer_forward`)."""
-        self._rows_per_image = int(rows_per_image)
-        self._kept_context_mode = self.check_kept_context_mode(kept_context_mode)
-        try:
-            return self.denoise(latents, **denoise_kwargs)
-        finally:
-            self._rows_per_image, self._kept_context_mode, self._shared_rows = 1, "refreshed", 1
-            self._kept_context, self._kept_context_made = None, False
-
-    def transformer_forward(self, model_input: torch.LongTensor, *, condition_kwargs: dict, reuse_state=None):
-        """
-        First step (no reuse state yet): the `num_images_per_prompt` rows of one image and guidance stream are
-        identical (same tokens, same condition), so the transformer runs once per image and stream and its logits,
-        reuse state and conditioning are repeated for the other rows; this is where the kept tokens go through the
-        encoder, so their cost is paid once per image. The rows' results are those of the unshared call (they only
-        diverge through their own random draws). Rows that differ (image-to-image re-masks each sample at random)
-        run as usual.
-
-        Later steps, with `kept_context_mode="fixed"`: the tokens visible at the first step (the kept ones) become a
-        fixed context (`ENATTransformer2DModel.prepare_kept_context`) at the first reuse step, once per image and
-        stream where the first step was shared, and every later step attends to it; only the region's tokens are
-        encoded. With `"refreshed"`, every step projects the kept tokens again, as generation does.
-        """
-        if reuse_state is None:
-            self._kept_context, self._kept_context_made = None, False
-            return self._first_step_forward(model_input, condition_kwargs=condition_kwargs)
-        if self._kept_context_mode == "fixed" and not self._kept_context_made:
-            self._kept_context = self._make_kept_context(reuse_state, condition_kwargs.get("conditioning"))
-            self._kept_context_made = True
-        if self._kept_context is None:
-            return super().transformer_forward(model_input, condition_kwargs=condition_kwargs, reuse_state=reuse_state)
-        return self.transformer(
-            model_input, **condition_kwargs, reuse_state=reuse_state, kept_context=self._kept_context
-        )
-
-    def _make_kept_context(
-        self, reuse_state: ENATReuseState, conditioning: ENATConditioning | None
-    ) -> ENATKeptContext | None:
-        """The kept context from the first reuse state, one group per image and stream where the first step was
-        shared (its rows are copies), else one per row."""
-        if conditioning is None:
-            return None
-        group = self._shared_rows
-        if group > 1:
-            reuse_state, conditioning = (
-                map_rows(part, lambda rows: rows[::group]) for part in (reuse_state, conditioning)
-            )
-        return self.transformer.prepare_kept_context(reuse_state, conditioning, rows_per_group=group)
-
-    def _first_step_forward(self, model_input: torch.LongTensor, *, condition_kwargs: dict):
-        group = self._rows_per_image
-        self._shared_rows = 1
-        if group <= 1 or "conditioning" in condition_kwargs:
-            return super().transformer_forward(model_input, condition_kwargs=condition_kwargs, reuse_state=None)
-        unique_input = model_input[::group]
-        unique_kwargs = {
-            name: value[::group] if isinstance(value, torch.Tensor) else value
-            for name, value in condition_kwargs.items()
-        }
-        pairs = [(model_input, unique_input)]
-        pairs += [
-            (value, unique_kwargs[name]) for name, value in condition_kwargs.items() if isinstance(value, torch.Tensor)
-        ]
-        if not all(torch.equal(full, unique.repeat_interleave(group, dim=0)) for full, unique in pairs):
-            return super().transformer_forward(model_input, condition_kwargs=condition_kwargs, reuse_state=None)
-        output = self.transformer(unique_input, **unique_kwargs, reuse_state=None)
-        self._shared_rows = group
-
-        def repeat(rows):
-            return rows.repeat_interleave(group, dim=0)
-
-        return ENATTransformer2DModelOutput(
-            logits=repeat(output.logits),
-            reuse_state=map_rows(output.reuse_state, repeat),
-            conditioning=map_rows(output.conditioning, repeat),
-        )
+        tokens visible at the first step are seen as `kept_context_mode` says (`KEPT_CONTEXT_MODES`). The state of
+        the run is an [`ENATEditState`] made here for this call."""
+        edit_state = ENATEditState(rows_per_image=rows_per_image, kept_context_mode=kept_context_mode)
+        return self.denoise(latents, edit_state=edit_state, **denoise_kwargs)
 
 
-def map_rows(rows_output, function):
-    """`rows_output` (an `ENATReuseState` or `ENATConditioning`) with `function` applied to each of its tensors, all of
-    which have a batch axis first; fields that are None stay None."""
-    return type(rows_output)(**{name: function(value) for name, value in rows_output.items()})
-
-
-def check_fraction(value, name: str, *, closed_above: bool = True) -> float:
-    """`value` as a float in `[0, 1]` (`[0, 1)` with `closed_above=False`), or a clear error."""
-    interval = "[0, 1]" if closed_above else "[0, 1)"
-    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value) or value < 0 or value > 1 or (value == 1 and not closed_above):
-        raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}")
-    return float(value)
+__all__ = ["KEPT_CONTEXT_MODES", "ENATEditingPipelineBase", "check_fraction", "image_batch_sizes", "map_rows"]

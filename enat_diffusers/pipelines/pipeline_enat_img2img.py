@@ -18,7 +18,7 @@ EXAMPLE_DOC_STRING = """
         >>> from enat_diffusers import ENATImg2ImgPipeline, load_demo_pipeline
 
         >>> pipe = ENATImg2ImgPipeline.from_pipe(load_demo_pipeline("digits"))
-        >>> image = PIL.Image.open("digit.png")  # 16x16, the model's resolution
+        >>> image = PIL.Image.open("digit.png")  # any size: resized to the model's 16x16
         >>> varied = pipe(image=image, class_labels="three", strength=0.5, generator=torch.manual_seed(0)).images[0]
         ```
 """
@@ -89,6 +89,8 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        height: int | None = None,
+        width: int | None = None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
@@ -98,10 +100,11 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
         Args:
             prompt (`str` or `list[str]`, *optional*):
                 Text transformer: one prompt per image or one for all (or `prompt_embeds` and the other embedding
-                arguments, as for [`ENATText2ImagePipeline`]).
+                arguments, as for [`ENATText2ImagePipeline`]). Class-conditional transformer: class names, read as
+                `class_labels` (a bare string names the condition in every ENAT pipeline).
             image (PIL image, numpy array, torch tensor, or a list of them):
-                The images, in diffusers' conventions (arrays and tensors as floats in `[0, 1]`), of the model's
-                resolution (`pipe.image_size` square).
+                The images, in diffusers' conventions (arrays and tensors as floats in `[0, 1]`), of any size (resized to
+                `pipe.image_size` square).
             strength (`float` in `[0, 1]`, defaults to 0.5):
                 How much to redraw: `int(num_inference_steps * strength)` steps run, from the matching point of the
                 masking schedule. 1.0 ignores the image (generation); 0 returns it as encoded.
@@ -115,6 +118,9 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
                 step and sample, so only the region is encoded (cheaper than generating the whole image).
                 `"refreshed"`: generation's rule, their features projected again and their keys/values recomputed at
                 every step for every sample (costs more). The two agree on the first two steps.
+            height (`int`, *optional*), width (`int`, *optional*):
+                Size of the results: only the model's resolution (`pipe.image_size`), the default. Inputs of any size
+                are resized to it (images: antialiased bicubic; masks: area averaging, then binarized at 0.5).
             num_inference_steps, guidance_scale, guidance_schedule, generator, output_type, return_dict,
             callback_on_step_end, callback_on_step_end_tensor_inputs:
                 As for [`ENATPipeline`]. The guidance ramp and the callback's step index count from the start of the
@@ -144,6 +150,8 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
 
         # 0. Defaults; check every argument (images and strength included) before any model runs
         num_inference_steps, guidance_scale = self.resolve_defaults(num_inference_steps, guidance_scale)
+        self.check_output_size(height, width)
+        conditions["prompt"], conditions["class_labels"] = self.prompt_as_class_labels(prompt, class_labels)
         num_images = len(self.check_image(image))
         strength = check_fraction(strength, "strength")
         self.check_kept_context_mode(kept_context_mode)

@@ -2,14 +2,15 @@
 
 from collections.abc import Callable
 
-import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging, replace_example_docstring
 
-from .pipeline_enat_editing import ENATEditingPipelineBase, check_fraction
+from ..checks import check_fraction
+from ..image_utils import editing_inputs_as_pixels, resize_pixels
+from .pipeline_enat_editing import ENATEditingPipelineBase
 
 logger = logging.get_logger(__name__)
 
@@ -21,7 +22,7 @@ EXAMPLE_DOC_STRING = """
         >>> from enat_diffusers import ENATInpaintPipeline, load_demo_pipeline
 
         >>> pipe = ENATInpaintPipeline.from_pipe(load_demo_pipeline("digits"))
-        >>> image = PIL.Image.open("digit.png")  # 16x16, the model's resolution
+        >>> image = PIL.Image.open("digit.png")  # any size: resized to the model's 16x16
         >>> mask = PIL.Image.new("L", (16, 16), 0)  # white = regenerate
         >>> mask.paste(255, (0, 8, 16, 16))  # the bottom half
         >>> edited = pipe(image=image, mask_image=mask, class_labels="seven", generator=torch.manual_seed(0)).images[0]
@@ -132,21 +133,13 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
         The binarized pixel masks `(num_masks, 1, H, W)` and the token masks `(num_masks, side, side)`: a token is
         regenerated when more than `mask_threshold` of its pixels are masked.
         """
-        pixel_mask = self.mask_processor.preprocess(self._masks_as_float(mask_image))
+        masks = [resize_pixels(mask, self.image_size, is_mask=True) for mask in editing_inputs_as_pixels(
+            mask_image, name="mask_image", is_mask=True
+        )]  # fmt: skip
+        pixel_mask = self.mask_processor.binarize(torch.stack(masks))
         pixel_mask = pixel_mask.to(device or self._execution_device)
         coverage = F.avg_pool2d(pixel_mask.float(), self.vqvae.downsample_factor)
         return pixel_mask, (coverage > mask_threshold)[:, 0]
-
-    @staticmethod
-    def _masks_as_float(mask_image):
-        def convert(mask):
-            if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
-                return mask.float()
-            if isinstance(mask, np.ndarray) and mask.dtype == np.bool_:
-                return mask.astype("float32")
-            return mask
-
-        return [convert(mask) for mask in mask_image] if isinstance(mask_image, list) else convert(mask_image)
 
     def paste_back(
         self, images: list[PIL.Image.Image], originals: torch.Tensor, pixel_masks: torch.Tensor, output_type: str
@@ -189,6 +182,8 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        height: int | None = None,
+        width: int | None = None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
@@ -197,13 +192,15 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
 
         Args:
             prompt (`str` or `list[str]`, *optional*):
-                Text transformer: one prompt per image or one for all (or `prompt_embeds`, as for
-                [`ENATText2ImagePipeline`], with the `negative_*` and `*_attention_mask` / `pooled_*` arguments).
+                Text transformer: one prompt per image or one for all (or `prompt_embeds` and the other embedding
+                arguments, as for [`ENATText2ImagePipeline`]). Class-conditional transformer: class names, read as
+                `class_labels` (a bare string names the condition in every ENAT pipeline).
             image (PIL image, numpy array, torch tensor, or a list of them):
-                The images to edit, in diffusers' conventions (arrays and tensors as floats in `[0, 1]`), of the model's
-                resolution (`pipe.image_size` square).
+                The images to edit, in diffusers' conventions (arrays and tensors as floats in `[0, 1]`), of any size (resized to
+                `pipe.image_size` square).
             mask_image (same kinds of input):
-                One mask per image or one for all; white / 1 = regenerate. Same size as `image`.
+                One mask per image or one for all; white / 1 = regenerate; resized like `image`. A PIL mask painted
+                only in its alpha channel is read from that channel.
             class_labels (`int`, `str`, `list` of them, or `torch.Tensor`, *optional*):
                 Class-conditional transformer: the class to draw in the region, one per image or one for all (ids or
                 names). A class other than the image's is MaskGIT's class-conditional editing.
@@ -220,6 +217,9 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
                 step and sample, so only the region is encoded (cheaper than generating the whole image).
                 `"refreshed"`: generation's rule, their features projected again and their keys/values recomputed at
                 every step for every sample (costs more than generation). The two agree on the first two steps.
+            height (`int`, *optional*), width (`int`, *optional*):
+                Size of the results: only the model's resolution (`pipe.image_size`), the default. Inputs of any size
+                are resized to it (images: antialiased bicubic; masks: area averaging, then binarized at 0.5).
             num_inference_steps, guidance_scale, guidance_schedule, generator, output_type, return_dict,
             callback_on_step_end, callback_on_step_end_tensor_inputs:
                 As for [`ENATPipeline`]; `generator` may hold one generator per output image.
@@ -248,6 +248,8 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
 
         # 0. Defaults; check every argument (images and masks included) before any model runs
         num_inference_steps, guidance_scale = self.resolve_defaults(num_inference_steps, guidance_scale)
+        self.check_output_size(height, width)
+        conditions["prompt"], conditions["class_labels"] = self.prompt_as_class_labels(prompt, class_labels)
         num_images, num_masks = self.check_mask_inputs(image, mask_image, mask_threshold, paste_back)
         self.check_kept_context_mode(kept_context_mode)
         conditions = self.match_conditions_to_images(num_images, conditions)

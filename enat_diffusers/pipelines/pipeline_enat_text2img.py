@@ -8,9 +8,10 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import replace_example_docstring
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..conditioning import ENATPromptEncodingMixin, encode_text
 from ..models.transformer_enat import ENATTransformer2DModel
 from ..models.vq_maskgit import MaskGITVQModel
-from .pipeline_enat_base import ENATBasePipeline, encode_text
+from .pipeline_enat_base import ENATBasePipeline
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -27,7 +28,7 @@ EXAMPLE_DOC_STRING = """
 __all__ = ["ENATText2ImagePipeline", "encode_text"]
 
 
-class ENATText2ImagePipeline(ENATBasePipeline):
+class ENATText2ImagePipeline(ENATPromptEncodingMixin, ENATBasePipeline):
     r"""
     Text-to-image generation with a text-conditioned ENAT transformer and a MaskGIT VQ tokenizer. The unconditional
     guidance stream uses the encoding of `negative_prompt`, the empty prompt by default.
@@ -131,7 +132,9 @@ class ENATText2ImagePipeline(ENATBasePipeline):
                 returns a dict. `pipe._interrupt = True` there stops sampling after that step; the result is then that
                 step's `pred_original_sample`, in any `output_type`.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
-                Tensors passed to the callback; only `"latents"`.
+                Tensors passed to the callback: `"latents"` (the tokens after the step, which the callback may
+                replace) and `"pred_original_sample"` (the step's prediction: every masked token filled by its
+                sample; decode it with `pipe.decode_latents` to show the run's progress).
 
         Examples:
 
