@@ -121,6 +121,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
@@ -158,6 +159,9 @@ TOKEN_CACHE_VERSION = 2  # 2: the key covers each image file's size and modifica
 IGNORE_INDEX = -100
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; renamed to checkpoint-N once complete
+CHECKSUMS_FILE = "checksums.json"  # in each checkpoint: sha256 and size of every file, to tell a damaged one
+RUN_INFO_FILE = "training_run.json"  # in each checkpoint: what a resume must match (classes, LoRA shape, class images)
+SPACE_MARGIN = 1.1  # free space asked for, over the estimated size of what is written
 DEPRECATED_FLAGS_REMOVED_IN = "0.3.0"
 VALIDATION_CELL_SIZE = 128  # validation images are upscaled (nearest neighbour) to at least this many pixels
 VALIDATION_LABEL_HEIGHT = 16  # the band above each grid row that names its class or prompt
@@ -920,12 +924,25 @@ def list_training_data(args: argparse.Namespace) -> TrainingData:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes of 16-bit grey PNGs (and 32-bit ints)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. 16-bit grey images are scaled (65535 -> 255) rather than clipped, which PIL's
+    `convert("RGB")` does (a 16-bit PNG would turn near-white)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.round(pixels / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(source, resolution: int, name: str | None = None) -> torch.Tensor:
     """RGB image (a path or a file-like `source`, called `name` in errors), shorter side resized to `resolution`,
     center crop -> `(3, resolution, resolution)` in [-1, 1]."""
     try:
         with Image.open(source) as image:
-            image = image.convert("RGB")  # decodes: a truncated or damaged file fails here
+            image = to_rgb(image)  # decodes: a truncated or damaged file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise InputError(f"cannot read the image {name or source} ({error}); fix or remove it") from None
     scale = resolution / min(image.size)
@@ -1625,6 +1642,75 @@ def list_checkpoints(output_dir: str) -> list[Path]:
     return sorted(found, key=lambda path: int(steps[path]))
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """Records the size and sha256 of every file of `folder` in its CHECKSUMS_FILE (written last)."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name != CHECKSUMS_FILE)
+    sums = {
+        str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": file_sha256(path)} for path in files
+    }
+    (folder / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True))
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint's files against its CHECKSUMS_FILE (None: intact, or written by a version of
+    this script without checksums, which cannot be told)."""
+    sums_file = folder / CHECKSUMS_FILE
+    if not sums_file.is_file():
+        return None
+    try:
+        sums = json.loads(sums_file.read_text())
+    except ValueError:
+        return f"its {CHECKSUMS_FILE} is unreadable"
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {expected['size']} were written"
+        if file_sha256(path) != expected["sha256"]:
+            return f"{name} differs from what was written (checksum mismatch)"
+    return None
+
+
+def select_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The checkpoint to resume from (None: a new run), its files checked against their checksums: with "latest", a
+    damaged checkpoint is skipped with a warning that names it, for the previous one; a named one must be intact."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        checkpoint = _checkpoint_path(args)
+        problem = checkpoint_damage(checkpoint)
+        if problem:
+            raise InputError(f"--resume_from_checkpoint {str(checkpoint)!r} is damaged: {problem}")
+        return checkpoint
+    damaged = []
+    for checkpoint in reversed(list_checkpoints(args.output_dir)):
+        problem = checkpoint_damage(checkpoint)
+        if problem is None:
+            if damaged:
+                warnings.warn(
+                    f"--resume_from_checkpoint latest: {'; '.join(damaged)}; resuming from {checkpoint} instead",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return checkpoint
+        damaged.append(f"the checkpoint {checkpoint} is damaged ({problem})")
+    if damaged:
+        raise InputError(
+            f"--resume_from_checkpoint latest: every checkpoint is damaged ({'; '.join(damaged)}); remove them to "
+            "start anew"
+        )
+    return None
+
+
 def _checkpoint_path(args: argparse.Namespace) -> Path | None:
     """The checkpoint --resume_from_checkpoint names (None: start a new run)."""
     if args.resume_from_checkpoint == "latest":
@@ -1647,17 +1733,146 @@ def prune_checkpoints(args: argparse.Namespace) -> None:
             shutil.rmtree(old)
 
 
-def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int) -> Path:
+def folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e7 else f"{size / 1e6:.2f} MB"
+
+
+def check_free_space(folder: str | Path, needed: int, what: str) -> None:
+    """Refuses to start writing `what` (about `needed` bytes) into `folder` when its disk has less room."""
+    free = shutil.disk_usage(folder).free
+    if free < needed * SPACE_MARGIN:
+        raise InputError(
+            f"not enough free disk space in {folder} for {what}: about {_gigabytes(int(needed * SPACE_MARGIN))} "
+            f"needed, {_gigabytes(free)} free; free some space or pass an --output_dir on a larger disk"
+        )
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def estimated_checkpoint_size(model: torch.nn.Module, ema: EMAModel | None, output_dir: str) -> int:
+    """The newest checkpoint's size, or before the first: the weights, AdamW's two float32 moments of the trained
+    ones and the EMA's copy of them."""
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints:
+        return folder_size(checkpoints[-1])
+    trained = tensor_bytes(p.float() for p in model.parameters() if p.requires_grad)
+    return tensor_bytes(model.state_dict().values()) + 2 * trained + (trained if ema is not None else 0)
+
+
+def class_image_digests(data: TrainingData) -> dict[str, str]:
+    """Per class id: a digest of its image files (name and size of each; prior images left out), which tells when
+    class folders were swapped or renamed. Empty for 🤗 datasets and text data."""
+    if data.text or data.image_rows is not None:
+        return {}
+    files: dict[int, list[str]] = {}
+    for sample, (image, condition) in enumerate(zip(data.image_index, data.conditions, strict=True)):
+        if data.prior and data.prior[sample]:
+            continue
+        path = data.image_paths[image]
+        files.setdefault(int(condition), []).append(f"{os.path.basename(path)}\0{os.path.getsize(path)}")
+    return {str(class_id): hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]
+            for class_id, names in sorted(files.items())}  # fmt: skip
+
+
+def describe_run(args: argparse.Namespace, data: TrainingData, config: dict) -> dict:
+    """What a checkpoint records of its run and a resume must match: the classes, the LoRA shape and which images
+    each class was trained on."""
+    info = {
+        "num_classes": config.get("num_classes"),
+        "lora_rank": args.lora_rank,
+        "lora_target_modules": sorted(args.lora_target_modules) if args.lora_rank is not None else None,
+        "train_text_encoder": args.train_text_encoder,
+    }
+    if not data.text:
+        id2label = pipeline_settings(args, data).get("id2label") or data.id2label or {}
+        info["id2label"] = {str(key): str(value) for key, value in sorted(id2label.items())}
+        info["class_images"] = class_image_digests(data)
+    return info
+
+
+def check_resume_matches(checkpoint: Path | None, info: dict) -> None:
+    """Refuses, in one sentence, to resume a checkpoint whose run had other classes, another LoRA shape or class
+    images under other class ids (folders swapped); warns when the images of a class changed."""
+    if checkpoint is None or not (checkpoint / RUN_INFO_FILE).is_file():
+        return  # a new run, or a checkpoint of an older train_enat.py (nothing recorded to compare)
+    saved = json.loads((checkpoint / RUN_INFO_FILE).read_text())
+    changes = [f"{key} {saved.get(key)} -> {info.get(key)}"
+               for key in ("num_classes", "lora_rank", "lora_target_modules", "train_text_encoder")
+               if saved.get(key) != info.get(key)]  # fmt: skip
+    old_names, new_names = saved.get("id2label") or {}, info.get("id2label") or {}
+    changes += [f"class {key}: {old_names.get(key)!r} -> {new_names.get(key)!r}"
+                for key in sorted(set(old_names) | set(new_names), key=int)
+                if old_names.get(key) != new_names.get(key)]  # fmt: skip
+    old_images, new_images = saved.get("class_images") or {}, info.get("class_images") or {}
+    trained_as = {digest: class_id for class_id, digest in old_images.items()}
+    swapped = [f"the images of class {key} ({new_names.get(key)!r}) are those the checkpoint trained as class "
+               f"{trained_as[digest]} ({old_names.get(trained_as[digest])!r})"
+               for key, digest in new_images.items() if trained_as.get(digest, key) != key]  # fmt: skip
+    if changes or swapped:
+        shown = (swapped + changes)[:4]
+        more = f" and {len(swapped + changes) - 4} more" if len(swapped + changes) > 4 else ""
+        raise InputError(
+            f"cannot resume {checkpoint}: it was trained with other classes or settings ({'; '.join(shown)}{more}); "
+            "resume with the data and settings it was trained with, or start a new run in another --output_dir"
+        )
+    changed = [key for key, digest in new_images.items() if old_images.get(key) not in (None, digest)]
+    if changed:
+        warnings.warn(
+            f"resuming {checkpoint} with other images in classes {changed[:10]} than it was trained on",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def pipeline_tensors(pipeline):
+    """The weights of the pipeline's models (what `save_pretrained` writes, to within configs)."""
+    return [tensor for component in pipeline.components.values() if isinstance(component, torch.nn.Module)
+            for tensor in component.state_dict().values()]  # fmt: skip
+
+
+def write_run_info(folder: Path, run_info: dict) -> None:
+    (folder / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=1, sort_keys=True))
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    global_step: int,
+    run_info: dict | None = None,
+    needed_bytes: int = 0,
+) -> Path:
     """Writes `checkpoint-N` so that a kill at any moment leaves only complete checkpoints behind: every process
     writes its part into `checkpoint-N.partial`, which is renamed once all parts are there; older checkpoints are
-    pruned only after that (the output folder is shared by the processes, as accelerate's save_state expects)."""
+    pruned only after that (the output folder is shared by the processes, as accelerate's save_state expects). The
+    checkpoint also holds `run_info` (RUN_INFO_FILE) and the checksums of its files (CHECKSUMS_FILE, written last).
+    A disk with less than `needed_bytes` free is refused before writing."""
     final = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{global_step}"
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)  # from a run killed while writing this step
+    if accelerator.is_main_process and needed_bytes:
+        check_free_space(args.output_dir, needed_bytes, f"the checkpoint of step {global_step}")
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_run_info(partial, run_info or {})
+            write_checksums(partial)
+    except OSError as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise InputError(
+            f"writing the checkpoint of step {global_step} to {args.output_dir} failed ({error.strerror or error}); "
+            "free some disk space (or pass an --output_dir on a larger disk) and resume with "
+            "--resume_from_checkpoint latest"
+        ) from None
     if accelerator.is_main_process:
         if final.exists():  # the same step from an earlier run: the new state replaces it
             stale = final.with_name(final.name + ".stale")
@@ -2114,6 +2329,8 @@ class TrainingRun:
     pipeline_parts: tuple[dict, dict]  # components and settings of the validation / final pipelines
     learning_rate: float  # after warm-up (and --scale_lr)
     hub_repo_id: str | None = None
+    checkpoint: Path | None = None  # the checkpoint to resume from (checked intact and matching)
+    run_info: dict | None = None  # recorded in every checkpoint (`describe_run`)
 
     @property
     def reuse_model(self) -> torch.nn.Module:
@@ -2128,12 +2345,19 @@ class TrainingRun:
 def resume(run: TrainingRun) -> None:
     """Loads --resume_from_checkpoint (model, optimizer, lr scheduler, EMA, step count, random states), if any."""
     args = run.args
-    checkpoint = _checkpoint_path(args) if args.resume_from_checkpoint else None
+    checkpoint = run.checkpoint
     if args.resume_from_checkpoint and checkpoint is None:
         logger.info("No checkpoint to resume from: starting a new training run.")
     if checkpoint is not None:
         logger.info(f"Resuming from checkpoint {checkpoint}")
-        run.accelerator.load_state(str(checkpoint))
+        try:
+            run.accelerator.load_state(str(checkpoint))
+        except (OSError, RuntimeError, ValueError, SafetensorError) as error:
+            message = (str(error).strip().splitlines() or [""])[0]
+            raise InputError(
+                f"the checkpoint {checkpoint} cannot be loaded ({type(error).__name__}: {message}); remove it to "
+                "resume from the previous one"
+            ) from None
         if run.ema is not None and run.ema.optimization_step != run.progress.global_step:
             # EMAModel.load_state_dict ignores a state without its keys: a checkpoint of an older train_enat.py (the
             # EMA saved as a module state dict) would silently restart the EMA from the current weights.
@@ -2184,7 +2408,8 @@ def after_optimizer_step(run: TrainingRun, epoch: int, loss: float, progress_bar
     if step % args.checkpointing_steps == 0 or step == run.max_train_steps:
         # Also at the last step: a rerun of a finished run (or after a kill while saving the outputs) resumes there
         # and trains nothing.
-        save_checkpoint(accelerator, args, step)
+        needed = estimated_checkpoint_size(accelerator.unwrap_model(run.model), run.ema, args.output_dir)
+        save_checkpoint(accelerator, args, step, run.run_info, needed)
     if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process:
         log_validation(make_pipeline(run.reuse_model, *run.pipeline_parts), args, accelerator, step)
 
@@ -2235,10 +2460,18 @@ def save_outputs(run: TrainingRun, data: TrainingData) -> None:
         if text_encoder is not None:
             components = {**components, "text_encoder": fused_text_encoder(text_encoder, args)}
         pipeline = make_pipeline(transformer, components, settings)
-        pipeline.save_pretrained(args.output_dir)
+        check_free_space(args.output_dir, tensor_bytes(pipeline_tensors(pipeline)), "the final pipeline")
+        try:
+            pipeline.save_pretrained(args.output_dir)
+        except OSError as error:
+            raise InputError(
+                f"writing the pipeline to {args.output_dir} failed ({error.strerror or error}); free some disk space "
+                "and rerun with --resume_from_checkpoint latest (it trains nothing more and writes the pipeline)"
+            ) from None
         repo_id = run.hub_repo_id or Path(args.output_dir).resolve().name
         summary = training_summary(args, data, run.progress.global_step)
-        (Path(args.output_dir) / "README.md").write_text(pipeline.model_card(repo_id) + summary)
+        card = pipeline.model_card(repo_id, token=args.hub_token, local=not args.push_to_hub)  # no Hub unless pushing
+        (Path(args.output_dir) / "README.md").write_text(card + summary)
         logger.info(f"Saved the pipeline and its model card to {args.output_dir}")
         if args.push_to_hub:
             push_to_hub(args, run.hub_repo_id)
@@ -2286,6 +2519,9 @@ def log_run_info(run: TrainingRun, data: TrainingData, total_batch_size: int) ->
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data, config, text_components, class_plan = prepare_data(args)
+    checkpoint = select_checkpoint(args)  # intact (a damaged "latest" falls back to the previous one) ...
+    run_info = describe_run(args, data, config)
+    check_resume_matches(checkpoint, run_info)  # ... and of the same classes, LoRA shape and class images
     accelerator = create_accelerator(args)
     warn_about_no_op_settings(args, count_train_steps(args, len(data), accelerator.num_processes))
     hub_repo_id = None
@@ -2351,7 +2587,13 @@ def main(argv: list[str] | None = None) -> None:
         pipeline_parts=pipeline_parts,
         learning_rate=learning_rate,
         hub_repo_id=hub_repo_id,
+        checkpoint=checkpoint,
+        run_info=run_info,
     )
+    if accelerator.is_main_process:  # before the first step: room for a checkpoint and the final pipeline
+        pipeline_bytes = tensor_bytes(model.state_dict().values()) + tensor_bytes(vqvae.state_dict().values())
+        checkpoint_bytes = estimated_checkpoint_size(accelerator.unwrap_model(model), ema, args.output_dir)
+        check_free_space(args.output_dir, checkpoint_bytes + pipeline_bytes, "a checkpoint and the final pipeline")
     log_run_info(run, data, total_batch_size)
     set_seed(args.seed, device_specific=True)  # different masks and dropout on every process
     resume(run)
