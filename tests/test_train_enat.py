@@ -228,6 +228,8 @@ def test_resuming_a_checkpoint_without_an_ema_state_is_refused(assets, tmp_path)
     ema_file = tmp_path / "out" / "checkpoint-2" / "custom_checkpoint_1.pkl"
     # as written before the EMA went through diffusers' EMAModel: the EMA model's state dict
     torch.save(load_file(tmp_path / "out" / "checkpoint-2" / "model.safetensors"), ema_file)
+    for recorded in (train_enat.CHECKSUMS_FILE, train_enat.RUN_INFO_FILE):  # that version recorded neither
+        (tmp_path / "out" / "checkpoint-2" / recorded).unlink()
     AcceleratorState._reset_state(True)
     with pytest.raises(ValueError, match="checkpoint-2 holds no EMA state of diffusers' EMAModel at step 2"):
         train_enat.main(argv + ["--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2"])
