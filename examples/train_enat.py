@@ -103,6 +103,7 @@ import math
 import os
 import re
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -2601,8 +2602,26 @@ def main(argv: list[str] | None = None) -> None:
     save_outputs(run, data)
 
 
+def exit_with_sentence(error: InputError) -> None:
+    """Ends the process with the one sentence of `error`. Under `accelerate launch` on several processes, the sentence
+    also goes to torch's error file, so that the launcher's failure summary names it as the root cause (instead of the
+    last warning printed); a one-process `accelerate launch` reports the exit after it (`--quiet` leaves that out)."""
+    message = f"train_enat.py: error: {error}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        record = {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(json.dumps({"message": record}))
+    elif "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by accelerate launch for the script
+        message += (
+            "\n(that is the error; accelerate launch reports the exit below: `accelerate launch --quiet` or "
+            "`python` leaves that out)"
+        )
+    raise SystemExit(message)
+
+
 if __name__ == "__main__":
     try:
         main()
     except InputError as error:
-        raise SystemExit(f"train_enat.py: {error}") from None
+        exit_with_sentence(error)

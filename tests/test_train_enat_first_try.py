@@ -5,6 +5,8 @@ images, no Hub access unless pushing, prior preservation. Tiny data and models (
 import json
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -290,3 +292,21 @@ def test_prior_preservation_with_replace_is_refused(assets, tmp_path):
     argv = _finetune(assets, tmp_path, assets.classes, 2, "--new_classes", "replace", "--with_prior_preservation")
     with pytest.raises(train_enat.InputError, match="--new_classes replace drops"):
         train_enat.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A failed launch
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_failed_launch_names_the_problem_last_and_in_the_launchers_error_file(tmp_path):
+    error_file = tmp_path / "error.json"  # where torchrun (accelerate launch --multi_gpu) reads a child's failure
+    env = {**os.environ, "TORCHELASTIC_ERROR_FILE": str(error_file), "HF_HUB_OFFLINE": "1"}
+    argv = ["--pretrained_model_name_or_path", "demo:digits", "--train_data_dir", str(tmp_path / "missing")]
+    result = subprocess.run(
+        [sys.executable, train_enat.__file__, *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    sentence = f"train_enat.py: error: --train_data_dir '{tmp_path / 'missing'}' is not a folder"
+    assert result.stderr.strip().splitlines()[-1] == sentence
+    assert json.loads(error_file.read_text())["message"]["message"] == sentence
