@@ -150,6 +150,7 @@ TEXT_ENCODER_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  #
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRAINING_LOG = "training_log.jsonl"
 PAPER_TOTAL_BATCH_SIZE = 2048
+DEFAULT_RESOLUTION = 256  # a new model's image size when --resolution is not given
 FULL_LEARNING_RATE = 4e-4  # the paper's (at its total batch of 2048)
 LORA_LEARNING_RATE = 2e-3  # LoRA updates are low-rank and start at zero: a higher rate, as in diffusers' LoRA scripts
 PAPER_WARMUP_STEPS = 5000
@@ -244,9 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument(
         "--resolution",
         type=int,
-        default=256,
-        help="Images are resized (shorter side) and center-cropped to this size; a multiple of the VQ "
-        "downsampling factor.",
+        default=None,
+        help=f"Images are resized (shorter side) and center-cropped to this size; a multiple of the VQ "
+        f"downsampling factor (default: the pretrained model's image size, else {DEFAULT_RESOLUTION}).",
     )
     data.add_argument(
         "--random_flip",
@@ -614,8 +615,9 @@ def parse_class_init(values: list[str]) -> dict[str, str]:
 
 
 def _check_number_args(args: argparse.Namespace) -> None:
+    if args.resolution is not None and args.resolution < 1:
+        raise InputError(f"--resolution must be a positive integer, got {args.resolution}")
     for flag in (
-        "resolution",
         "train_batch_size",
         "gradient_accumulation_steps",
         "tokenize_batch_size",
@@ -2179,6 +2181,13 @@ def prepare_data(args: argparse.Namespace) -> tuple[TrainingData, dict, dict, Cl
     components (empty for class data) and, with --new_classes, the plan of the new class embedding."""
     vq_config = load_vqvae_config(args)
     factor = vq_downsample_factor(vq_config)
+    if args.resolution is None:  # the size the pretrained transformer draws, else the paper's
+        args.resolution = DEFAULT_RESOLUTION
+        if args.pretrained_model_name_or_path:
+            pretrained = ENATTransformer2DModel.load_config(
+                args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision
+            )
+            args.resolution = pretrained["sample_size"] * factor
     if args.resolution % factor:
         raise InputError(f"--resolution {args.resolution} must be a multiple of the VQ downsampling factor {factor}")
     data = list_training_data(args)

@@ -310,3 +310,10 @@ def test_a_failed_launch_names_the_problem_last_and_in_the_launchers_error_file(
     sentence = f"train_enat.py: error: --train_data_dir '{tmp_path / 'missing'}' is not a folder"
     assert result.stderr.strip().splitlines()[-1] == sentence
     assert json.loads(error_file.read_text())["message"]["message"] == sentence
+
+
+def test_the_resolution_defaults_to_the_pretrained_models_image_size(assets, tmp_path):
+    argv = _without(_finetune(assets, tmp_path, assets.classes, 1), "--resolution")
+    args = train_enat.parse_args(argv)
+    train_enat.prepare_data(args)
+    assert args.resolution == 8  # the tiny pipeline: 4x4 tokens, VQ factor 2
