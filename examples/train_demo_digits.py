@@ -332,6 +332,7 @@ def train_enat_args(data_flags: list[str], vq_dir: Path, work: Path, name: str, 
         "--lr_scheduler", "cosine",
         "--max_train_steps", str(steps),
         "--ema_decay", "0.998",
+        "--no-ema_warmup",  # the shipped demo's recipe: a constant decay from the first step
         "--mixed_precision", "no",
         "--checkpointing_steps", str(10**9),
         "--cache_dir", str(work / "token_cache"),

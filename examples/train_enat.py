@@ -8,7 +8,8 @@ reads only token ids. The recipe follows the ENAT paper (arXiv:2411.06959, its t
 per batch), cross-entropy with label smoothing 0.1 on the masked tokens only, feature-reuse training (with probability
 `--reuse_prob`, a "previous step" with more masked tokens goes through the EMA model, and the trained model gets its
 reuse state), conditions dropped to the null class (class data) or the empty prompt (text data) with probability
-`--cond_drop_prob`, AdamW with betas (0.99, 0.99) and weight decay 0.03, linear warm-up, EMA 0.9999.
+`--cond_drop_prob`, AdamW with betas (0.99, 0.99) and weight decay 0.03, linear warm-up, EMA 0.9999 (reached through
+diffusers' EMA warm-up unless --no-ema_warmup).
 
 The paper trains with a total batch of 2048 at lr 4e-4 (ImageNet 512: batch 512, lr 1e-4). For another total batch
 size (per-device batch x processes x accumulation), scale the rate linearly, or pass `--scale_lr` to let the script
@@ -49,10 +50,13 @@ the VQ model and the text encoder when the config leaves them out):
         --resume_from_checkpoint latest          # or a checkpoint folder, e.g. enat-l-256/checkpoint-5000
 
     # teach a converted class-conditional pipeline your own classes (one subfolder per class) with LoRA; the class
-    # embedding is resized to the new classes (+ null) and trained too; leave out --lora_rank for full fine-tuning
+    # embedding is resized to the new classes (+ null) and trained too; leave out --lora_rank for full fine-tuning.
+    # Defaults fit short runs (warm-up at most 10% of the steps, EMA warm-up, LoRA lr 2e-3 on attention and
+    # feed-forward); --new_classes extend --with_prior_preservation keeps the pretrained classes (see
+    # docs/source/training/recipes.md for measured recipes)
     accelerate launch examples/train_enat.py \
-        --pretrained_model_name_or_path enat-l-256 --train_data_dir my_classes --resolution 256 --random_flip \
-        --new_classes replace --lora_rank 16 --learning_rate 1e-4 --lr_warmup_steps 100 --max_train_steps 2000 \
+        --pretrained_model_name_or_path enat-l-256 --train_data_dir my_classes --random_flip \
+        --new_classes replace --lora_rank 16 --max_train_steps 2000 \
         --train_batch_size 32 --mixed_precision bf16 --output_dir enat-l-256-lora
 
     # a 🤗 dataset (Hub id, local data files, `save_to_disk` folder, or `imagefolder` with --train_data_dir)
