@@ -7,16 +7,15 @@ from pathlib import Path
 import huggingface_hub
 import huggingface_hub.errors
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, ModelCardData
 
 _DESCRIPTION = """An [ENAT](https://arxiv.org/abs/2411.06959) (EfficientNAT, NeurIPS 2024) `{class_name}` for
 [diffusers](https://github.com/huggingface/diffusers), saved with the `enat-diffusers` package.
 
 ## Usage
 
-```bash
-pip install enat-diffusers
-```
+`enat-diffusers` is not on a package index: install it from its git repository (`pip install -e .` in a clone, or
+`pip install "git+<repository URL>"`), then:
 
 ```python
 {usage}
@@ -39,19 +38,19 @@ class ENATHubMixin:
     def _card_usage(self, repo_id: str) -> str:
         raise NotImplementedError
 
-    def model_card(self, repo_id: str, token: str | None = None) -> str:
+    def model_card(self, repo_id: str, token: str | None = None, local: bool = False) -> str:
         """The text of the model card (`README.md`) pushed with the weights to `repo_id`: the card already in the
-        repo if there is one (offline or new repos: diffusers' template), with our description, tags and usage."""
+        repo if there is one (offline or new repos: diffusers' template), with our description, tags and usage.
+        `local=True` builds it from the template alone, without asking the Hub (a folder saved without pushing)."""
         from diffusers import DiffusionPipeline
 
-        card = load_or_create_model_card(
-            repo_id,
-            token=token,
-            is_pipeline=isinstance(self, DiffusionPipeline),
-            model_description=_DESCRIPTION.format(
-                class_name=type(self).__name__, usage=self._card_usage(repo_id).strip()
-            ),
-        )
+        description = _DESCRIPTION.format(class_name=type(self).__name__, usage=self._card_usage(repo_id).strip())
+        if local:
+            card = ModelCard.from_template(ModelCardData(), model_description=description)
+        else:
+            card = load_or_create_model_card(
+                repo_id, token=token, is_pipeline=isinstance(self, DiffusionPipeline), model_description=description
+            )
         existing = set(card.data.tags or [])
         card = populate_model_card(card, tags=[tag for tag in (*CARD_TAGS, *self._card_tags) if tag not in existing])
         if card.data.license is None:

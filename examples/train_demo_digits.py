@@ -332,6 +332,7 @@ def train_enat_args(data_flags: list[str], vq_dir: Path, work: Path, name: str, 
         "--lr_scheduler", "cosine",
         "--max_train_steps", str(steps),
         "--ema_decay", "0.998",
+        "--no-ema_warmup",  # the shipped demo's recipe: a constant decay from the first step
         "--mixed_precision", "no",
         "--checkpointing_steps", str(10**9),
         "--cache_dir", str(work / "token_cache"),
@@ -426,6 +427,96 @@ def evaluate(pipeline, generate, classifier, classifier_accuracy: float, samples
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Teaching the demo new classes (docs/source/training/recipes.md)
+# ----------------------------------------------------------------------------------------------------------------------
+
+# New classes for fine-tuning recipes: digits turned so that no upright digit looks like them (name -> digit, turn).
+NEW_CLASSES = {
+    "rot_two": (2, "rot90"),
+    "mirror_three": (3, "mirror"),
+    "rot_four": (4, "rot90"),
+    "mirror_five": (5, "mirror"),
+}
+NEW_CLASS_IMAGES = 40  # per new class: 160 images in all
+
+
+def turn_digits(pixels: np.ndarray, turn: str) -> np.ndarray:
+    """`(N, 8, 8)` digits rotated by 90 degrees (counter-clockwise) or mirrored left-right."""
+    return np.rot90(pixels, k=1, axes=(1, 2)).copy() if turn == "rot90" else pixels[:, :, ::-1].copy()
+
+
+def new_class_digits() -> dict[str, np.ndarray]:
+    """Every scikit-learn digit of each new class's source digit, turned: `{name: (N, 8, 8)}`."""
+    pixels, labels = load_digit_data()
+    return {name: turn_digits(pixels[labels == digit], turn) for name, (digit, turn) in NEW_CLASSES.items()}
+
+
+def write_new_class_data(root: Path, images_per_class: int = NEW_CLASS_IMAGES) -> Path:
+    """One folder per new class (`rot_two`, ...) of `images_per_class` 16x16 PNGs: the training data of the recipes."""
+    for name, pixels in new_class_digits().items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(digits_to_images(pixels[:images_per_class])):
+            to_pil(image).save(folder / f"{index:04d}.png")
+    return root
+
+
+def fit_recognition_classifier(seed: int = SEED):
+    """An SVC (as the demo's own check) on the upright digits and the turned digits of `NEW_CLASSES` (75% of each;
+    the new classes' first `NEW_CLASS_IMAGES`, the training images, are left out of the held-out part); returns it,
+    its class names (`WORDS` then the new names) and its held-out accuracy."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.svm import SVC
+
+    pixels, labels = load_digit_data()
+    names = list(WORDS) + list(NEW_CLASSES)
+    parts = [pixels] + list(new_class_digits().values())
+    part_labels = [labels] + [np.full(len(part), 10 + i) for i, part in enumerate(parts[1:])]
+    x, y = np.concatenate(parts).reshape(-1, 64), np.concatenate(part_labels)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    classifier = SVC(gamma=0.001, C=10.0).fit(x_train, y_train)
+    return classifier, names, float(classifier.score(x_test, y_test))
+
+
+def recognition_report(pipeline_path: str, samples_per_class: int = 20, seed: int = SEED) -> dict:
+    """Share of generated images that the classifier of `fit_recognition_classifier` recognises as the class asked
+    for, per class of the pipeline that the classifier knows (by the first name of each `id2label` entry)."""
+    from diffusers import DiffusionPipeline
+
+    from enat_diffusers.demo import resolve_pretrained_location
+
+    pipeline = DiffusionPipeline.from_pretrained(resolve_pretrained_location(pipeline_path))
+    pipeline.set_progress_bar_config(disable=True)
+    classifier, names, accuracy = fit_recognition_classifier(seed)
+    id2label = {int(key): str(value).split(",")[0].strip() for key, value in pipeline.config["id2label"].items()}
+    known = {class_id: names.index(name) for class_id, name in sorted(id2label.items()) if name in names}
+    class_ids = np.repeat(list(known), samples_per_class)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(class_ids))]
+    images = pipeline(class_labels=class_ids.tolist(), generator=generators, output_type="np").images
+    predicted = classifier.predict(images_to_digits(images).numpy())
+    expected = np.array([known[int(class_id)] for class_id in class_ids])
+    per_class = {id2label[c]: float(np.mean(predicted[class_ids == c] == expected[class_ids == c])) for c in known}
+    old = [value for name, value in per_class.items() if name in WORDS]
+    new = [value for name, value in per_class.items() if name in NEW_CLASSES]
+    return {
+        "pipeline": pipeline_path,
+        "classifier_held_out_accuracy": accuracy,
+        "samples_per_class": samples_per_class,
+        "per_class": per_class,
+        "old_classes": float(np.mean(old)) if old else None,
+        "new_classes": float(np.mean(new)) if new else None,
+    }
+
+
+def format_recognition(report: dict) -> str:
+    rows = [f"{name:>13} {value:5.2f}" for name, value in report["per_class"].items()]
+    summary = [f"{kind} classes recognised: {report[kind + '_classes']:.2f}" for kind in ("old", "new")
+               if report[kind + "_classes"] is not None]  # fmt: skip
+    return "\n".join([f"{report['pipeline']} (classifier held-out accuracy {report['classifier_held_out_accuracy']:.3f})",
+                      *rows, *summary])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -440,6 +531,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text_enat_steps", type=int, default=3000)
     parser.add_argument("--samples_per_class", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    parser.add_argument(
+        "--write_new_classes",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"Only write the new-class data of the fine-tuning recipes to DIR ({NEW_CLASS_IMAGES} turned digits per "
+        f"class: {', '.join(NEW_CLASSES)}) and exit.",
+    )
+    parser.add_argument(
+        "--recognise",
+        type=str,
+        default=None,
+        metavar="PIPELINE",
+        help="Only report which share of a pipeline's samples (--samples_per_class per class) a digit classifier "
+        "recognises as the class asked for (upright digits and the new classes), and exit.",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="With --recognise: also write the report here.")
     return parser.parse_args(argv)
 
 
@@ -500,6 +608,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.write_new_classes is not None:
+        write_new_class_data(args.write_new_classes)
+        print(f"wrote {len(NEW_CLASSES)} classes x {NEW_CLASS_IMAGES} images to {args.write_new_classes}")
+        return {}
+    if args.recognise is not None:
+        report = recognition_report(args.recognise, args.samples_per_class)
+        print(format_recognition(report))
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+        return report
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
         return run(args, args.work_dir)

@@ -8,7 +8,8 @@ reads only token ids. The recipe follows the ENAT paper (arXiv:2411.06959, its t
 per batch), cross-entropy with label smoothing 0.1 on the masked tokens only, feature-reuse training (with probability
 `--reuse_prob`, a "previous step" with more masked tokens goes through the EMA model, and the trained model gets its
 reuse state), conditions dropped to the null class (class data) or the empty prompt (text data) with probability
-`--cond_drop_prob`, AdamW with betas (0.99, 0.99) and weight decay 0.03, linear warm-up, EMA 0.9999.
+`--cond_drop_prob`, AdamW with betas (0.99, 0.99) and weight decay 0.03, linear warm-up, EMA 0.9999 (reached through
+diffusers' EMA warm-up unless --no-ema_warmup).
 
 The paper trains with a total batch of 2048 at lr 4e-4 (ImageNet 512: batch 512, lr 1e-4). For another total batch
 size (per-device batch x processes x accumulation), scale the rate linearly, or pass `--scale_lr` to let the script
@@ -49,10 +50,13 @@ the VQ model and the text encoder when the config leaves them out):
         --resume_from_checkpoint latest          # or a checkpoint folder, e.g. enat-l-256/checkpoint-5000
 
     # teach a converted class-conditional pipeline your own classes (one subfolder per class) with LoRA; the class
-    # embedding is resized to the new classes (+ null) and trained too; leave out --lora_rank for full fine-tuning
+    # embedding is resized to the new classes (+ null) and trained too; leave out --lora_rank for full fine-tuning.
+    # Defaults fit short runs (warm-up at most 10% of the steps, EMA warm-up, LoRA lr 2e-3 on attention and
+    # feed-forward); --new_classes extend --with_prior_preservation keeps the pretrained classes (see
+    # docs/source/training/recipes.md for measured recipes)
     accelerate launch examples/train_enat.py \
-        --pretrained_model_name_or_path enat-l-256 --train_data_dir my_classes --resolution 256 --random_flip \
-        --new_classes replace --lora_rank 16 --learning_rate 1e-4 --lr_warmup_steps 100 --max_train_steps 2000 \
+        --pretrained_model_name_or_path enat-l-256 --train_data_dir my_classes --random_flip \
+        --new_classes replace --lora_rank 16 --max_train_steps 2000 \
         --train_batch_size 32 --mixed_precision bf16 --output_dir enat-l-256-lora
 
     # a 🤗 dataset (Hub id, local data files, `save_to_disk` folder, or `imagefolder` with --train_data_dir)
@@ -103,6 +107,7 @@ import math
 import os
 import re
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +126,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
@@ -135,20 +141,33 @@ from enat_diffusers import (
     encode_text,
 )
 from enat_diffusers.demo import resolve_pretrained_location
+from enat_diffusers.pipelines.pipeline_enat_base import parse_id2label
 from enat_diffusers.script_utils import add_deprecated_flag, require_optional
 
 logger = get_logger(__name__, log_level="INFO")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-LORA_TARGET_MODULES = ["to_q", "to_kv", "to_kv_context", "to_out"]
+ATTENTION_LORA_TARGETS = ["to_q", "to_kv", "to_kv_context", "to_out"]
+# Attention and feed-forward: in the digits recipes, attention alone learned new classes several times slower.
+LORA_TARGET_MODULES = [*ATTENTION_LORA_TARGETS, "ff.net.0.proj", "ff.net.2"]
 TEXT_ENCODER_LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP / BERT-style attention
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRAINING_LOG = "training_log.jsonl"
 PAPER_TOTAL_BATCH_SIZE = 2048
+DEFAULT_RESOLUTION = 256  # a new model's image size when --resolution is not given
+FULL_LEARNING_RATE = 4e-4  # the paper's (at its total batch of 2048)
+LORA_LEARNING_RATE = 2e-3  # LoRA updates are low-rank and start at zero: a higher rate, as in diffusers' LoRA scripts
+PAPER_WARMUP_STEPS = 5000
+WARMUP_FRACTION = 0.1  # the default warm-up is at most this share of the run's steps
+EMA_WARMUP_POWER = 3 / 4  # diffusers' value for runs of fewer than a million steps
+EMA_STALE_SHARE = 0.5  # warn when the saved EMA weights would still be more than this share the starting weights
 TOKEN_CACHE_VERSION = 2  # 2: the key covers each image file's size and modification time
 IGNORE_INDEX = -100
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; renamed to checkpoint-N once complete
+CHECKSUMS_FILE = "checksums.json"  # in each checkpoint: sha256 and size of every file, to tell a damaged one
+RUN_INFO_FILE = "training_run.json"  # in each checkpoint: what a resume must match (classes, LoRA shape, class images)
+SPACE_MARGIN = 1.1  # free space asked for, over the estimated size of what is written
 DEPRECATED_FLAGS_REMOVED_IN = "0.3.0"
 VALIDATION_CELL_SIZE = 128  # validation images are upscaled (nearest neighbour) to at least this many pixels
 VALIDATION_LABEL_HEIGHT = 16  # the band above each grid row that names its class or prompt
@@ -230,9 +249,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument(
         "--resolution",
         type=int,
-        default=256,
-        help="Images are resized (shorter side) and center-cropped to this size; a multiple of the VQ "
-        "downsampling factor.",
+        default=None,
+        help=f"Images are resized (shorter side) and center-cropped to this size; a multiple of the VQ "
+        f"downsampling factor (default: the pretrained model's image size, else {DEFAULT_RESOLUTION}).",
     )
     data.add_argument(
         "--random_flip",
@@ -300,10 +319,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ema_decay",
         type=float,
         default=0.9999,
-        help="Decay of the EMA weights that are validated, used for reuse states and saved (not with LoRA). The EMA "
-        "starts from the initial weights, so for runs of a few thousand steps use e.g. 0.999.",
+        help="Decay of the EMA weights that are validated, used for reuse states and saved (not with LoRA): the "
+        "constant decay with --no-ema_warmup, else the most the warm-up reaches.",
     )
-    recipe.add_argument("--learning_rate", type=float, default=4e-4)
+    recipe.add_argument(
+        "--ema_warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"EMA warm-up (diffusers' EMAModel use_ema_warmup, inv_gamma 1, power {EMA_WARMUP_POWER:g}): the decay "
+        "grows as 1 - (1 + step)^-power up to --ema_decay (0.98 at step 200, 0.999 at 10k, 0.9999 at 215k), so short "
+        "runs save what they learned. --no-ema_warmup: the paper's constant --ema_decay from the first step.",
+    )
+    recipe.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help=f"Peak learning rate (default: {FULL_LEARNING_RATE:g}, with --lora_rank {LORA_LEARNING_RATE:g}).",
+    )
     recipe.add_argument(
         "--scale_lr",
         action="store_true",
@@ -321,7 +353,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="constant_with_warmup",
         help='A diffusers.optimization schedule: "constant_with_warmup", "cosine", "linear", ...',
     )
-    recipe.add_argument("--lr_warmup_steps", type=int, default=5000)
+    recipe.add_argument(
+        "--lr_warmup_steps",
+        type=int,
+        default=None,
+        help=f"Linear learning-rate warm-up steps (default: the paper's {PAPER_WARMUP_STEPS}, but at most "
+        f"{WARMUP_FRACTION:.0%} of the run's steps).",
+    )
     recipe.add_argument("--train_batch_size", type=int, default=64, help="Batch size per device.")
     recipe.add_argument("--num_train_epochs", type=int, default=100)
     recipe.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
@@ -349,9 +387,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=str,
         nargs="+",
         default=LORA_TARGET_MODULES,
-        help=f"Module names that get LoRA layers (default: the attention projections {' '.join(LORA_TARGET_MODULES)}; "
-        "the feed-forward layers are ff.net.0.proj ff.net.2, the adaLN modulation adaln_modulation). A name matches "
-        "a module whose name is it or ends with '.' + it, as in peft.",
+        help=f"Module names that get LoRA layers (default: the attention projections {' '.join(ATTENTION_LORA_TARGETS)} "
+        "and the feed-forward layers ff.net.0.proj ff.net.2; the adaLN modulation is adaln_modulation). A name "
+        "matches a module whose name is it or ends with '.' + it, as in peft.",
     )
     recipe.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch.")
     recipe.add_argument(
@@ -390,6 +428,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         '--class_init "rotated seven=seven" "rotated one=1". A class without a pair starts from the pretrained class '
         "of the same name, if there is one, else from the mean.",
     )
+
+    prior = parser.add_argument_group("prior preservation (keeping the pretrained classes, as diffusers' DreamBooth)")
+    prior.add_argument(
+        "--with_prior_preservation",
+        action="store_true",
+        help="Also train on images of the pretrained classes that the data does not train (--class_data_dir, "
+        "completed with images the pretrained model generates), so that they are not forgotten. With --new_classes "
+        "extend or without --new_classes.",
+    )
+    prior.add_argument(
+        "--class_data_dir",
+        type=str,
+        default=None,
+        help="Images of the kept classes, one subfolder per class (named by a class name or id); classes with fewer "
+        "than --num_class_images images get generated ones, written here (default: <output_dir>/class_images).",
+    )
+    prior.add_argument(
+        "--num_class_images",
+        type=int,
+        default=20,
+        help="Prior images per kept class (generated by the pretrained model where --class_data_dir has fewer).",
+    )
+    prior.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the loss on the prior images.")
 
     validation = parser.add_argument_group("validation")
     validation.add_argument(
@@ -453,6 +514,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("pretrained_model_name_or_path", "vqvae_model_name_or_path", "text_encoder_name_or_path"):
         if getattr(args, flag):  # demo:NAME -> the packaged demo pipeline, as in every script
             setattr(args, flag, resolve_pretrained_location(getattr(args, flag)))
+    if args.learning_rate is None:
+        args.learning_rate = FULL_LEARNING_RATE if args.lora_rank is None else LORA_LEARNING_RATE
     check_args(args)
     return args
 
@@ -556,8 +619,9 @@ def parse_class_init(values: list[str]) -> dict[str, str]:
 
 
 def _check_number_args(args: argparse.Namespace) -> None:
+    if args.resolution is not None and args.resolution < 1:
+        raise InputError(f"--resolution must be a positive integer, got {args.resolution}")
     for flag in (
-        "resolution",
         "train_batch_size",
         "gradient_accumulation_steps",
         "tokenize_batch_size",
@@ -570,7 +634,7 @@ def _check_number_args(args: argparse.Namespace) -> None:
     for flag in ("max_train_steps", "validation_steps", "checkpoints_total_limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
-    if args.lr_warmup_steps < 0 or args.dataloader_num_workers < 0:
+    if (args.lr_warmup_steps or 0) < 0 or args.dataloader_num_workers < 0:
         raise InputError("--lr_warmup_steps and --dataloader_num_workers must be >= 0")
     if not 0 <= args.reuse_prob <= 1:
         raise InputError(f"--reuse_prob must be in [0, 1], got {args.reuse_prob}")
@@ -596,11 +660,39 @@ def _check_output_args(args: argparse.Namespace) -> None:
         raise InputError(f"--resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder")
 
 
+def _check_prior_args(args: argparse.Namespace) -> None:
+    if not args.with_prior_preservation:
+        given = [flag for flag, default in (("class_data_dir", None), ("num_class_images", 20),
+                 ("prior_loss_weight", 1.0)) if getattr(args, flag) != default]  # fmt: skip
+        if given:
+            raise InputError(
+                f"{', '.join('--' + flag for flag in given)} configure prior preservation: add --with_prior_preservation"
+            )
+        return
+    if not args.pretrained_model_name_or_path or _data_sources(args)[1]:
+        raise InputError(
+            "--with_prior_preservation keeps the classes of a pretrained class-conditional model: it needs "
+            "--pretrained_model_name_or_path and class data"
+        )
+    if args.new_classes == "replace":
+        raise InputError(
+            "--with_prior_preservation keeps the pretrained classes, which --new_classes replace drops; use "
+            "--new_classes extend"
+        )
+    if args.num_class_images < 1:
+        raise InputError(f"--num_class_images must be a positive integer, got {args.num_class_images}")
+    if not args.prior_loss_weight > 0:
+        raise InputError(f"--prior_loss_weight must be > 0, got {args.prior_loss_weight}")
+    if args.class_data_dir and not os.path.isdir(args.class_data_dir):
+        raise InputError(f"--class_data_dir {args.class_data_dir!r} is not a folder")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Checks that need no file reads: which flags go together, and value ranges."""
     _check_data_args(args)
     _check_model_args(args)
     _check_number_args(args)
+    _check_prior_args(args)
     _check_output_args(args)
 
 
@@ -619,6 +711,8 @@ class TrainingData:
     text: bool
     id2label: dict[int, str] | None = None
     image_rows: object = None  # a 🤗 dataset: its image column alone, undecoded ({"bytes", "path"} per row)
+    prior: list[bool] | None = None  # per sample: a prior-preservation image (--with_prior_preservation)
+    prior_plan: "PriorPlan | None" = None  # the kept classes' images, before the missing ones are generated
 
     def open_image(self, index: int):
         """What `Image.open` takes for image `index`: a file path or a file-like object."""
@@ -631,8 +725,19 @@ class TrainingData:
         return len(self.image_index)
 
 
+def is_hidden(path: Path, root: Path) -> bool:
+    """Whether a part of `path` below `root` is hidden (`.ipynb_checkpoints`, `.DS_Store`, ...): never data."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+                  and not is_hidden(path, folder))  # fmt: skip
+
+
+def visible_subfolders(root: Path) -> list[Path]:
+    """The subfolders of `root` that are not hidden, sorted by name: the class folders."""
+    return sorted(path for path in root.iterdir() if path.is_dir() and not is_hidden(path, root))
 
 
 def _require_dir(path: str, flag: str) -> Path:
@@ -648,7 +753,7 @@ def _require_files(paths: list[Path], flag: str) -> None:
 
 
 def list_class_folders(root: Path) -> TrainingData:
-    class_dirs = sorted(path for path in root.iterdir() if path.is_dir())
+    class_dirs = visible_subfolders(root)  # hidden folders (.ipynb_checkpoints) are no classes
     if not class_dirs:
         raise InputError(
             f"--train_data_dir {str(root)!r} has no class subfolders; give one subfolder per class or a --labels_file"
@@ -667,6 +772,7 @@ def list_class_folders(root: Path) -> TrainingData:
             f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder(s)"
         )
     id2label = {label: class_dir.name for label, class_dir in enumerate(class_dirs)}
+    class_name_ids(id2label, f"the class folders of --train_data_dir {str(root)!r}")  # names of two folders collide
     return TrainingData(paths, list(range(len(paths))), labels, text=False, id2label=id2label)
 
 
@@ -825,12 +931,25 @@ def list_training_data(args: argparse.Namespace) -> TrainingData:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes of 16-bit grey PNGs (and 32-bit ints)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. 16-bit grey images are scaled (65535 -> 255) rather than clipped, which PIL's
+    `convert("RGB")` does (a 16-bit PNG would turn near-white)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.round(pixels / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(source, resolution: int, name: str | None = None) -> torch.Tensor:
     """RGB image (a path or a file-like `source`, called `name` in errors), shorter side resized to `resolution`,
     center crop -> `(3, resolution, resolution)` in [-1, 1]."""
     try:
         with Image.open(source) as image:
-            image = image.convert("RGB")  # decodes: a truncated or damaged file fails here
+            image = to_rgb(image)  # decodes: a truncated or damaged file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise InputError(f"cannot read the image {name or source} ({error}); fix or remove it") from None
     scale = resolution / min(image.size)
@@ -940,13 +1059,16 @@ class TokenDataset(Dataset):
     def __init__(self, tokens: dict, data: TrainingData):
         names = [name for name in ("token_ids", "flipped_token_ids") if name in tokens]
         self.variants = torch.stack([tokens[name] for name in names], dim=1)
-        self.image_index, self.conditions = data.image_index, data.conditions
+        self.image_index, self.conditions, self.prior = data.image_index, data.conditions, data.prior
 
     def __len__(self) -> int:
         return len(self.image_index)
 
     def __getitem__(self, index: int) -> dict:
-        return {"token_ids": self.variants[self.image_index[index]].long(), "condition": self.conditions[index]}
+        item = {"token_ids": self.variants[self.image_index[index]].long(), "condition": self.conditions[index]}
+        if self.prior is not None:
+            item["prior"] = self.prior[index]
+        return item
 
 
 def pick_variants(token_ids: torch.LongTensor) -> torch.LongTensor:
@@ -1129,21 +1251,20 @@ def check_transformer_config(config: dict, args: argparse.Namespace, vq_config: 
             raise InputError(f"--validation_class_labels must be in [0, {value['num_classes'] - 1}], got {bad}")
 
 
-def class_names(id2label: dict | None) -> dict[str, int]:
-    """Every name (comma-separated synonyms of `id2label`) -> its class id."""
-    return {
-        name.strip(): int(class_id)
-        for class_id, names in (id2label or {}).items()
-        for name in str(names).split(",")
-        if name.strip()
-    }
+def class_name_ids(id2label: dict | None, source: str = "the class names") -> dict[str, int]:
+    """Every name (comma-separated synonyms of `id2label`) -> its class id, by the pipelines' own lookup
+    (`parse_id2label`), which refuses a name listed for two classes; `source` says where the names come from."""
+    try:
+        return parse_id2label(id2label)
+    except ValueError as error:
+        raise InputError(f"{source}: {error} (a comma separates synonyms of one class)") from None
 
 
 def resolve_validation_class_labels(labels: list[str] | None, id2label: dict | None) -> list[int] | None:
     """--validation_class_labels as class ids: ids stay, names are looked up in the class names of the run."""
     if not labels:
         return None
-    names = class_names(id2label)
+    names = class_name_ids(id2label)
     unknown = [label for label in labels if not label.isdigit() and label not in names]
     if unknown:
         known = f"known names: {sorted(names)[:20]}" if names else "this run has no class names: use class ids"
@@ -1182,7 +1303,7 @@ def plan_new_classes(args: argparse.Namespace, data: TrainingData, num_classes: 
         )
     if num_classes is None:
         raise InputError("--new_classes needs a class-conditional pretrained transformer (num_classes is not set)")
-    names = class_names(id2label)
+    names = class_name_ids(id2label)
     pairs = parse_class_init(args.class_init)
     data_names = [data.id2label[label] for label in sorted(data.id2label)]
     unknown = sorted(set(pairs) - set(data_names))
@@ -1211,7 +1332,88 @@ def plan_new_classes(args: argparse.Namespace, data: TrainingData, num_classes: 
             data_ids.append(len(sources))
             new_id2label[len(sources)] = name
             sources.append(source(name) if name in pairs else None)
+        # e.g. a folder "rotated seven, seven": a new class that would share the name "seven" with a pretrained one
+        class_name_ids(
+            new_id2label,
+            "--new_classes extend (a data class named exactly like a pretrained class trains that class; other "
+            "names must differ from the pretrained ones)",
+        )
     return ClassPlan(len(sources), new_id2label, sources, data_ids)
+
+
+@dataclass
+class PriorPlan:
+    """The prior-preservation images of the kept classes (--with_prior_preservation): those found in
+    --class_data_dir and how many the pretrained model still has to generate per class."""
+
+    folder: Path
+    images: dict[int, list[str]]  # kept class id -> image files found
+    folder_names: dict[int, str]  # kept class id -> its subfolder of `folder` (existing, or the class id)
+    missing: dict[int, int]  # kept class id -> images to generate
+
+    @property
+    def num_missing(self) -> int:
+        return sum(self.missing.values())
+
+
+def plan_prior_images(args: argparse.Namespace, kept: list[int], id2label: dict | None) -> PriorPlan:
+    """Which images of the kept classes `kept` --class_data_dir holds (subfolders named by a class name or id) and
+    which are missing. A subfolder that names no kept class is refused."""
+    folder = Path(args.class_data_dir or Path(args.output_dir) / "class_images")
+    names = class_name_ids(id2label)
+    images, folder_names = {class_id: [] for class_id in kept}, {class_id: str(class_id) for class_id in kept}
+    for subfolder in visible_subfolders(folder) if folder.is_dir() else []:
+        class_id = names.get(subfolder.name, int(subfolder.name) if subfolder.name.isdigit() else None)
+        if class_id not in images:
+            raise InputError(
+                f"--class_data_dir {str(folder)!r}: the subfolder {subfolder.name!r} names no class that prior "
+                f"preservation keeps (the pretrained classes the data does not train: ids {kept[:10]}"
+                f"{'...' if len(kept) > 10 else ''}); rename or remove it"
+            )
+        images[class_id] += [str(path) for path in _image_files(subfolder)]
+        folder_names[class_id] = subfolder.name
+    missing = {class_id: max(0, args.num_class_images - len(found)) for class_id, found in images.items()}
+    images = {class_id: found[: args.num_class_images] for class_id, found in images.items()}
+    return PriorPlan(folder, images, folder_names, missing)
+
+
+def kept_classes(num_pretrained: int, data: TrainingData) -> list[int]:
+    """The pretrained classes (ids below `num_pretrained`) that the data does not train."""
+    trained = set(data.conditions)
+    return [class_id for class_id in range(num_pretrained) if class_id not in trained]
+
+
+@torch.no_grad()
+def generate_prior_images(args: argparse.Namespace, plan: PriorPlan, device) -> None:
+    """Completes `plan` with images of the kept classes drawn by the pretrained pipeline (seeded), written to their
+    class subfolders (each file complete or absent)."""
+    pipeline = diffusers.DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
+    pipeline.to(device).set_progress_bar_config(disable=True)
+    labels = [class_id for class_id, count in plan.missing.items() for _ in range(count)]
+    logger.info(f"Generating {len(labels)} prior-preservation images of {len(plan.missing)} classes in {plan.folder}")
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    batch_size = args.tokenize_batch_size
+    for start in tqdm(range(0, len(labels), batch_size), desc="Prior images"):
+        batch = labels[start : start + batch_size]
+        for class_id, image in zip(batch, pipeline(class_labels=batch, generator=generator).images, strict=True):
+            subfolder = plan.folder / plan.folder_names[class_id]
+            subfolder.mkdir(parents=True, exist_ok=True)
+            path = subfolder / f"generated_{len(plan.images[class_id]):05d}.png"
+            image.save(path.with_suffix(".partial"), format="PNG")
+            os.replace(path.with_suffix(".partial"), path)
+            plan.images[class_id].append(str(path))
+    plan.missing = dict.fromkeys(plan.missing, 0)
+
+
+def add_prior_samples(data: TrainingData, plan: PriorPlan) -> None:
+    """Appends the kept classes' images to `data` as samples marked `prior`."""
+    data.prior = data.prior or [False] * len(data)
+    for class_id, paths in sorted(plan.images.items()):
+        for path in paths:
+            data.image_index.append(len(data.image_paths))
+            data.image_paths.append(path)
+            data.conditions.append(class_id)
+            data.prior.append(True)
 
 
 def build_transformer(args: argparse.Namespace, config: dict) -> ENATTransformer2DModel:
@@ -1278,16 +1480,21 @@ def add_lora_adapter(model: ENATTransformer2DModel, args: argparse.Namespace, tr
         model.class_embedding.requires_grad_(True)
 
 
-def create_ema(model: torch.nn.Module, decay: float, device) -> tuple[torch.nn.Module, EMAModel]:
+def create_ema(model: torch.nn.Module, decay: float, device, warmup: bool = True) -> tuple[torch.nn.Module, EMAModel]:
     """The EMA of the trained weights: diffusers' `EMAModel` (updated after every optimizer step and saved with the
     checkpoints) and a frozen eval-mode copy of the transformer that runs with those weights (the reuse "previous
     step", validation, the final pipeline). The copy costs one more set of weights in memory: `EMAModel` keeps its
     own shadow tensors, and reuse training needs the EMA weights inside a module at every step.
 
-    `min_decay=decay` makes the decay constant, as in the paper's recipe (EMAModel's default ramps it up with
-    (1 + t) / (10 + t)); EMAModel's first update copies the weights after the first optimizer step."""
+    With `warmup` the decay grows as 1 - (1 + t)^-EMA_WARMUP_POWER up to `decay` (EMAModel's use_ema_warmup), so
+    the EMA follows the weights in short runs; without, `min_decay=decay` makes it constant from the first step, as in
+    the paper's recipe. EMAModel's first update copies the weights after the first optimizer step."""
     ema_model = copy.deepcopy(model).requires_grad_(False).eval().to(device)
-    ema = EMAModel(ema_model.parameters(), decay=decay, min_decay=decay, foreach=True)
+    if warmup:
+        ema = EMAModel(ema_model.parameters(), decay=decay, use_ema_warmup=True, inv_gamma=1.0,
+                       power=EMA_WARMUP_POWER, foreach=True)  # fmt: skip
+    else:
+        ema = EMAModel(ema_model.parameters(), decay=decay, min_decay=decay, foreach=True)
     return ema_model, ema
 
 
@@ -1360,13 +1567,28 @@ def sample_previous_masking(masking: torch.BoolTensor) -> torch.BoolTensor:
 
 
 def masked_token_loss(
-    logits: torch.Tensor, token_ids: torch.LongTensor, masking: torch.BoolTensor, label_smoothing: float
+    logits: torch.Tensor,
+    token_ids: torch.LongTensor,
+    masking: torch.BoolTensor,
+    label_smoothing: float,
+    row_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy (with label smoothing) averaged over the masked tokens only. `logits` `(B, K, h, w)`."""
+    """Cross-entropy (with label smoothing) averaged over the masked tokens only. `logits` `(B, K, h, w)`.
+    `row_weights` `(B,)`: each row's tokens count this much (prior preservation); the average stays over the masked
+    tokens, so weights of 1 give the plain loss."""
     targets = token_ids.masked_fill(~masking, IGNORE_INDEX)
-    return F.cross_entropy(
-        logits.flatten(2).float(), targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
+    if row_weights is None:
+        return F.cross_entropy(
+            logits.flatten(2).float(), targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
+        )
+    per_token = F.cross_entropy(
+        logits.flatten(2).float(),
+        targets,
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+        reduction="none",
     )
+    return (per_token * row_weights[:, None].to(per_token)).sum() / masking.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -1391,7 +1613,10 @@ def training_loss(model, reuse_model, batch: dict, conditioning, args, accelerat
             reuse_model, input_ids, masking, condition_kwargs, mask_token_id, accelerator
         )
     logits = model(input_ids, **condition_kwargs, reuse_state=reuse_state).logits
-    return masked_token_loss(logits, token_ids, masking, args.label_smoothing)
+    row_weights = None
+    if "prior" in batch:  # prior-preservation rows weigh --prior_loss_weight
+        row_weights = torch.where(batch["prior"].to(logits.device), args.prior_loss_weight, 1.0)
+    return masked_token_loss(logits, token_ids, masking, args.label_smoothing, row_weights)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1424,6 +1649,75 @@ def list_checkpoints(output_dir: str) -> list[Path]:
     return sorted(found, key=lambda path: int(steps[path]))
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """Records the size and sha256 of every file of `folder` in its CHECKSUMS_FILE (written last)."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name != CHECKSUMS_FILE)
+    sums = {
+        str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": file_sha256(path)} for path in files
+    }
+    (folder / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True))
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint's files against its CHECKSUMS_FILE (None: intact, or written by a version of
+    this script without checksums, which cannot be told)."""
+    sums_file = folder / CHECKSUMS_FILE
+    if not sums_file.is_file():
+        return None
+    try:
+        sums = json.loads(sums_file.read_text())
+    except ValueError:
+        return f"its {CHECKSUMS_FILE} is unreadable"
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {expected['size']} were written"
+        if file_sha256(path) != expected["sha256"]:
+            return f"{name} differs from what was written (checksum mismatch)"
+    return None
+
+
+def select_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The checkpoint to resume from (None: a new run), its files checked against their checksums: with "latest", a
+    damaged checkpoint is skipped with a warning that names it, for the previous one; a named one must be intact."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        checkpoint = _checkpoint_path(args)
+        problem = checkpoint_damage(checkpoint)
+        if problem:
+            raise InputError(f"--resume_from_checkpoint {str(checkpoint)!r} is damaged: {problem}")
+        return checkpoint
+    damaged = []
+    for checkpoint in reversed(list_checkpoints(args.output_dir)):
+        problem = checkpoint_damage(checkpoint)
+        if problem is None:
+            if damaged:
+                warnings.warn(
+                    f"--resume_from_checkpoint latest: {'; '.join(damaged)}; resuming from {checkpoint} instead",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return checkpoint
+        damaged.append(f"the checkpoint {checkpoint} is damaged ({problem})")
+    if damaged:
+        raise InputError(
+            f"--resume_from_checkpoint latest: every checkpoint is damaged ({'; '.join(damaged)}); remove them to "
+            "start anew"
+        )
+    return None
+
+
 def _checkpoint_path(args: argparse.Namespace) -> Path | None:
     """The checkpoint --resume_from_checkpoint names (None: start a new run)."""
     if args.resume_from_checkpoint == "latest":
@@ -1446,17 +1740,146 @@ def prune_checkpoints(args: argparse.Namespace) -> None:
             shutil.rmtree(old)
 
 
-def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int) -> Path:
+def folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e7 else f"{size / 1e6:.2f} MB"
+
+
+def check_free_space(folder: str | Path, needed: int, what: str) -> None:
+    """Refuses to start writing `what` (about `needed` bytes) into `folder` when its disk has less room."""
+    free = shutil.disk_usage(folder).free
+    if free < needed * SPACE_MARGIN:
+        raise InputError(
+            f"not enough free disk space in {folder} for {what}: about {_gigabytes(int(needed * SPACE_MARGIN))} "
+            f"needed, {_gigabytes(free)} free; free some space or pass an --output_dir on a larger disk"
+        )
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def estimated_checkpoint_size(model: torch.nn.Module, ema: EMAModel | None, output_dir: str) -> int:
+    """The newest checkpoint's size, or before the first: the weights, AdamW's two float32 moments of the trained
+    ones and the EMA's copy of them."""
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints:
+        return folder_size(checkpoints[-1])
+    trained = tensor_bytes(p.float() for p in model.parameters() if p.requires_grad)
+    return tensor_bytes(model.state_dict().values()) + 2 * trained + (trained if ema is not None else 0)
+
+
+def class_image_digests(data: TrainingData) -> dict[str, str]:
+    """Per class id: a digest of its image files (name and size of each; prior images left out), which tells when
+    class folders were swapped or renamed. Empty for 🤗 datasets and text data."""
+    if data.text or data.image_rows is not None:
+        return {}
+    files: dict[int, list[str]] = {}
+    for sample, (image, condition) in enumerate(zip(data.image_index, data.conditions, strict=True)):
+        if data.prior and data.prior[sample]:
+            continue
+        path = data.image_paths[image]
+        files.setdefault(int(condition), []).append(f"{os.path.basename(path)}\0{os.path.getsize(path)}")
+    return {str(class_id): hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:16]
+            for class_id, names in sorted(files.items())}  # fmt: skip
+
+
+def describe_run(args: argparse.Namespace, data: TrainingData, config: dict) -> dict:
+    """What a checkpoint records of its run and a resume must match: the classes, the LoRA shape and which images
+    each class was trained on."""
+    info = {
+        "num_classes": config.get("num_classes"),
+        "lora_rank": args.lora_rank,
+        "lora_target_modules": sorted(args.lora_target_modules) if args.lora_rank is not None else None,
+        "train_text_encoder": args.train_text_encoder,
+    }
+    if not data.text:
+        id2label = pipeline_settings(args, data).get("id2label") or data.id2label or {}
+        info["id2label"] = {str(key): str(value) for key, value in sorted(id2label.items())}
+        info["class_images"] = class_image_digests(data)
+    return info
+
+
+def check_resume_matches(checkpoint: Path | None, info: dict) -> None:
+    """Refuses, in one sentence, to resume a checkpoint whose run had other classes, another LoRA shape or class
+    images under other class ids (folders swapped); warns when the images of a class changed."""
+    if checkpoint is None or not (checkpoint / RUN_INFO_FILE).is_file():
+        return  # a new run, or a checkpoint of an older train_enat.py (nothing recorded to compare)
+    saved = json.loads((checkpoint / RUN_INFO_FILE).read_text())
+    changes = [f"{key} {saved.get(key)} -> {info.get(key)}"
+               for key in ("num_classes", "lora_rank", "lora_target_modules", "train_text_encoder")
+               if saved.get(key) != info.get(key)]  # fmt: skip
+    old_names, new_names = saved.get("id2label") or {}, info.get("id2label") or {}
+    changes += [f"class {key}: {old_names.get(key)!r} -> {new_names.get(key)!r}"
+                for key in sorted(set(old_names) | set(new_names), key=int)
+                if old_names.get(key) != new_names.get(key)]  # fmt: skip
+    old_images, new_images = saved.get("class_images") or {}, info.get("class_images") or {}
+    trained_as = {digest: class_id for class_id, digest in old_images.items()}
+    swapped = [f"the images of class {key} ({new_names.get(key)!r}) are those the checkpoint trained as class "
+               f"{trained_as[digest]} ({old_names.get(trained_as[digest])!r})"
+               for key, digest in new_images.items() if trained_as.get(digest, key) != key]  # fmt: skip
+    if changes or swapped:
+        shown = (swapped + changes)[:4]
+        more = f" and {len(swapped + changes) - 4} more" if len(swapped + changes) > 4 else ""
+        raise InputError(
+            f"cannot resume {checkpoint}: it was trained with other classes or settings ({'; '.join(shown)}{more}); "
+            "resume with the data and settings it was trained with, or start a new run in another --output_dir"
+        )
+    changed = [key for key, digest in new_images.items() if old_images.get(key) not in (None, digest)]
+    if changed:
+        warnings.warn(
+            f"resuming {checkpoint} with other images in classes {changed[:10]} than it was trained on",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def pipeline_tensors(pipeline):
+    """The weights of the pipeline's models (what `save_pretrained` writes, to within configs)."""
+    return [tensor for component in pipeline.components.values() if isinstance(component, torch.nn.Module)
+            for tensor in component.state_dict().values()]  # fmt: skip
+
+
+def write_run_info(folder: Path, run_info: dict) -> None:
+    (folder / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=1, sort_keys=True))
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    global_step: int,
+    run_info: dict | None = None,
+    needed_bytes: int = 0,
+) -> Path:
     """Writes `checkpoint-N` so that a kill at any moment leaves only complete checkpoints behind: every process
     writes its part into `checkpoint-N.partial`, which is renamed once all parts are there; older checkpoints are
-    pruned only after that (the output folder is shared by the processes, as accelerate's save_state expects)."""
+    pruned only after that (the output folder is shared by the processes, as accelerate's save_state expects). The
+    checkpoint also holds `run_info` (RUN_INFO_FILE) and the checksums of its files (CHECKSUMS_FILE, written last).
+    A disk with less than `needed_bytes` free is refused before writing."""
     final = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{global_step}"
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)  # from a run killed while writing this step
+    if accelerator.is_main_process and needed_bytes:
+        check_free_space(args.output_dir, needed_bytes, f"the checkpoint of step {global_step}")
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_run_info(partial, run_info or {})
+            write_checksums(partial)
+    except OSError as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise InputError(
+            f"writing the checkpoint of step {global_step} to {args.output_dir} failed ({error.strerror or error}); "
+            "free some disk space (or pass an --output_dir on a larger disk) and resume with "
+            "--resume_from_checkpoint latest"
+        ) from None
     if accelerator.is_main_process:
         if final.exists():  # the same step from an earlier run: the new state replaces it
             stale = final.with_name(final.name + ".stale")
@@ -1483,7 +1906,7 @@ def warn_about_renamed_classes(args: argparse.Namespace, data: TrainingData) -> 
     index = diffusers.DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
     names = {int(key): str(value) for key, value in (index.get("id2label") or {}).items()}
     renamed = [f"{names[i]!r} -> {name!r}" for i, name in sorted(data.id2label.items())
-               if i in names and name not in class_names({i: names[i]})]  # fmt: skip
+               if i in names and name not in class_name_ids({i: names[i]})]  # fmt: skip
     if renamed:
         warnings.warn(
             f"without --new_classes, the data's classes train the pretrained classes of the same ids under new names "
@@ -1501,9 +1924,27 @@ def pipeline_settings(args: argparse.Namespace, data: TrainingData) -> dict:
         index = diffusers.DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
         keys = ("default_num_inference_steps", "default_guidance_scale") + (() if data.text else ("id2label",))
         settings = {key: index[key] for key in keys if index.get(key) is not None}
-    if data.id2label:
+    if data.id2label and args.pretrained_model_name_or_path and not args.new_classes and not data.text:
+        settings["id2label"] = fine_tuned_id2label(settings.get("id2label"), data.id2label)
+    elif data.id2label:
         settings["id2label"] = data.id2label
     return settings
+
+
+def fine_tuned_id2label(pretrained: dict | None, data_id2label: dict[int, str]) -> dict[int, str]:
+    """Without --new_classes the model keeps every pretrained class: the pretrained names, where the data names a
+    class differently its name instead (a data name that is a synonym of that class keeps the pretrained entry).
+    Refuses names that would then belong to two classes."""
+    merged = {int(key): str(value) for key, value in (pretrained or {}).items()}
+    for class_id, name in data_id2label.items():
+        if name not in class_name_ids({class_id: merged.get(class_id, "")}):
+            merged[class_id] = name
+    class_name_ids(
+        merged,
+        "without --new_classes (class folder i trains pretrained class i under the folder's name; --new_classes "
+        "extend trains classes by name)",
+    )
+    return dict(sorted(merged.items()))
 
 
 def load_scheduler(args: argparse.Namespace, codebook_size: int) -> ENATScheduler:
@@ -1652,7 +2093,8 @@ def training_summary(args: argparse.Namespace, data: TrainingData, global_step: 
             f"`{LORA_WEIGHT_NAME}`)"
         )
     else:
-        method = f"all weights, EMA {args.ema_decay}"
+        ema = f"EMA with warm-up up to {args.ema_decay}" if args.ema_warmup else f"EMA {args.ema_decay}"
+        method = f"all weights, {ema}"
     kind = "captions" if data.text else "class labels"
     lines = [
         f"Trained with `examples/train_enat.py` of enat-diffusers from {start} on {data_source(args)}: {global_step} "
@@ -1743,6 +2185,13 @@ def prepare_data(args: argparse.Namespace) -> tuple[TrainingData, dict, dict, Cl
     components (empty for class data) and, with --new_classes, the plan of the new class embedding."""
     vq_config = load_vqvae_config(args)
     factor = vq_downsample_factor(vq_config)
+    if args.resolution is None:  # the size the pretrained transformer draws, else the paper's
+        args.resolution = DEFAULT_RESOLUTION
+        if args.pretrained_model_name_or_path:
+            pretrained = ENATTransformer2DModel.load_config(
+                args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision
+            )
+            args.resolution = pretrained["sample_size"] * factor
     if args.resolution % factor:
         raise InputError(f"--resolution {args.resolution} must be a multiple of the VQ downsampling factor {factor}")
     data = list_training_data(args)
@@ -1760,6 +2209,17 @@ def prepare_data(args: argparse.Namespace) -> tuple[TrainingData, dict, dict, Cl
         class_plan = plan_new_classes(args, data, pretrained.get("num_classes"), index.get("id2label"))
         data.conditions = [class_plan.data_ids[label] for label in data.conditions]
         data.id2label = class_plan.id2label
+    if args.with_prior_preservation:
+        pretrained = ENATTransformer2DModel.load_config(
+            args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision
+        )
+        index = diffusers.DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+        kept = kept_classes(pretrained.get("num_classes") or 0, data)
+        if not kept:
+            raise InputError(
+                "--with_prior_preservation: the data trains every pretrained class; there is none to keep"
+            )
+        data.prior_plan = plan_prior_images(args, kept, index.get("id2label"))
     config = transformer_config(args, vq_config, data, text_dims, class_plan)
     if args.lora_rank is not None:
         check_lora_target_modules(args.lora_target_modules, config)
@@ -1769,6 +2229,44 @@ def prepare_data(args: argparse.Namespace) -> tuple[TrainingData, dict, dict, Cl
         id2label = pipeline_settings(args, data).get("id2label")
         args.validation_class_labels = resolve_validation_class_labels(args.validation_class_labels, id2label)
     return data, config, text_components, class_plan
+
+
+def count_train_steps(args: argparse.Namespace, num_samples: int, num_processes: int) -> int:
+    """--max_train_steps, else --num_train_epochs of optimizer steps over `num_samples` samples."""
+    batches = math.ceil(num_samples / args.train_batch_size)
+    steps_per_epoch = math.ceil(batches / num_processes / args.gradient_accumulation_steps)
+    return args.max_train_steps or args.num_train_epochs * steps_per_epoch
+
+
+def warmup_steps(args: argparse.Namespace, max_train_steps: int) -> int:
+    """--lr_warmup_steps, or by default the paper's warm-up capped to WARMUP_FRACTION of the run."""
+    if args.lr_warmup_steps is not None:
+        return args.lr_warmup_steps
+    return min(PAPER_WARMUP_STEPS, math.floor(WARMUP_FRACTION * max_train_steps))
+
+
+def warn_about_no_op_settings(args: argparse.Namespace, max_train_steps: int) -> None:
+    """Warns, before any training, about settings under which the run would save (nearly) what it started from."""
+    warmup = warmup_steps(args, max_train_steps)
+    if warmup >= max_train_steps and args.lr_scheduler != "constant":
+        warnings.warn(
+            f"--lr_warmup_steps {warmup} is not shorter than the run ({max_train_steps} steps): the learning rate "
+            f"rises to only {max_train_steps / warmup:.0%} of --learning_rate by the last step; leave out "
+            f"--lr_warmup_steps (default: at most {WARMUP_FRACTION:.0%} of the run) or give fewer",
+            UserWarning,
+            stacklevel=2,
+        )
+    if args.lora_rank is None and not args.ema_warmup:
+        start_share = args.ema_decay ** max(0, max_train_steps - 1)  # EMAModel's first update copies the weights
+        if start_share > EMA_STALE_SHARE:
+            warnings.warn(
+                f"--ema_decay {args.ema_decay} with --no-ema_warmup over {max_train_steps} steps: the saved (EMA) "
+                f"weights would still be {start_share:.0%} the weights of the first step, so the run would save "
+                f"about what it started from; drop --no-ema_warmup (the EMA warm-up follows short runs) or lower "
+                f"--ema_decay below {EMA_STALE_SHARE ** (1 / max(1, max_train_steps - 1)):.4f}",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 def peak_learning_rate(args: argparse.Namespace, total_batch_size: int) -> float:
@@ -1804,7 +2302,9 @@ def build_models(
         model.resize_class_embedding(sources=class_plan.sources)
     if args.lora_rank is not None:
         add_lora_adapter(model, args, train_class_embedding=class_plan is not None)
-    ema_model, ema = create_ema(model, args.ema_decay, device) if args.lora_rank is None else (None, None)
+    ema_model, ema = (None, None)
+    if args.lora_rank is None:
+        ema_model, ema = create_ema(model, args.ema_decay, device, warmup=args.ema_warmup)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model.train(), ema_model, ema
@@ -1843,6 +2343,8 @@ class TrainingRun:
     pipeline_parts: tuple[dict, dict]  # components and settings of the validation / final pipelines
     learning_rate: float  # after warm-up (and --scale_lr)
     hub_repo_id: str | None = None
+    checkpoint: Path | None = None  # the checkpoint to resume from (checked intact and matching)
+    run_info: dict | None = None  # recorded in every checkpoint (`describe_run`)
 
     @property
     def reuse_model(self) -> torch.nn.Module:
@@ -1857,12 +2359,19 @@ class TrainingRun:
 def resume(run: TrainingRun) -> None:
     """Loads --resume_from_checkpoint (model, optimizer, lr scheduler, EMA, step count, random states), if any."""
     args = run.args
-    checkpoint = _checkpoint_path(args) if args.resume_from_checkpoint else None
+    checkpoint = run.checkpoint
     if args.resume_from_checkpoint and checkpoint is None:
         logger.info("No checkpoint to resume from: starting a new training run.")
     if checkpoint is not None:
         logger.info(f"Resuming from checkpoint {checkpoint}")
-        run.accelerator.load_state(str(checkpoint))
+        try:
+            run.accelerator.load_state(str(checkpoint))
+        except (OSError, RuntimeError, ValueError, SafetensorError) as error:
+            message = (str(error).strip().splitlines() or [""])[0]
+            raise InputError(
+                f"the checkpoint {checkpoint} cannot be loaded ({type(error).__name__}: {message}); remove it to "
+                "resume from the previous one"
+            ) from None
         if run.ema is not None and run.ema.optimization_step != run.progress.global_step:
             # EMAModel.load_state_dict ignores a state without its keys: a checkpoint of an older train_enat.py (the
             # EMA saved as a module state dict) would silently restart the EMA from the current weights.
@@ -1913,7 +2422,8 @@ def after_optimizer_step(run: TrainingRun, epoch: int, loss: float, progress_bar
     if step % args.checkpointing_steps == 0 or step == run.max_train_steps:
         # Also at the last step: a rerun of a finished run (or after a kill while saving the outputs) resumes there
         # and trains nothing.
-        save_checkpoint(accelerator, args, step)
+        needed = estimated_checkpoint_size(accelerator.unwrap_model(run.model), run.ema, args.output_dir)
+        save_checkpoint(accelerator, args, step, run.run_info, needed)
     if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process:
         log_validation(make_pipeline(run.reuse_model, *run.pipeline_parts), args, accelerator, step)
 
@@ -1964,10 +2474,18 @@ def save_outputs(run: TrainingRun, data: TrainingData) -> None:
         if text_encoder is not None:
             components = {**components, "text_encoder": fused_text_encoder(text_encoder, args)}
         pipeline = make_pipeline(transformer, components, settings)
-        pipeline.save_pretrained(args.output_dir)
+        check_free_space(args.output_dir, tensor_bytes(pipeline_tensors(pipeline)), "the final pipeline")
+        try:
+            pipeline.save_pretrained(args.output_dir)
+        except OSError as error:
+            raise InputError(
+                f"writing the pipeline to {args.output_dir} failed ({error.strerror or error}); free some disk space "
+                "and rerun with --resume_from_checkpoint latest (it trains nothing more and writes the pipeline)"
+            ) from None
         repo_id = run.hub_repo_id or Path(args.output_dir).resolve().name
         summary = training_summary(args, data, run.progress.global_step)
-        (Path(args.output_dir) / "README.md").write_text(pipeline.model_card(repo_id) + summary)
+        card = pipeline.model_card(repo_id, token=args.hub_token, local=not args.push_to_hub)  # no Hub unless pushing
+        (Path(args.output_dir) / "README.md").write_text(card + summary)
         logger.info(f"Saved the pipeline and its model card to {args.output_dir}")
         if args.push_to_hub:
             push_to_hub(args, run.hub_repo_id)
@@ -2005,7 +2523,8 @@ def log_run_info(run: TrainingRun, data: TrainingData, total_batch_size: int) ->
     # The optimizer's rate at this point is the start of the warm-up (0), not the rate being trained with.
     scaled = f", scaled from {run.args.learning_rate:.3g} by --scale_lr" if run.args.scale_lr else ""
     logger.info(
-        f"  Learning rate = {run.learning_rate:.3g} ({run.args.lr_scheduler}, {run.args.lr_warmup_steps} warm-up "
+        f"  Learning rate = {run.learning_rate:.3g} ({run.args.lr_scheduler}, "
+        f"{warmup_steps(run.args, run.max_train_steps)} warm-up "
         f"steps{scaled})"
     )
     logger.info(f"  Total optimization steps = {run.max_train_steps}")
@@ -2014,13 +2533,26 @@ def log_run_info(run: TrainingRun, data: TrainingData, total_batch_size: int) ->
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data, config, text_components, class_plan = prepare_data(args)
+    checkpoint = select_checkpoint(args)  # intact (a damaged "latest" falls back to the previous one) ...
+    run_info = describe_run(args, data, config)
+    check_resume_matches(checkpoint, run_info)  # ... and of the same classes, LoRA shape and class images
     accelerator = create_accelerator(args)
+    warn_about_no_op_settings(args, count_train_steps(args, len(data), accelerator.num_processes))
     hub_repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub:
             hub_repo_id = create_hub_repo(args)
 
+    if data.prior_plan is not None:
+        if data.prior_plan.num_missing and accelerator.is_main_process:
+            generate_prior_images(args, data.prior_plan, accelerator.device)
+        accelerator.wait_for_everyone()
+        if data.prior_plan.num_missing:  # the other processes list what the main process wrote
+            data.prior_plan = plan_prior_images(
+                args, list(data.prior_plan.images), pipeline_settings(args, data).get("id2label")
+            )
+        add_prior_samples(data, data.prior_plan)
     set_seed(args.seed)  # the same initial weights on every process
     vqvae = load_vqvae(args).to(accelerator.device)
     tokens = load_or_build_token_cache(vqvae, data, args, accelerator)
@@ -2032,14 +2564,13 @@ def main(argv: list[str] | None = None) -> None:
     dataloader = create_train_dataloader(tokens, data, args)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    max_train_steps = count_train_steps(args, len(data), accelerator.num_processes)
     learning_rate = peak_learning_rate(args, total_batch_size)
     optimizer = create_optimizer(trained, args, learning_rate)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_warmup_steps=warmup_steps(args, max_train_steps) * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
@@ -2070,7 +2601,13 @@ def main(argv: list[str] | None = None) -> None:
         pipeline_parts=pipeline_parts,
         learning_rate=learning_rate,
         hub_repo_id=hub_repo_id,
+        checkpoint=checkpoint,
+        run_info=run_info,
     )
+    if accelerator.is_main_process:  # before the first step: room for a checkpoint and the final pipeline
+        pipeline_bytes = tensor_bytes(model.state_dict().values()) + tensor_bytes(vqvae.state_dict().values())
+        checkpoint_bytes = estimated_checkpoint_size(accelerator.unwrap_model(model), ema, args.output_dir)
+        check_free_space(args.output_dir, checkpoint_bytes + pipeline_bytes, "a checkpoint and the final pipeline")
     log_run_info(run, data, total_batch_size)
     set_seed(args.seed, device_specific=True)  # different masks and dropout on every process
     resume(run)
@@ -2078,8 +2615,26 @@ def main(argv: list[str] | None = None) -> None:
     save_outputs(run, data)
 
 
+def exit_with_sentence(error: InputError) -> None:
+    """Ends the process with the one sentence of `error`. Under `accelerate launch` on several processes, the sentence
+    also goes to torch's error file, so that the launcher's failure summary names it as the root cause (instead of the
+    last warning printed); a one-process `accelerate launch` reports the exit after it (`--quiet` leaves that out)."""
+    message = f"train_enat.py: error: {error}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        record = {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(json.dumps({"message": record}))
+    elif "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by accelerate launch for the script
+        message += (
+            "\n(that is the error; accelerate launch reports the exit below: `accelerate launch --quiet` or "
+            "`python` leaves that out)"
+        )
+    raise SystemExit(message)
+
+
 if __name__ == "__main__":
     try:
         main()
     except InputError as error:
-        raise SystemExit(f"train_enat.py: {error}") from None
+        exit_with_sentence(error)

@@ -109,3 +109,11 @@ def test_an_unreachable_hub_is_one_sentence(hub):
         pytest.raises(ConnectionError, match=r"pushing to the Hub repo 'someone/x' failed .*; check the network"),
     ):
         tiny_pipeline().push_to_hub("someone/x")
+
+
+def test_a_local_model_card_asks_nothing_of_the_hub_and_says_how_to_install(tmp_path):
+    pipe = tiny_pipeline()
+    with mock.patch.object(huggingface_hub.ModelCard, "load", side_effect=AssertionError("asked the Hub")):
+        card = pipe.model_card("someone/enat-tiny", local=True)
+    assert "library_name: diffusers" in card and 'DiffusionPipeline.from_pretrained("someone/enat-tiny")' in card
+    assert "pip install enat-diffusers" not in card and "git repository" in card
