@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import PIL.Image
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,24 +126,37 @@ def _docs_conf():
 
 
 def test_diffusers_style_docstrings_become_restructuredtext():
+    # as Python cleans a `__call__` docstring after diffusers' `replace_example_docstring`: the inserted "Examples:"
+    # header is indented less than the rest
     lines = [
-        "Args:",
-        "    transformer ([`ENATTransformer2DModel`]): Predicts tokens; see [`~diffusers.AmusedScheduler`].",
-        "    steps, guidance_scale,",
-        "    generator:",
-        "        As for [`ENATPipeline`].",
+        "    Generates images.",
+        "",
+        "    Args:",
+        "        transformer ([`ENATTransformer2DModel`]): Predicts tokens; see [`~diffusers.AmusedScheduler`].",
+        "        steps, guidance_scale,",
+        "        generator:",
+        "            As for [`ENATPipeline`].",
         "",
         "Examples:",
         "    ```py",
         "    >>> pipe = load_demo_pipeline()",
         "    ```",
+        "",
+        "    Returns:",
+        "        images",
     ]
     _docs_conf()._diffusers_docstring_to_rst(None, "method", "name", None, {}, lines)
     text = "\n".join(lines)
+    assert "Args:" in lines and "Returns:" in lines  # top level again: napoleon reads them as sections
     assert ":py:obj:`~enat_diffusers.ENATTransformer2DModel`" in text  # our names: checked references
     assert "``diffusers.AmusedScheduler``" in text  # other libraries' names: literals, not broken references
     assert "    steps, guidance_scale, generator:" in lines  # a wrapped list of names is one entry for napoleon
-    assert "    .. code-block:: python" in lines and "       >>> pipe = load_demo_pipeline()" in lines
+    # the example is a code block inside the Examples section (indented below its header)
+    assert lines[lines.index("Examples:") + 1 :][:3] == [
+        "    .. code-block:: python",
+        "",
+        "       >>> pipe = load_demo_pipeline()",
+    ]
     assert "```" not in text
 
 
@@ -197,6 +211,8 @@ def _look_at_site(site: Path, screenshot: Path) -> dict:
                 ),
             }
             page.screenshot(path=str(screenshot))
+            # few colours: a small file to commit
+            PIL.Image.open(screenshot).convert("RGB").quantize(colors=64).save(screenshot, optimize=True)
             browser.close()
         server.shutdown()
     return seen

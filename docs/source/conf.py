@@ -31,9 +31,11 @@ html_show_sourcelink = False
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
+default_role = "literal"  # `x` in docstrings is code, as in diffusers' docstrings
 autodoc_default_options = {"show-inheritance": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+napoleon_use_param = False  # diffusers-style types are prose ("PIL image or a list of them"), not class names
 
 # Types from other libraries are not documented here (no intersphinx: the build reads nothing from the network), so
 # strict reference checking (-n) ignores them; every reference to an enat_diffusers name must resolve.
@@ -88,7 +90,25 @@ def _join_wrapped_parameter_names(lines: list[str]) -> list[str]:
     return joined
 
 
+def _dedent_to_first_line(lines: list[str]) -> list[str]:
+    """diffusers' `replace_example_docstring` inserts an "Examples:" section indented less than the rest, so Python's
+    docstring cleaning leaves the rest indented (an rst block quote, where napoleon finds no sections). Dedent the rest
+    to the first line; the Examples section (from its header to the next section header) keeps its own indentation."""
+    first = next((line for line in lines if line.strip()), "")
+    indent = len(first) - len(first.lstrip())
+    dedented, in_examples = [], False
+    for line in lines:
+        line_indent = len(line) - len(line.lstrip())
+        if line.strip() and line_indent < indent:
+            in_examples = True
+        elif in_examples and line_indent == indent and re.match(r"^\w[\w ]*:$", line.strip()):
+            in_examples = False
+        dedented.append(line if in_examples else line[min(indent, line_indent) :])
+    return dedented
+
+
 def _diffusers_docstring_to_rst(app, what, name, obj, options, lines):
+    lines[:] = _dedent_to_first_line(lines)
     if what == "property" and lines and ": " in lines[0].split("`")[0]:
         # napoleon reads "text: more" on a property's first line as "type: description"; it is prose here
         lines[0] = lines[0].replace(": ", " — ", 1)
