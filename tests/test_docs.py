@@ -114,6 +114,15 @@ def test_docs_block_runs(language, code, skip_reason, tmp_path):
         assert not noise, f"python block warned:\n{code}\n--- warnings ---\n" + "\n".join(noise[:10])
 
 
+def test_readme_links_and_pictures_point_at_files_of_the_repository():
+    # README.md is not part of the site, so the strict build does not check its links
+    text = (REPO / "README.md").read_text()
+    targets = re.findall(r"\]\((?!https?://|#)([^)#\s]+)", text)
+    assert targets
+    missing = [target for target in targets if not (REPO / target).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
+
+
 def _missing_docs_tools() -> list[str]:
     return [name for name in ("sphinx", "myst_parser", "furo") if importlib.util.find_spec(name) is None]
 
