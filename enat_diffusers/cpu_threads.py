@@ -5,7 +5,7 @@ torch's CPU threads are OpenMP threads (GNU libgomp in the PyPI wheels). By defa
 barrier before sleeping. On a machine where another process holds a core, the thread sharing that core is descheduled
 for whole time slices while the others spin waiting for it, at each of the thousands of parallel regions of a sampling
 run: ENAT-L sampling took 2.8x its idle time with one of two cores busy. With `OMP_WAIT_POLICY=PASSIVE` waiting
-threads sleep at once: 1.8x under the same load, and no slower on an idle machine (README, "Shared machines").
+threads sleep at once: 1.8x under the same load, and no slower on an idle machine (docs/source/optimization/speed-memory.md, "Shared machines").
 
 libgomp reads the variable once, when torch is imported, so it can only be set before that. Importing
 `enat_diffusers` before torch therefore sets `OMP_WAIT_POLICY=PASSIVE` unless the environment already sets it, or
