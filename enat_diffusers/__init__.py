@@ -26,6 +26,7 @@ from .pipelines import (
     encode_text,
     outpainting_canvas,
 )
+from .quantization import choose_precision, quantize_for_cpu, set_precision
 from .schedulers import ENATScheduler, ENATSchedulerOutput
 
 __version__ = "0.1.0.dev0"
@@ -51,7 +52,10 @@ __all__ = [
     "MaskGITVQEncoderOutput",
     "MaskGITVQModel",
     "MaskGITVQModelOutput",
+    "choose_precision",
     "encode_text",
     "load_demo_pipeline",
     "outpainting_canvas",
+    "quantize_for_cpu",
+    "set_precision",
 ]
