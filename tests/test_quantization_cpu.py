@@ -174,3 +174,14 @@ def test_precision_flag_accepts_auto_and_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--precision", "int4"])
     assert "argument --precision: invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_generate_script_runs_in_the_auto_precision(tmp_path, capsys, monkeypatch):
+    from .example_scripts import load_example
+
+    monkeypatch.setattr(CPUFeatures, "detect", classmethod(lambda cls: AVX2))
+    output = tmp_path / "grid.png"
+    argv = ["--model", "demo:digits", "--class_labels", "3", "--num_inference_steps", "2", "--output", str(output)]
+    load_example("generate").main([*argv, "--precision", "auto"])
+    assert output.is_file()
+    assert "precision auto: int8 (CPU AVX2" in capsys.readouterr().out
