@@ -185,3 +185,23 @@ def test_generate_script_runs_in_the_auto_precision(tmp_path, capsys, monkeypatc
     load_example("generate").main([*argv, "--precision", "auto"])
     assert output.is_file()
     assert "precision auto: int8 (CPU AVX2" in capsys.readouterr().out
+
+
+def test_int8_digits_demo_still_draws_the_requested_digits():
+    """The shipped demo with `quantize_for_cpu`: every class recognised by the demo's classifier (the CPU docs page
+    records the 50-samples-per-class measurement; fewer samples here, with the bound `tests/test_demo.py` uses)."""
+    pytest.importorskip("sklearn", reason="the demo checks classify digits with scikit-learn")
+    from enat_diffusers import ENATPipeline
+    from enat_diffusers.demo import demo_path
+
+    from .example_scripts import load_example
+
+    demo_script = load_example("train_demo_digits")
+    classifier, _ = demo_script.fit_digit_classifier()
+    pipe = ENATPipeline.from_pretrained(demo_path("digits"))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer = quantize_for_cpu(pipe.transformer)
+    pixels, labels = demo_script.generate_class_samples(pipe, 10, seed=1000)
+    table = demo_script.accuracy_table(classifier, pixels, labels)
+    low = {name: accuracy for name, accuracy in table["per_class"].items() if accuracy < 0.9}
+    assert not low, table
