@@ -30,6 +30,7 @@ with import_noise_silenced():
         encode_text,
         outpainting_canvas,
     )
+    from .quantization import choose_precision, quantize_for_cpu, set_precision
     from .sampling import ENATEditState
     from .schedulers import ENATScheduler, ENATSchedulerOutput
 
@@ -59,7 +60,10 @@ __all__ = [
     "MaskGITVQEncoderOutput",
     "MaskGITVQModel",
     "MaskGITVQModelOutput",
+    "choose_precision",
     "encode_text",
     "load_demo_pipeline",
     "outpainting_canvas",
+    "quantize_for_cpu",
+    "set_precision",
 ]

@@ -41,8 +41,10 @@ from .pipelines import (
     ENATPipeline,
     ENATText2ImagePipeline,
 )
+from .quantization import set_precision
 from .schedulers import ENATScheduler
 from .schedulers.scheduling_enat import AMUSED_MASKING_SCHEDULES, MASKING_SCHEDULES
+from .script_utils import add_precision_flag
 
 logger = logging.getLogger(__name__)
 
@@ -825,6 +827,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"Port (default {DEFAULT_PORT}).")
     parser.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
+    add_precision_flag(parser)
     parser.add_argument(
         "--concurrency",
         type=int,
@@ -844,7 +847,10 @@ def main(argv: list[str] | None = None) -> None:
     from .script_utils import require_optional
 
     require_optional("gradio", "app", "The ENAT app")
-    app = ENATApp(load_pipeline(args.model, args.device), model_name=args.model)
+    pipeline = load_pipeline(args.model, args.device)
+    choice = set_precision(pipeline, args.precision)
+    print(f"precision: {choice.precision} ({choice.reason})")
+    app = ENATApp(pipeline, model_name=args.model)
     demo = build_demo(app, concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=False)
 

@@ -69,3 +69,21 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"`dtype` must be one of {sorted(DTYPES)} or a floating torch.dtype, got {dtype!r}.")
     return dtype
+
+
+# The precision flag of the scripts and the app (names and rule: `enat_diffusers.quantization`).
+PRECISION_FLAG = "--precision"
+
+
+def add_precision_flag(parser: argparse.ArgumentParser, default: str | None = "fp32") -> None:
+    """`--precision {auto,fp32,bf16,fp16,int8}`: see `enat_diffusers.quantization.set_precision`."""
+    from .quantization import PRECISION_CHOICES
+
+    parser.add_argument(
+        PRECISION_FLAG,
+        choices=PRECISION_CHOICES,
+        default=default,
+        help="auto: the fastest measured precision for this machine (int8 on AVX2 CPUs, bf16 with AVX-512 BF16/AMX "
+        "or on GPUs, else fp32); int8: the transformer's linear layers in int8 (CPU only)"
+        + (f" (default: {default})" if default else ""),
+    )

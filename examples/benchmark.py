@@ -97,6 +97,7 @@ from enat_diffusers.models.vq_maskgit import MaskGITVQModel
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
 from enat_diffusers.pipelines.pipeline_enat_editing import KEPT_CONTEXT_MODES
 from enat_diffusers.pipelines.pipeline_enat_inpaint import ENATInpaintPipeline
+from enat_diffusers.quantization import AUTO, CPUFeatures, choose_precision, quantize_for_cpu
 from enat_diffusers.schedulers.scheduling_enat import ENATScheduler
 from enat_diffusers.script_utils import DTYPES
 from enat_diffusers.testing_utils import randomize_modulation
@@ -227,9 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precisions",
         nargs="+",
-        choices=sorted(PRECISIONS),
-        help="end to end (tokens to PIL, VQ decode included) in each precision, e.g. fp32 bf16 int8; int8 rows load "
-        "the transformer with diffusers' TorchAoConfig (needs the `quant` extra); the first one is the baseline",
+        choices=[AUTO, *PRECISIONS],
+        help="end to end (tokens to PIL, VQ decode included) in each precision, e.g. fp32 int8 auto; int8 is "
+        "quantize_for_cpu (PyTorch's x86 engine, CPU), torchao_int8* load the transformer with diffusers' "
+        "TorchAoConfig (the `quant` extra), auto is this machine's choose_precision; the first one is the baseline",
+    )
+    parser.add_argument(
+        "--vq_channels_last",
+        action="store_true",
+        help="with --precisions: the VQ decoder in channels-last memory format in every row",
+    )
+    parser.add_argument(
+        "--decode_variants",
+        nargs="+",
+        choices=sorted(DECODE_VARIANTS),
+        default=["fp32", "fp32_channels_last"],
+        help="with --vq_decode: the decoder's variants, timed alternately, with their pixel error vs the first",
     )
     parser.add_argument(
         "--vq_dtype",
@@ -271,6 +285,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(
             "--breakdown, --matmul_rates and --vq_dtype apply to the --precisions rows: give --precisions too"
         )
+    args.auto_choice = choose_precision(args.device)
+    if args.precisions:
+        # `auto` becomes this machine's choice; a precision named twice is measured once.
+        names = [args.auto_choice.precision if name == AUTO else name for name in args.precisions]
+        args.precisions = list(dict.fromkeys(names))
+        if args.device != "cpu" and any(PRECISIONS[name][1] == X86_INT8 for name in args.precisions):
+            parser.error("--precisions int8 (PyTorch's x86 engine) runs on the CPU only: use --device cpu")
     if args.reference_end_to_end and args.reference_dir is None:
         parser.error("--reference_end_to_end needs --reference_dir")
     if args.busy_cores >= (os.cpu_count() or 1):
@@ -882,21 +903,41 @@ def compile_gain(results: list[dict]) -> dict:
 
 
 def measure_vq_decode(vqvae: MaskGITVQModel, side: int, args, device: torch.device) -> list[dict]:
+    """The VQ decode (token ids to pixels) in each of `--decode_variants`, timed alternately per batch size, with
+    the decoded pixels' error against the first variant (pixels in [0, 1]: max |diff| and PSNR)."""
+    variants = {}
+    for name in args.decode_variants:
+        dtype, memory_format = DECODE_VARIANTS[name]
+        variants[name] = to_device(copy.deepcopy(vqvae), device, dtype).to(memory_format=memory_format)
+    first = args.decode_variants[0]
     results = []
     for batch_size in args.batch_sizes:
         ids = torch.randint(0, vqvae.config.num_vq_embeddings, (batch_size, side, side), device=device)
         with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
-            vqvae.decode(ids)
-        times = [timed(lambda: vqvae.decode(ids), device) for _ in range(args.repeats)]  # noqa: B023
-        median = statistics.median(times)
-        results.append(
-            {
-                "batch_size": batch_size,
-                "gflops_per_image": counter.get_total_flops() / batch_size / 1e9,
-                "seconds_per_image": median / batch_size,
-                "times_seconds": times,
-            }
-        )
+            pixels = {name: (model.decode(ids).sample.float() + 1) / 2 for name, model in variants.items()}
+        times = {name: [] for name in variants}
+        loads = []
+        for _ in range(args.repeats):
+            loads.append(machine_load())
+            for name, model in variants.items():
+                times[name].append(timed(lambda: model.decode(ids), device))  # noqa: B023
+        for name in variants:
+            median = statistics.median(times[name])
+            error = (pixels[name] - pixels[first]).abs()
+            mse = error.square().mean().item()
+            results.append(
+                {
+                    "variant": name,
+                    "batch_size": batch_size,
+                    "gflops_per_image": counter.get_total_flops() / len(variants) / batch_size / 1e9,
+                    "seconds_per_image": median / batch_size,
+                    "speedup_vs_" + first: statistics.median(times[first]) / median,
+                    "max_abs_pixel_error_vs_" + first: error.max().item(),
+                    "psnr_db_vs_" + first: math.inf if mse == 0 else 10 * math.log10(1 / mse),
+                    "times_seconds": times[name],
+                    "load": loads,
+                }
+            )
     return results
 
 
@@ -904,14 +945,25 @@ def measure_vq_decode(vqvae: MaskGITVQModel, side: int, args, device: torch.devi
 # precisions, end to end: dtypes and int8 quantization, tokens to PIL images
 
 
-# --precisions name -> (dtype of the weights that are not quantized and of the computation, torchao config class name)
-# diffusers' integer quantization computes in bfloat16 (it warns for other dtypes), hence bf16 for the int8 rows.
+# --precisions name -> (dtype of the weights that are not quantized and of the computation, quantization: X86_INT8
+# for `quantize_for_cpu` (what `--precision int8` of the scripts runs), else a torchao config class name).
+# diffusers' torchao quantization computes in bfloat16 (it warns for other dtypes), hence bf16 for the torchao rows.
+X86_INT8 = "x86"
 PRECISIONS = {
     "fp32": (torch.float32, None),
     "bf16": (torch.bfloat16, None),
     "fp16": (torch.float16, None),
-    "int8": (torch.bfloat16, "Int8DynamicActivationInt8WeightConfig"),
-    "int8_weight_only": (torch.bfloat16, "Int8WeightOnlyConfig"),
+    "int8": (torch.float32, X86_INT8),
+    "torchao_int8": (torch.bfloat16, "Int8DynamicActivationInt8WeightConfig"),
+    "torchao_int8_weight_only": (torch.bfloat16, "Int8WeightOnlyConfig"),
+}
+# --vq_decode variants: (dtype, memory format). The decoder is convolutions only, which PyTorch's dynamic int8
+# quantization does not cover (static int8 convolutions need calibration data): no int8 variant.
+DECODE_VARIANTS = {
+    "fp32": (torch.float32, torch.contiguous_format),
+    "fp32_channels_last": (torch.float32, torch.channels_last),
+    "bf16": (torch.bfloat16, torch.contiguous_format),
+    "bf16_channels_last": (torch.bfloat16, torch.channels_last),
 }
 # Profiler op names (prefix match) of each part of the breakdown; ops of the VQ decode, the scheduler step and the
 # pipeline code around the transformer (guidance) are attributed by where they run, not by their name.
@@ -966,6 +1018,8 @@ def precision_transformer(setup: Setup, precision: str, folder: Path | None, dev
     dtype, quant = PRECISIONS[precision]
     if quant is None:
         return to_device(copy.deepcopy(setup.transformer), device, dtype)
+    if quant == X86_INT8:
+        return quantize_for_cpu(to_device(copy.deepcopy(setup.transformer), torch.device("cpu"), torch.float32))
     from diffusers import TorchAoConfig
 
     quantized = ENATTransformer2DModel.from_pretrained(
@@ -1053,7 +1107,9 @@ def matmul_rate(precision: str, shapes: list[tuple[int, int, int]], device: torc
     per_shape = []
     for rows, fan_in, fan_out in shapes:
         layer = nn.Sequential(nn.Linear(fan_in, fan_out)).to(device=device, dtype=dtype).eval().requires_grad_(False)
-        if quant is not None:
+        if quant == X86_INT8:
+            quantize_for_cpu(layer)
+        elif quant is not None:
             from torchao.quantization import quantize_
 
             quantize_(layer, torchao_config(quant))
@@ -1082,7 +1138,7 @@ class PrecisionRow:
 def precision_rows(setup: Setup, args, device: torch.device) -> list[PrecisionRow]:
     vqvae = setup.vqvae
     folder = None
-    if any(PRECISIONS[name][1] for name in args.precisions):
+    if any(PRECISIONS[name][1] not in (None, X86_INT8) for name in args.precisions):
         folder = Path(tempfile.mkdtemp(prefix="enat-benchmark-"))
         setup.transformer.save_pretrained(folder)  # fp32 weights to load with a quantization_config
     rows = []
@@ -1090,6 +1146,8 @@ def precision_rows(setup: Setup, args, device: torch.device) -> list[PrecisionRo
         for name in args.precisions:
             dtype = PRECISIONS[name][0]
             vq = to_device(copy.deepcopy(vqvae), device, DTYPES[args.vq_dtype] if args.vq_dtype else dtype)
+            if args.vq_channels_last:
+                vq.to(memory_format=torch.channels_last)
             vq.decode = labelled("decode", vq.decode)
             scheduler = copy.deepcopy(setup.scheduler)
             scheduler.step = labelled("scheduler", scheduler.step)
@@ -1103,6 +1161,16 @@ def precision_rows(setup: Setup, args, device: torch.device) -> list[PrecisionRo
     return rows
 
 
+def teacher_forced_logits(transformer: nn.Module, config, seed: int, device: torch.device) -> torch.Tensor:
+    """Logits of one forward pass on fixed inputs (2 rows, half of the tokens masked), as float32."""
+    generator = torch.Generator().manual_seed(seed)
+    count = config.sample_size**2
+    ids = torch.randint(0, config.codebook_size, (2, count), generator=generator)
+    ids[:, torch.randperm(count, generator=generator)[: count // 2]] = config.codebook_size  # the mask token
+    labels = torch.arange(2) % config.num_classes
+    return transformer(ids.to(device), class_labels=labels.to(device)).logits.float()
+
+
 def measure_precisions(setup: Setup, args, device: torch.device) -> dict:
     """End to end (tokens to PIL images) in every precision of `--precisions`, rows alternated; VQ decode share,
     agreement with the first precision, breakdown and the matmul rate of the model's shapes (see NOTES)."""
@@ -1110,6 +1178,21 @@ def measure_precisions(setup: Setup, args, device: torch.device) -> dict:
     num_classes = setup.transformer.config.num_classes
     config = setup.transformer.config
     results = []
+    first = rows[0].name
+    with torch.no_grad():
+        logits = {row.name: teacher_forced_logits(row.pipe.transformer, config, args.seed, device) for row in rows}
+    logit_quality = {
+        row.name: {
+            "logit_relative_error_vs_" + first: (
+                (logits[row.name] - logits[first]).norm() / logits[first].norm()
+            ).item(),
+            "logit_argmax_agreement_vs_" + first: (logits[row.name].argmax(1) == logits[first].argmax(1))
+            .float()
+            .mean()
+            .item(),
+        }
+        for row in rows
+    }
     with torch.no_grad():
         for batch_size in args.batch_sizes:
             labels = [index % num_classes for index in range(batch_size)]
@@ -1139,7 +1222,6 @@ def measure_precisions(setup: Setup, args, device: torch.device) -> dict:
                     times[row.name]["end_to_end"].append(timed(lambda: call(row, "pil"), device))  # noqa: B023
                     times[row.name]["decode"].append(timed(partial(decode_to_pil, row.pipe, ids), device))
                 print(f"  precisions, batch {batch_size}: repeat {repeat + 1}/{args.repeats}", file=sys.stderr)
-            first = rows[0].name
             shapes = matmul_shapes(config, batch_size, args.guidance_scale > 1)
             for row in rows:
                 end_to_end = statistics.median(times[row.name]["end_to_end"])
@@ -1154,6 +1236,8 @@ def measure_precisions(setup: Setup, args, device: torch.device) -> dict:
                     "images_per_second": batch_size / end_to_end,
                     "transformer_gflops_per_image": flops[row.name] / 1e9,
                     "identical_tokens_vs_" + first: (tokens[row.name] == tokens[first]).float().mean().item(),
+                    **logit_quality[row.name],
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "times_seconds": times[row.name],
                     "load": loads,
                 }
@@ -1171,14 +1255,23 @@ def measure_precisions(setup: Setup, args, device: torch.device) -> dict:
                         None if achieved is None else achieved / rate["gflops_per_second"]
                     )
                 results.append(result)
-    speedups = {}
+    speedups, sampling_speedups = {}, {}
     for batch_size in args.batch_sizes:
         by_name = {r["precision"]: r for r in results if r["batch_size"] == batch_size}
         speedups[str(batch_size)] = {
             name: by_name[first]["end_to_end_seconds_per_image"] / r["end_to_end_seconds_per_image"]
             for name, r in by_name.items()
         }
-    return {"results": results, "speedup_vs_" + first: speedups}
+        sampling_speedups[str(batch_size)] = {
+            name: ratio(by_name[first]["sampling_seconds_per_image"], r["sampling_seconds_per_image"] or None)
+            for name, r in by_name.items()
+        }
+    return {
+        "results": results,
+        "auto_choice": vars(args.auto_choice),
+        "speedup_vs_" + first: speedups,
+        "sampling_speedup_vs_" + first: sampling_speedups,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1289,34 +1382,51 @@ def compare_with_reference(config, args, device: torch.device, dtype: torch.dtyp
         our_vqvae = to_device(MaskGITVQModel(sample_size=16 * config.sample_size), device, dtype)
         output_type = "pt"  # decoded and scaled to [0, 1]; the reference returns its decoder's output
     scheduler = ENATScheduler(mask_token_id=config.codebook_size)
-    pipe = ENATPipeline(transformer=ours, vqvae=our_vqvae, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
+    pipes = {"ours": ENATPipeline(transformer=ours, vqvae=our_vqvae, scheduler=scheduler)}
+    # Our fastest path on this machine (`choose_precision`), when it is not the precision of `--dtype`.
+    fastest = args.auto_choice.precision
+    if PRECISIONS[fastest][:1] != (dtype,) or PRECISIONS[fastest][1] is not None:
+        fast_dtype, quant = PRECISIONS[fastest]
+        fast = to_device(copy.deepcopy(ours), device, fast_dtype)
+        fast_vqvae = None if our_vqvae is None else to_device(copy.deepcopy(our_vqvae), device, fast_dtype)
+        if args.vq_channels_last and fast_vqvae is not None:
+            fast_vqvae.to(memory_format=torch.channels_last)
+        fast = quantize_for_cpu(fast) if quant == X86_INT8 else fast
+        pipes["ours_" + fastest] = ENATPipeline(transformer=fast, vqvae=fast_vqvae, scheduler=copy.deepcopy(scheduler))
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
     label = torch.tensor([1], device=device)
 
     def run_reference():
         schedule.generate(args.num_inference_steps, 1, reference, decode_reference, config.sample_size, context=label)
 
-    def run_ours():
-        pipe(
+    def runner(pipe):
+        return lambda: pipe(
             class_labels=[1],
             num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale,
             output_type=output_type,
         )
 
-    times = {"reference": [], "ours": []}
+    runs = {"reference": run_reference, **{name: runner(pipe) for name, pipe in pipes.items()}}
+    times = {name: [] for name in runs}
+    loads = []
     with torch.no_grad():
         for _ in range(max(args.warmup, 1)):
-            run_reference(), run_ours()
+            for run in runs.values():
+                run()
         for repeat in range(args.repeats):
-            times["reference"].append(timed(run_reference, device))
-            times["ours"].append(timed(run_ours, device))
+            loads.append(machine_load())
+            for name, run in runs.items():
+                times[name].append(timed(run, device))
             print(f"  reference: repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    return {
+    result = {
         "batch_size": 1,
         "end_to_end": args.reference_end_to_end,
+        "load": loads,
         "load_after": machine_load(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "seconds_reference": medians["reference"],
         "seconds_ours": medians["ours"],
         "speedup": medians["reference"] / medians["ours"],
@@ -1325,6 +1435,14 @@ def compare_with_reference(config, args, device: torch.device, dtype: torch.dtyp
         "times_seconds": times,
         "parity": parity,
     }
+    for name in pipes.keys() - {"ours"}:
+        result["fastest_path"] = {
+            "precision": fastest,
+            "seconds": medians[name],
+            "speedup": medians["reference"] / medians[name],
+            "speedup_of_fastest_runs": min(times["reference"]) / min(times[name]),
+        }
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1393,6 +1511,11 @@ def print_report(report: dict) -> None:
         f"(aMUSEd {settings['amused_steps']}), guidance {settings['guidance_scale']}, {settings['device_name']} "
         f"{settings['dtype']}, torch {settings['torch']}, {settings['threads']} threads"
     )
+    cpu = report["machine"]["cpu"]
+    print(
+        f"CPU capability {cpu['features']['capability']} ({cpu['features']}); precision auto on {settings['device']}: "
+        f"{cpu['auto_precision']['precision']} ({cpu['auto_precision']['reason']})"
+    )
     for key, note in report["notes"].items():
         print(f"  {key}: {note}")
     print(format_table(report["results"]))
@@ -1414,14 +1537,24 @@ def print_report(report: dict) -> None:
             f"(first call incl. compilation {gain['first_call_seconds']:.1f} s)"
         )
     for r in report.get("vq_decode", []):
+        first = next(key[len("speedup_vs_") :] for key in r if key.startswith("speedup_vs_"))
         print(
-            f"VQ decode, batch {r['batch_size']}: {r['gflops_per_image']:.4g} GFLOPs/img, {r['seconds_per_image']:.3f} s/img"
+            f"VQ decode {r['variant']}, batch {r['batch_size']}: {r['gflops_per_image']:.4g} GFLOPs/img, "
+            f"{r['seconds_per_image']:.3f} s/img, {r['speedup_vs_' + first]:.2f}x {first}, pixels vs {first}: max "
+            f"|diff| {r['max_abs_pixel_error_vs_' + first]:.2e}, PSNR {r['psnr_db_vs_' + first]:.1f} dB"
         )
     precisions = report.get("precisions", {})
     for r in precisions.get("results", []):
+        first = next(key[len("identical_tokens_vs_") :] for key in r if key.startswith("identical_tokens_vs_"))
+        end_to_end = precisions[f"speedup_vs_{first}"][str(r["batch_size"])][r["precision"]]
+        sampling = precisions[f"sampling_speedup_vs_{first}"][str(r["batch_size"])][r["precision"]]
         line = (
             f"{r['precision']}, batch {r['batch_size']}, end to end: {r['end_to_end_seconds_per_image']:.3f} s/img "
-            f"(VQ decode {r['decode_share']:.0%}), {r['transformer_gflops_per_image']:.4g} transformer GFLOPs/img"
+            f"(VQ decode {r['decode_share']:.0%}), {end_to_end:.2f}x {first} end to end, "
+            f"{'-' if sampling is None else f'{sampling:.2f}x'} {first} sampling (tokens); vs {first}: "
+            f"{r['identical_tokens_vs_' + first]:.1%} identical tokens, logits relative error "
+            f"{r['logit_relative_error_vs_' + first]:.2e}, argmax agreement {r['logit_argmax_agreement_vs_' + first]:.1%}"
+            f"; {r['transformer_gflops_per_image']:.4g} transformer GFLOPs/img"
         )
         if r.get("fraction_of_matmul_rate") is not None:
             line += (
@@ -1441,6 +1574,12 @@ def print_report(report: dict) -> None:
             "reuse-step logits "
             f"max |diff| {ref['parity']['max_abs_logit_diff']:.2e} (max |logit| {ref['parity']['max_abs_logit']:.2f})"
         )
+        if "fastest_path" in ref:
+            fast = ref["fastest_path"]
+            print(
+                f"  our fastest path here ({fast['precision']}): {fast['seconds']:.3f} s, {fast['speedup']:.2f}x the "
+                f"reference (fastest runs: {fast['speedup_of_fastest_runs']:.2f}x)"
+            )
 
 
 def max_rss_mib() -> float:
@@ -1503,6 +1642,7 @@ def main(argv=None) -> dict:
         "cpu_count": os.cpu_count(),
         "load_before": load_before,
         "load_after": machine_load(),
+        "cpu": {"features": vars(CPUFeatures.detect()), "auto_precision": vars(args.auto_choice)},
     }
     print_report(report)
     if args.json:

@@ -30,7 +30,9 @@ import torch
 from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline, ENATScheduler
 from enat_diffusers.demo import resolve_pretrained_location
 from enat_diffusers.pipelines.pipeline_enat_editing import KEPT_CONTEXT_MODES
+from enat_diffusers.quantization import set_precision
 from enat_diffusers.schedulers.scheduling_enat import MASKING_SCHEDULES
+from enat_diffusers.script_utils import add_precision_flag
 
 EXAMPLES = Path(__file__).resolve().parent
 DEMO_UPSCALE = 8
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--upscale", type=int, default=None, help="Nearest-neighbour factor (default 8 for demos).")
     parser.add_argument("--output", default="enat_edit.png")
     parser.add_argument("--figure", default=None, help="Write the README picture to this path and exit.")
+    add_precision_flag(parser)
     parser.add_argument(
         "--measure_flops", action="store_true", help="Print the benchmark's editing FLOPs (ENAT-L) and exit."
     )
@@ -131,6 +134,9 @@ def edit(args: argparse.Namespace) -> list[list[PIL.Image.Image]]:
     text = bool(args.prompt)
     inpainting = bool(args.mask_image) or args.outpaint
     pipeline = load_pipeline(args.model, ENATInpaintPipeline if inpainting else ENATImg2ImgPipeline, text=text)
+    choice = set_precision(pipeline, args.precision)
+    if args.precision == "auto":
+        print(f"precision auto: {choice.precision} ({choice.reason})")
     if text == pipeline.is_class_conditional:
         raise SystemExit("--prompt needs a text pipeline and --class_labels a class-conditional one")
     set_masking_schedule(pipeline, args.masking_schedule)

@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from enat_diffusers import ENATText2ImagePipeline
 from enat_diffusers.demo import resolve_pretrained_location
-from enat_diffusers.script_utils import add_deprecated_flag
+from enat_diffusers.quantization import set_precision
+from enat_diffusers.script_utils import add_deprecated_flag, add_precision_flag
 
 LABEL_HEIGHT = 28
 DEMO_UPSCALE = 8
@@ -66,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--upscale", type=int, default=None, help="Nearest-neighbour factor (default 8 for demos).")
     parser.add_argument("--output", type=str, default="enat_digits.png", help="Image file (.png, .jpg, .webp, ...).")
+    add_precision_flag(parser)
     for old, new in (
         ("--class_ids", "--class_labels"),
         ("--images_per_class", "--num_images_per_prompt"),
@@ -100,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_pipeline(args: argparse.Namespace):
     pipeline = DiffusionPipeline.from_pretrained(args.location)
     pipeline.set_progress_bar_config(disable=True)
+    choice = set_precision(pipeline, args.precision)
+    if args.precision == "auto":
+        print(f"precision auto: {choice.precision} ({choice.reason})")
     return pipeline
 
 

@@ -3,7 +3,7 @@
 
     # ImageNet 256, 50 images of each of the 1000 classes, on every GPU of the machine
     accelerate launch --multi_gpu --num_processes 8 examples/sample_at_scale.py --model enat-l-256 \\
-        --num_images_per_prompt 50 --batch_size 125 --output_dir samples-enat-l-256 --dtype bf16 --compile
+        --num_images_per_prompt 50 --batch_size 125 --output_dir samples-enat-l-256 --precision bf16 --compile
     # one process (GPU if there is one), or several CPU processes (gloo)
     python examples/sample_at_scale.py --model enat-l-256 --num_images_per_prompt 50 --output_dir out
     torchrun --standalone --nproc_per_node 2 examples/sample_at_scale.py --model demo:digits \\
@@ -78,8 +78,9 @@ from tqdm.auto import tqdm
 from enat_diffusers.demo import DEMO_NAMES, DEMO_PREFIX, resolve_pretrained_location
 from enat_diffusers.image_utils import to_uint8
 from enat_diffusers.pipelines import GUIDANCE_SCHEDULES
+from enat_diffusers.quantization import resolve_precision, set_precision
 from enat_diffusers.schedulers import MASKING_SCHEDULES
-from enat_diffusers.script_utils import DTYPES, add_deprecated_flag
+from enat_diffusers.script_utils import add_deprecated_flag, add_precision_flag
 
 MANIFEST = "manifest.json"
 TIMING = "timing.json"
@@ -138,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mask_temperature", type=float, default=None, help="Default: the scheduler's.")
     parser.add_argument("--sample_temperature", type=float, default=None, help="Default: the scheduler's.")
     parser.add_argument("--masking_schedule", type=str, default=None, choices=MASKING_SCHEDULES, help="Scheduler's.")
-    parser.add_argument("--dtype", type=str, default=None, choices=tuple(DTYPES), help="Weights dtype (fp32).")
+    add_precision_flag(parser)
     parser.add_argument("--compile", action="store_true", help="Compile the transformer's blocks (torch.compile).")
     parser.add_argument("--device", type=str, default=None, help="Default: accelerate's device for the process.")
     parser.add_argument("--max_shards", type=int, default=None, help="Stop after this many shards per process.")
@@ -146,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--per_class", "--num_images_per_prompt"),
         ("--per_prompt", "--num_images_per_prompt"),
         ("--mask_schedule", "--masking_schedule"),
+        ("--dtype", "--precision"),
     ):
         add_deprecated_flag(parser, old, new, removed_in="0.3.0")
     args = parser.parse_args(argv)
@@ -187,6 +189,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             torch.device(args.device)
         except RuntimeError:
             parser.error(f"--device must be a torch device such as cpu, cuda or cuda:1, got {args.device!r}")
+        if args.precision == "int8" and torch.device(args.device).type != "cpu":
+            parser.error(f"--precision int8 runs on the CPU only, got --device {args.device}")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -381,7 +385,7 @@ def make_plan(args: argparse.Namespace, info: ModelInfo, device: torch.device) -
         "guidance_schedule": args.guidance_schedule
         or _init_default(info.pipeline_class.__call__, "guidance_schedule"),
         "scheduler": {"class": info.scheduler_class.__name__, **scheduler_config},
-        "dtype": args.dtype or "fp32",
+        "dtype": resolve_precision(args.precision, device).precision,
         "generator_device": device.type,
     }
     return Plan(conditions=conditions, settings=settings, prompts=args.prompts, scheduler_overrides=overrides)
@@ -684,10 +688,7 @@ def _read_shard(output_dir: Path, plan: Plan, shard: int) -> np.ndarray:
 def load_pipeline(args: argparse.Namespace, plan: Plan, info: ModelInfo, device: torch.device):
     """The pipeline on `device` in the requested dtype, with the scheduler overrides and optional compilation."""
     pipe = DiffusionPipeline.from_pretrained(model_location(args.model))
-    dtype = DTYPES[plan.settings["dtype"]]
-    modules = [module for module in pipe.components.values() if isinstance(module, torch.nn.Module)]
-    # Cast only when needed: diffusers warns about every cast with `to(dtype)`.
-    pipe.to(device=device, dtype=dtype if any(module.dtype != dtype for module in modules) else None)
+    set_precision(pipe, plan.settings["dtype"], device)
     if plan.scheduler_overrides:
         pipe.scheduler = info.scheduler_class.from_config(pipe.scheduler.config, **plan.scheduler_overrides)
     pipe.set_progress_bar_config(disable=True)

@@ -204,14 +204,14 @@ def test_end_to_end_precisions_report_decode_share_agreement_breakdown_and_matmu
     pytest.importorskip("torchao.quantization", reason="the int8 row needs the `quant` extra")
     args = benchmark.parse_args(
         ["--config", str(tiny_config), "--rows", "--batch_sizes", "2", "--warmup", "0", "--repeats", "1",
-         "--num_inference_steps", "3", "--precisions", "fp32", "int8_weight_only", "--breakdown", "--matmul_rates"]
+         "--num_inference_steps", "3", "--precisions", "fp32", "torchao_int8_weight_only", "--breakdown", "--matmul_rates"]
     )  # fmt: skip
     report = benchmark.run_benchmark(args)
     assert report["results"] == []
     results = {r["precision"]: r for r in report["precisions"]["results"]}
-    assert set(results) == {"fp32", "int8_weight_only"}
+    assert set(results) == {"fp32", "torchao_int8_weight_only"}
     assert results["fp32"]["identical_tokens_vs_fp32"] == 1.0
-    assert 0 <= results["int8_weight_only"]["identical_tokens_vs_fp32"] <= 1
+    assert 0 <= results["torchao_int8_weight_only"]["identical_tokens_vs_fp32"] <= 1
     for result in results.values():
         # Separately timed phases of a tiny model: only their presence is checked, not their order (timing noise).
         assert result["decode_share"] > 0 and result["end_to_end_seconds_per_image"] > 0
@@ -222,6 +222,42 @@ def test_end_to_end_precisions_report_decode_share_agreement_breakdown_and_matmu
         assert result["matmul_rate"]["gflops_per_second"] > 0
         assert result["fraction_of_matmul_rate"] is None or result["fraction_of_matmul_rate"] > 0
     assert report["precisions"]["speedup_vs_fp32"]["2"]["fp32"] == 1.0
+
+
+def test_x86_int8_and_auto_rows_report_agreement_logit_error_capability_and_decode_variants(
+    benchmark, tiny_config, tmp_path, capsys
+):
+    output = tmp_path / "result.json"
+    benchmark.main(
+        ["--config", str(tiny_config), "--rows", "--batch_sizes", "2", "--warmup", "0", "--repeats", "1",
+         "--num_inference_steps", "3", "--precisions", "fp32", "int8", "auto", "--vq_channels_last", "--vq_decode",
+         "--decode_variants", "fp32", "fp32_channels_last", "bf16", "--json", str(output)]
+    )  # fmt: skip
+    report = json.loads(output.read_text())
+    capability = torch.backends.cpu.get_cpu_capability()
+    cpu = report["machine"]["cpu"]
+    assert cpu["features"]["capability"] == capability
+    auto = cpu["auto_precision"]["precision"]
+    assert report["precisions"]["auto_choice"]["precision"] == auto
+    precisions = report["precisions"]
+    names = [r["precision"] for r in precisions["results"]]
+    assert names == list(dict.fromkeys(["fp32", "int8", auto]))  # auto resolved, measured once
+    int8 = next(r for r in precisions["results"] if r["precision"] == "int8")
+    assert 0.5 <= int8["identical_tokens_vs_fp32"] < 1 or int8["identical_tokens_vs_fp32"] == 1
+    assert 0 < int8["logit_relative_error_vs_fp32"] < 0.05 and int8["logit_argmax_agreement_vs_fp32"] >= 0.9
+    assert int8["cpu_capability"] == capability and int8["load"]
+    assert set(precisions["sampling_speedup_vs_fp32"]["2"]) == set(names)
+    assert {(r["variant"], r["batch_size"]) for r in report["vq_decode"]} == {
+        ("fp32", 2),
+        ("fp32_channels_last", 2),
+        ("bf16", 2),
+    }
+    decode = {r["variant"]: r for r in report["vq_decode"]}
+    assert decode["fp32"]["max_abs_pixel_error_vs_fp32"] == 0
+    assert 0 < decode["bf16"]["max_abs_pixel_error_vs_fp32"] < 0.1 and decode["bf16"]["psnr_db_vs_fp32"] > 20
+    out = capsys.readouterr().out
+    assert f"CPU capability {capability}" in out and f"precision auto on cpu: {auto}" in out
+    assert "int8, batch 2, end to end" in out and "logits relative error" in out
 
 
 def test_busy_cores_run_only_while_measuring(benchmark):

@@ -1,0 +1,209 @@
+"""
+Precision for the machine at hand: int8 on CPUs through PyTorch's x86 quantized engine, and the `"auto"` choice.
+
+* `quantize_for_cpu(model)` replaces every `nn.Linear` of a float32 CPU model by PyTorch's dynamically quantized int8
+  linear (`torch.ao.quantization.quantize_dynamic`, engine `"x86"`: int8 weights, activations quantized per call).
+  On AVX2 CPUs this is the int8 path with fast kernels (FBGEMM); torchao's int8 configurations (`TorchAoConfig` in
+  diffusers) run `torch._int_mm`, which has no fast AVX2 kernel, and end up slower than float32 there.
+* `choose_precision(device)` picks the fastest measured precision for the device (see `choose_precision`).
+* `set_precision(pipe, precision)` puts a pipeline in a precision, `"auto"` included: what the scripts and the app
+  call for their `--precision` flag.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Precision names, shared by the scripts' `--precision` flag, the app and the benchmark.
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+AUTO = "auto"
+PRECISION_CHOICES = (AUTO, *PRECISIONS)
+_FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The quantized engine whose dynamic int8 linear has fast AVX2 / AVX-512 kernels (FBGEMM).
+X86_ENGINE = "x86"
+# Set on a model by `quantize_for_cpu`.
+_QUANTIZED_MARK = "_enat_quantized_for_cpu"
+# torch.ao.quantization warns on every call that it is deprecated (torchao's `quantize_` replaces it, but without a
+# fast AVX2 kernel); quantized tensor creation warns likewise. Both stay silenced inside `quantize_for_cpu` only:
+# docs/source/optimization/cpu.md states the status once.
+_DEPRECATION_MESSAGES = (
+    "torch.ao.quantization is deprecated",
+    "torch.quantize_per_tensor, torch.quantize_per_channel",
+)
+
+
+@dataclass(frozen=True)
+class CPUFeatures:
+    """What decides the CPU precision: `torch.backends.cpu.get_cpu_capability()` (`"AVX2"`, `"AVX512"`, `"DEFAULT"`,
+    ...), the AVX-512 BF16, VNNI and AMX extensions, and whether PyTorch's x86 int8 engine is usable."""
+
+    capability: str
+    avx512_bf16: bool = False
+    vnni: bool = False
+    amx: bool = False
+    x86_int8: bool = False
+
+    @classmethod
+    def detect(cls) -> "CPUFeatures":
+        def supported(name: str) -> bool:
+            check = getattr(torch.cpu, name, None)
+            return bool(check()) if check is not None else False
+
+        return cls(
+            capability=torch.backends.cpu.get_cpu_capability(),
+            avx512_bf16=supported("_is_avx512_bf16_supported"),
+            vnni=supported("_is_vnni_supported"),
+            amx=supported("_is_amx_tile_supported"),
+            x86_int8=x86_int8_available(),
+        )
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision `choose_precision` picked (`precision`, one of `PRECISIONS`) and why (`reason`, one sentence)."""
+
+    precision: str
+    reason: str
+
+
+def x86_int8_available() -> bool:
+    """Whether this PyTorch has the x86 quantized engine and `torch.ao.quantization.quantize_dynamic`."""
+    try:
+        from torch.ao.quantization import quantize_dynamic  # noqa: F401
+    except ImportError:
+        return False
+    return X86_ENGINE in torch.backends.quantized.supported_engines
+
+
+def choose_precision(device: str | torch.device = "cpu", cpu_features: CPUFeatures | None = None) -> PrecisionChoice:
+    """
+    The precision to run ENAT in on `device`: never one measured slower than float32 there, float32 when unsure.
+
+    * CUDA: `bf16` where the GPU supports it, else `fp32`.
+    * CPU with AMX or AVX-512 BF16: `bf16` (2.3x float32 for ENAT-L on such a machine).
+    * CPU with AVX2 (or AVX-512 with VNNI, no BF16) and PyTorch's x86 int8 engine: `int8` (`quantize_for_cpu`;
+      1.7x float32 tokens for ENAT-L on AVX2), as bf16 has no fast kernel there (0.24x float32).
+    * Anything else (AVX-512 without VNNI or BF16, ARM, no vector extension, an int8 engine missing): `fp32`.
+
+    Args:
+        device: where the model runs.
+        cpu_features: the CPU's features (default: this machine's, `CPUFeatures.detect()`).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return PrecisionChoice("bf16", "a CUDA GPU with bfloat16 support")
+        return PrecisionChoice("fp32", "a CUDA device without bfloat16 support")
+    if device.type != "cpu":
+        return PrecisionChoice("fp32", f"no measurements on {device.type} devices")
+    features = cpu_features or CPUFeatures.detect()
+    if features.amx or features.avx512_bf16:
+        return PrecisionChoice("bf16", f"CPU {features.capability} with AMX or AVX-512 BF16: fast bfloat16 matmuls")
+    if features.capability in ("AVX2", "AVX512") and (features.capability == "AVX2" or features.vnni):
+        if features.x86_int8:
+            return PrecisionChoice(
+                "int8", f"CPU {features.capability} without bfloat16 kernels: int8 through PyTorch's x86 engine"
+            )
+        return PrecisionChoice("fp32", f"CPU {features.capability}, but this PyTorch has no x86 int8 engine")
+    return PrecisionChoice("fp32", f"CPU {features.capability}: no faster precision measured")
+
+
+def is_quantized_for_cpu(model: nn.Module) -> bool:
+    """Whether `quantize_for_cpu` quantized `model`."""
+    return getattr(model, _QUANTIZED_MARK, False)
+
+
+def quantize_for_cpu(model: nn.Module) -> nn.Module:
+    """
+    Quantizes every `nn.Linear` of `model` to int8, in place, with PyTorch's x86 engine: int8 weights (per output
+    channel), activations quantized dynamically at every call. Embeddings, norms and the tied logits head stay float32.
+
+        pipe.transformer = quantize_for_cpu(pipe.transformer)
+
+    For CPUs: the x86 engine's int8 linear runs 1.6x to 1.8x float32 on AVX2 (see the CPU page of the docs). The
+    quantized model runs on the CPU in float32 only, and cannot be saved: save the float32 model and quantize after
+    loading (a few seconds). Quantizing a model twice returns it unchanged.
+
+    Args:
+        model: a float32 model on the CPU, e.g. `pipe.transformer`.
+
+    Returns:
+        `model`, quantized.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if is_quantized_for_cpu(model):
+        return model
+    if not x86_int8_available():
+        raise RuntimeError(
+            "quantize_for_cpu needs PyTorch's x86 quantized engine (torch.ao.quantization.quantize_dynamic), which "
+            f"this PyTorch ({torch.__version__}) does not have; run in float32 instead."
+        )
+    tensors = [*model.parameters(), *model.buffers()]
+    devices = {tensor.device.type for tensor in tensors}
+    dtypes = {tensor.dtype for tensor in tensors if tensor.is_floating_point()}
+    if devices - {"cpu"} or dtypes - {torch.float32}:
+        raise ValueError(
+            "quantize_for_cpu needs a float32 model on the CPU, got one with "
+            f"{sorted(str(dtype) for dtype in dtypes)} on {sorted(devices)}: call model.to('cpu', torch.float32) first."
+        )
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    previous_engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = X86_ENGINE
+    try:
+        with warnings.catch_warnings():
+            for message in _DEPRECATION_MESSAGES:
+                warnings.filterwarnings("ignore", message=message.replace(".", r"\."))
+            quantize_dynamic(model.eval(), {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+    finally:
+        torch.backends.quantized.engine = previous_engine
+    setattr(model, _QUANTIZED_MARK, True)
+    # An instance attribute: the pipeline's `save_pretrained` (and `push_to_hub`) go through it and stop here with a
+    # sentence, instead of failing inside safetensors on the packed int8 weights.
+    model.save_pretrained = _refuse_saving
+    return model
+
+
+def _refuse_saving(*args, **kwargs):
+    raise NotImplementedError(
+        "This model was quantized with quantize_for_cpu (PyTorch's dynamic int8 modules), which cannot be saved or "
+        "loaded with from_pretrained: save the float32 model and call quantize_for_cpu after loading it."
+    )
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> PrecisionChoice:
+    """`precision` (one of `PRECISION_CHOICES`) -> the concrete choice for `device` (`"auto"`: `choose_precision`)."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"`precision` must be one of {list(PRECISION_CHOICES)}, got {precision!r}.")
+    if precision == AUTO:
+        return choose_precision(device)
+    if precision == "int8" and torch.device(device).type != "cpu":
+        raise ValueError(f"`precision='int8'` runs on the CPU only (quantize_for_cpu), got device {str(device)!r}.")
+    return PrecisionChoice(precision, "requested")
+
+
+def set_precision(pipe, precision: str = AUTO, device: str | torch.device | None = None) -> PrecisionChoice:
+    """
+    Moves an ENAT pipeline to `device` (default: the pipeline's) in `precision`: `"fp32"`, `"bf16"`, `"fp16"` cast
+    every component; `"int8"` keeps float32 and quantizes the transformer (`quantize_for_cpu`, CPU only); `"auto"`
+    takes `choose_precision(device)`. Returns the choice (precision and reason).
+    """
+    device = torch.device(device) if device is not None else pipe.device
+    choice = resolve_precision(precision, device)
+    quantized = is_quantized_for_cpu(pipe.transformer)
+    if quantized and choice.precision != "int8":
+        raise ValueError(
+            f"the transformer is quantized to int8 (quantize_for_cpu) and cannot run in {choice.precision}: load the "
+            "pipeline again"
+        )
+    dtype = _FLOAT_DTYPES.get(choice.precision, torch.float32)
+    modules = [component for component in pipe.components.values() if isinstance(component, nn.Module)]
+    # Cast only when needed: diffusers warns about every cast with `to(dtype)`.
+    pipe.to(device=device, dtype=dtype if any(module.dtype != dtype for module in modules) else None)
+    if choice.precision == "int8" and not quantized:
+        pipe.transformer = quantize_for_cpu(pipe.transformer)
+    return choice
