@@ -65,6 +65,9 @@ DEFAULT_CONCURRENCY = 2
 # checked every `min(CACHE_CLEANUP_INTERVAL, max_age)` seconds.
 DEFAULT_CACHE_MAX_AGE = 3600
 CACHE_CLEANUP_INTERVAL = 300
+# What a text-to-image page starts with (the digits-text demo knows digits only).
+DEFAULT_PROMPT = "a photo"
+DEMO_PROMPT = "a handwritten seven"
 # The step view needs each step's prediction in the step callback.
 PREDICTION_TENSOR = "pred_original_sample"
 # Images and step frames are enlarged (nearest neighbour, whole factors) to at least this many pixels per side.
@@ -95,8 +98,9 @@ PAINTED_LEVEL = 128
 DEFAULT_STRENGTH = 0.5
 
 EDIT_HELP = (
-    "**Edit.** Upload a square image (PNG, JPEG, WebP, ... up to {max_side}x{max_side} pixels and {max_file}; scaled "
-    "to the model's {side}x{side} pixels, each pixel the mean of those it covers) or draw a sample (its bottom half comes painted). **inpaint** regenerates what the white brush "
+    "**Edit.** Upload a square image (PNG, JPEG, WebP, ... up to {max_side}x{max_side} pixels and {max_file}; "
+    "scaled to the model's {side}x{side} pixels, each pixel the mean of those it covers) or draw a sample (its "
+    "bottom half comes painted). **inpaint** regenerates what the white brush "
     "painted (a pixel is regenerated when any painted pixel falls in it); **outpaint** shrinks the image to "
     "{keep}% of the side, centres it and draws the rest (the painting is not used); **image-to-image** redraws as "
     "much as the strength says."
@@ -261,7 +265,7 @@ class ENATApp:
     def default_condition(self) -> str:
         """What the page starts with, so that the first click on Generate draws: the first class, or a prompt."""
         if self.is_text_to_image:
-            return "a handwritten seven" if "digits" in self.model_name else "a photo"
+            return DEMO_PROMPT if self.model_name.startswith(DEMO_PREFIX) else DEFAULT_PROMPT
         return self.class_choices()[0][1]
 
     def class_choices(self) -> list[tuple[str, str]]:
