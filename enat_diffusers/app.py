@@ -683,20 +683,13 @@ class ResultFiles:
         return str(path)
 
 
-def _default_result_files() -> ResultFiles:
-    import tempfile
-
-    return ResultFiles(Path(tempfile.gettempdir()) / "enat-app")
-
-
-def page_handlers(app: ENATApp, files: ResultFiles | None = None):
+def page_handlers(app: ENATApp, files: ResultFiles):
     """The functions behind the page's events, `(generate, show_steps)`: they turn every failure into a `gr.Error`
     sentence shown in the page (the traceback of an unexpected one goes to the terminal), so the app keeps
     serving. Images are returned as files of their own (`files`)."""
     from .script_utils import require_optional
 
     gr = require_optional("gradio", "app", "The ENAT app")
-    files = files or _default_result_files()
 
     def generate(condition, num_images, steps, guidance_scale, masking_schedule, seed, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for progress)
         def on_step(step_index: int, num_steps: int) -> None:
@@ -782,12 +775,11 @@ def check_editor_uploads(editor) -> None:
     editor.convert_and_format_image = checked
 
 
-def edit_page_handlers(app: ENATApp, files: ResultFiles | None = None):
+def edit_page_handlers(app: ENATApp, files: ResultFiles):
     """The functions behind the Edit tab, `(edit, draw_sample)`, with failures shown as one sentence in the page."""
     from .script_utils import require_optional
 
     gr = require_optional("gradio", "app", "The ENAT app")
-    files = files or _default_result_files()
 
     def edit(editor_value, condition, mode, strength, num_images, steps, guidance_scale, seed, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for progress)
         def on_step(step_index: int, num_steps: int) -> None:

@@ -18,6 +18,7 @@ from enat_diffusers.app import (
     REVEALED_COLOR,
     AppInputError,
     ENATApp,
+    ResultFiles,
     display_scale,
     edit_page_handlers,
     editor_mask,
@@ -206,11 +207,11 @@ def test_two_concurrent_requests_give_the_images_each_gives_alone(app):
             assert torch.equal(record.after, reference_record.after)
 
 
-def test_page_reports_progress_per_step_shows_errors_as_messages_and_keeps_serving(app):
+def test_page_reports_progress_per_step_shows_errors_as_messages_and_keeps_serving(app, tmp_path):
     gr = pytest.importorskip("gradio", reason="the page handlers need the app extra: pip install -e '.[app]'")
     from enat_diffusers.app import page_handlers
 
-    generate, _ = page_handlers(app)
+    generate, _ = page_handlers(app, ResultFiles(tmp_path))
     with pytest.raises(gr.Error) as error:
         generate(["sevn"], 1, 8, 2.5, "cosine", 0)
     assert "Class:" in error.value.message and "seven" in error.value.message
@@ -516,10 +517,10 @@ def test_a_mask_painted_only_in_alpha_regenerates_the_painted_part_only(app):
     np.testing.assert_array_equal(np.asarray(app.prepare_edit_mask(opaque)), np.asarray(bottom_half_mask()))
 
 
-def test_edit_page_shows_errors_as_messages_and_keeps_serving(app):
+def test_edit_page_shows_errors_as_messages_and_keeps_serving(app, tmp_path):
     gr = pytest.importorskip("gradio", reason="the page handlers need the app extra: pip install -e '.[app]'")
 
-    edit, draw_sample = edit_page_handlers(app)
+    edit, draw_sample = edit_page_handlers(app, ResultFiles(tmp_path))
     with pytest.raises(gr.Error) as error:
         edit(None, "seven", "inpaint", 0.5, 1, 8, 2.5, 0)
     assert error.value.message.startswith("Image: upload an image") and "Traceback" not in error.value.message

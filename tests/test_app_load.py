@@ -105,14 +105,17 @@ def test_report_server_memory_over_200_requests(server, client):
     for seed in range(20):  # warm-up: first-call allocations
         request(client, seed % 10, seed)
     before = server_rss_bytes(pid)
+    steps = []
     for start in range(0, 200, 20):
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(lambda seed: request(client, seed % 10, seed), range(start, start + 20)))
         assert not [answer for answer in answers if isinstance(answer, Exception)]
+        steps.append(f"{start + 20}: {server_rss_bytes(pid) / 2**20:.0f}")
     after = server_rss_bytes(pid)
     print(
         f"\nserver RSS: {before / 2**20:.0f} MiB after 20 warm-up requests, {after / 2**20:.0f} MiB after 200 more "
-        f"({(after - before) / 2**20:+.1f} MiB, {(after - before) / 200 / 2**10:+.0f} KiB per request)"
+        f"({(after - before) / 2**20:+.1f} MiB, {(after - before) / 200 / 2**10:+.0f} KiB per request); "
+        f"MiB after each 20: {', '.join(steps)}"
     )
 
 
