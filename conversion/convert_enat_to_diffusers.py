@@ -20,8 +20,11 @@ Refused before anything is written: a damaged checkpoint (a zip member failing i
 tensors (`torch.load(weights_only=True)`), missing, unexpected or misshaped keys (listed), weights that are not
 floating point, NaN or inf weights (also after the cast to `--dtype`). The folder is written into a temporary folder
 next to `--output_dir` and moved into place when complete, so an interrupted conversion leaves the previous state (no
-folder, or the old one) and at most a hidden `.NAME.*.tmp` folder to delete; a non-empty `--output_dir` is refused
-unless `--overwrite` is given, which replaces it as a whole.
+folder, or the old one); the next run removes the hidden `.NAME.*.tmp` / `.NAME.*.old` folders it left (and moves an
+old folder back when the kill came between the two renames), saying so. A non-empty `--output_dir` is refused unless
+`--overwrite` is given, which replaces it as a whole. Checked at start-up, before the conversion: free space for the
+output (estimated from the checkpoints' sizes and `--dtype`), and for `--push_to_hub` the repo id (NAMESPACE/NAME) and
+a Hub token (`hf auth login` or HF_TOKEN).
 """
 
 import argparse
@@ -29,7 +32,7 @@ import json
 import os
 import sys
 
-from enat_diffusers.conversion.common import check_output_dir, save_converted
+from enat_diffusers.conversion.common import conversion_start_problem, save_converted
 from enat_diffusers.conversion.pipeline import convert_enat_pipeline
 from enat_diffusers.script_utils import DTYPES
 
@@ -89,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="also upload to this Hub repository")
     args = parser.parse_args(argv)
-    problem = check_output_dir(args.output_dir, args.overwrite)
+    problem = conversion_start_problem(
+        args.output_dir, args.overwrite, args.push_to_hub, [args.checkpoint, args.vqgan], DTYPES[args.dtype].itemsize
+    )
     if problem:
-        parser.error(f"--output_dir: {problem}")
+        parser.error(problem)
 
     try:
         id2label = read_id2label(args.id2label) if args.id2label else None
@@ -108,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"conversion refused: {error}") from None
     for name in ("transformer", "vqvae"):
         print(f"{name}: {getattr(pipe, name).num_parameters():,} parameters")
-    save_converted(pipe, args.output_dir, args.push_to_hub, overwrite=args.overwrite)
+    try:
+        save_converted(pipe, args.output_dir, args.push_to_hub, overwrite=args.overwrite)
+    except ValueError as error:  # no room left on the disk: a sentence, no traceback
+        raise SystemExit(f"conversion not saved: {error}") from None
     return 0
 
 

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from enat_diffusers.conversion.common import check_output_dir, save_converted
+from enat_diffusers.conversion.common import conversion_start_problem, save_converted
 from enat_diffusers.conversion.vqgan import convert_vqgan
 from enat_diffusers.script_utils import DTYPES
 
@@ -32,9 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not os.path.isfile(args.vqgan):
         parser.error(f"--vqgan: no such file: {args.vqgan}")
-    problem = check_output_dir(args.output_dir, args.overwrite)
+    problem = conversion_start_problem(
+        args.output_dir, args.overwrite, args.push_to_hub, [args.vqgan], DTYPES[args.dtype].itemsize
+    )
     if problem:
-        parser.error(f"--output_dir: {problem}")
+        parser.error(problem)
 
     try:
         model = convert_vqgan(args.vqgan, dtype=args.dtype, sample_size=args.sample_size)
@@ -42,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"conversion refused: {error}") from None
     config = {key: value for key, value in model.config.items() if not key.startswith("_")}
     print(f"MaskGITVQModel: {model.num_parameters():,} parameters, config {config}")
-    save_converted(model, args.output_dir, args.push_to_hub, overwrite=args.overwrite)
+    try:
+        save_converted(model, args.output_dir, args.push_to_hub, overwrite=args.overwrite)
+    except ValueError as error:  # no room left on the disk: a sentence, no traceback
+        raise SystemExit(f"conversion not saved: {error}") from None
     return 0
 
 

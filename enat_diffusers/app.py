@@ -19,12 +19,14 @@ the loaded pipeline by `from_pipe` (same modules, nothing reloaded).
 """
 
 import argparse
-import copy
 import difflib
+import errno
 import logging
 import math
 import random
 import re
+import socket
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from .demo import DEMO_PREFIX, resolve_pretrained_location
+from .image_files import (
+    MAX_IMAGE_FILE_SIZE,
+    MAX_IMAGE_PIXELS,
+    ImageFileError,
+    check_image_file,
+    open_image_file,
+    to_8bit,
+)
 from .pipelines import (
     ENAT_PIPELINES,
     ENATImg2ImgPipeline,
@@ -51,8 +61,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = f"{DEMO_PREFIX}digits"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
-# Requests that may sample at the same time; each gets its own pipeline copy (see `ENATApp.request_pipeline`).
+# Requests that may sample at the same time; each gets its own pipeline (see `ENATApp.request_pipeline`).
 DEFAULT_CONCURRENCY = 2
+# Result images, uploads and per-tab results are deleted this many seconds after they were made (`--cache_max_age`),
+# checked every `min(CACHE_CLEANUP_INTERVAL, max_age)` seconds.
+DEFAULT_CACHE_MAX_AGE = 3600
+CACHE_CLEANUP_INTERVAL = 300
+# What a text-to-image page starts with (the digits-text demo knows digits only).
+DEFAULT_PROMPT = "a photo"
+DEMO_PROMPT = "a handwritten seven"
+# The step view needs each step's prediction in the step callback.
+PREDICTION_TENSOR = "pred_original_sample"
 # Images and step frames are enlarged (nearest neighbour, whole factors) to at least this many pixels per side.
 DISPLAY_SIZE = 256
 MAX_IMAGES_PER_CONDITION = 8
@@ -81,8 +100,9 @@ PAINTED_LEVEL = 128
 DEFAULT_STRENGTH = 0.5
 
 EDIT_HELP = (
-    "**Edit.** Upload a square image (scaled to the model's {side}x{side} pixels, each pixel the mean of those it "
-    "covers) or draw a sample (its bottom half comes painted). **inpaint** regenerates what the white brush "
+    "**Edit.** Upload a square image (PNG, JPEG, WebP, ... up to {max_side}x{max_side} pixels and {max_file}; "
+    "scaled to the model's {side}x{side} pixels, each pixel the mean of those it covers) or draw a sample (its "
+    "bottom half comes painted). **inpaint** regenerates what the white brush "
     "painted (a pixel is regenerated when any painted pixel falls in it); **outpaint** shrinks the image to "
     "{keep}% of the side, centres it and draws the rest (the painting is not used); **image-to-image** redraws as "
     "much as the strength says."
@@ -146,9 +166,48 @@ def upscale(image: Image.Image) -> Image.Image:
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
+def check_device(device: str | None) -> str:
+    """The torch device to run on (`cuda` if available, else `cpu`, when None); a device this machine does not have
+    stops the app with one sentence before the model is loaded."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SystemExit(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1, mps, ...") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                f"--device {device!r}: torch sees no CUDA GPU on this machine (torch.cuda.is_available() is False); "
+                "use --device cpu."
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device {device!r}: MPS is not available on this machine; use --device cpu.")
+    return device
+
+
+def check_port(host: str, port: int) -> None:
+    """Stops the app with one sentence, before the model is loaded, when `port` is already taken on `host`."""
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise SystemExit(
+                f"--port {port} is already in use on {host} (another app or server); choose another with --port."
+            ) from None
+        raise SystemExit(f"--host {host!r} --port {port} cannot be served: {error.strerror or error}.") from None
+
+
 def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None):
     """Loads an ENAT pipeline from a folder, a Hub id or `demo:NAME`; exits with one sentence if that fails."""
     from diffusers import DiffusionPipeline
+
+    device = check_device(device)
 
     try:
         pipeline = DiffusionPipeline.from_pretrained(resolve_pretrained_location(model))
@@ -157,14 +216,13 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | None = None):
     if not isinstance(pipeline, ENAT_PIPELINES):
         names = " or ".join(cls.__name__ for cls in ENAT_PIPELINES)
         raise SystemExit(f"--model {model!r} is a {type(pipeline).__name__}; the app takes {names}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipeline.to(device)
 
 
 class ENATApp:
     """
-    What the page does, without Gradio: check a request, sample with a pipeline copy of its own, and turn the
-    recorded token grids into the step view.
+    What the page does, without Gradio: check a request, sample with a pipeline of its own (`from_pipe`: the same
+    modules, its own scheduler), and turn the token grids the step callback records into the step view.
     """
 
     def __init__(self, pipeline: ENATPipeline | ENATText2ImagePipeline, model_name: str = ""):
@@ -204,6 +262,13 @@ class ENATApp:
         id2label = {int(key): names for key, names in (self.pipeline.config.get("id2label") or {}).items()}
         num_classes = self.pipeline.transformer.config.num_classes
         return {i: id2label[i].split(",")[0].strip() if i in id2label else str(i) for i in range(num_classes)}
+
+    @property
+    def default_condition(self) -> str:
+        """What the page starts with, so that the first click on Generate draws: the first class, or a prompt."""
+        if self.is_text_to_image:
+            return DEMO_PROMPT if self.model_name.startswith(DEMO_PREFIX) else DEFAULT_PROMPT
+        return self.class_choices()[0][1]
 
     def class_choices(self) -> list[tuple[str, str]]:
         """Dropdown entries `(shown, value)`; the value is what `parse_class_labels` reads back."""
@@ -284,18 +349,18 @@ class ENATApp:
     # ----------------------------------------------------------------------------------------------------------
     # sampling
 
-    def request_pipeline(self, masking_schedule: str):
+    def request_pipeline(self, masking_schedule: str, pipeline_class=None):
         """
-        A shallow copy of the pipeline for one request: the models are shared (read-only at inference), but the
-        per-call state that the pipeline keeps on itself (`_guidance_scale`, `_interrupt`, ...) and the scheduler
-        (`set_timesteps` stores the schedule on it) are the request's own, so concurrent requests cannot change
-        each other's sampling.
+        The pipeline of one request, made by diffusers' `from_pipe`: the models are shared (read-only at inference),
+        but the per-call state that diffusers pipelines keep on themselves (`_guidance_scale`, `_interrupt`, ...)
+        and the scheduler (`set_timesteps` stores the schedule on it) are the request's own, so concurrent requests
+        cannot change each other's sampling.
         """
-        pipeline = copy.copy(self.pipeline)
-        scheduler_config = self.pipeline.scheduler.config
-        pipeline.scheduler = type(self.pipeline.scheduler).from_config(
-            scheduler_config, masking_schedule=masking_schedule
+        scheduler = type(self.pipeline.scheduler).from_config(
+            self.pipeline.scheduler.config, masking_schedule=masking_schedule
         )
+        pipeline = (pipeline_class or type(self.pipeline)).from_pipe(self.pipeline, scheduler=scheduler)
+        pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
     def request_generators(self, seed: int, captions: list[str]):
@@ -336,26 +401,21 @@ class ENATApp:
         )
         seed, steps = int(seed), int(num_inference_steps)
         pipeline = self.request_pipeline(masking_schedule)
-        mask_token_id = pipeline.mask_token_id
-        records: list[StepRecord] = []
-        predictions: list[torch.LongTensor] = []
-
-        # The callback only sees `latents`; the step's prediction for the still-masked tokens comes from the
-        # scheduler output, recorded by wrapping this request's own scheduler.
-        scheduler_step = pipeline.scheduler.step
-
-        def recording_step(*args, **kwargs):
-            output = scheduler_step(*args, **kwargs)
-            predictions.append(output.pred_original_sample.detach().cpu())
-            return output
-
-        pipeline.scheduler.step = recording_step
         side = pipeline.token_grid_size
-        previous = [torch.full((len(captions), side, side), mask_token_id, dtype=torch.long)]
+        records: list[StepRecord] = []
+        previous = [torch.full((len(captions), side, side), pipeline.mask_token_id, dtype=torch.long)]
+        if PREDICTION_TENSOR in pipeline._callback_tensor_inputs:
+            tensor_inputs = ["latents", PREDICTION_TENSOR]
+
+            def prediction_of_step(callback_kwargs):
+                return callback_kwargs[PREDICTION_TENSOR]
+        else:
+            tensor_inputs, prediction_of_step = self._prediction_source(pipeline)
 
         def record(pipe, step_index, timestep, callback_kwargs):
             latents = callback_kwargs["latents"].detach().cpu()
-            records.append(StepRecord(before=previous[0], after=latents, prediction=predictions[-1]))
+            prediction = prediction_of_step(callback_kwargs).detach().cpu()
+            records.append(StepRecord(before=previous[0], after=latents, prediction=prediction))
             previous[0] = latents
             if on_step is not None:
                 on_step(step_index, steps)
@@ -368,9 +428,29 @@ class ENATApp:
             guidance_scale=float(guidance_scale),
             generator=generator,
             callback_on_step_end=record,
-            callback_on_step_end_tensor_inputs=["latents"],
+            callback_on_step_end_tensor_inputs=tensor_inputs,
         )
         return GenerationResult(images=list(output.images), captions=captions, seeds=seeds, steps=records)
+
+    @staticmethod
+    def _prediction_source(pipeline):
+        """
+        TRANSITION (issue 21), for pipelines that do not yet list `pred_original_sample` in
+        `_callback_tensor_inputs`: `(callback_on_step_end_tensor_inputs, prediction_of_step)` with the step's
+        prediction taken from this request's own scheduler output (its `step` wrapped on the request's scheduler,
+        never the shared one). `generate` uses the callback's `pred_original_sample` whenever the pipeline offers
+        it; delete this fallback once the pipelines do.
+        """
+        predictions: list[torch.LongTensor] = []
+        scheduler_step = pipeline.scheduler.step
+
+        def recording_step(*args, **kwargs):
+            output = scheduler_step(*args, **kwargs)
+            predictions.append(output.pred_original_sample)
+            return output
+
+        pipeline.scheduler.step = recording_step
+        return ["latents"], lambda callback_kwargs: predictions[-1]
 
     # ----------------------------------------------------------------------------------------------------------
     # editing
@@ -389,21 +469,7 @@ class ENATApp:
         side = self.image_size
         if image is None:
             raise AppInputError("Image: upload an image to edit, or draw a sample.")
-        if isinstance(image, (str, Path)):
-            try:
-                with Image.open(image) as opened:
-                    image = opened.convert("RGB")
-            except (OSError, ValueError):
-                raise AppInputError(
-                    f"Image: {Path(image).name!r} is not an image file (PNG, JPEG, WebP, ...)."
-                ) from None
-        elif isinstance(image, np.ndarray):
-            try:
-                image = Image.fromarray(image)
-            except TypeError:
-                raise AppInputError(f"Image: an array of shape {image.shape} is not an image.") from None
-        elif not isinstance(image, Image.Image):
-            raise AppInputError(f"Image: expected an image, got {type(image).__name__}.")
+        image = _read_image(image, "Image")
         if image.width != image.height:
             raise AppInputError(
                 f"Image: this model edits square images of {side}x{side} pixels (a larger square is scaled down); "
@@ -417,19 +483,16 @@ class ENATApp:
     def prepare_edit_mask(self, mask) -> Image.Image:
         """
         The painted mask at the model's resolution, white (regenerate) or black. A mask pixel is painted where its
-        alpha (for a mask with transparency, like the editor's brush layer) or grey level is at least
+        alpha (for a mask whose alpha varies, like the editor's brush layer) or else its grey level is at least
         `PAINTED_LEVEL`; a model pixel is masked when any painted pixel falls in it.
         """
         side = self.image_size
         if mask is None:
             raise AppInputError("Mask: paint the region to regenerate.")
-        if isinstance(mask, np.ndarray):
-            mask = Image.fromarray(mask)
-        if not isinstance(mask, Image.Image):
-            raise AppInputError(f"Mask: expected an image, got {type(mask).__name__}.")
+        mask = _read_image(mask, "Mask", keep_alpha=True)
         if mask.width != mask.height:
             raise AppInputError(f"Mask: must be square like the image, got {mask.width}x{mask.height}.")
-        level = mask.getchannel("A") if mask.mode in ("RGBA", "LA") else mask.convert("L")
+        level = _painted_level(mask)
         painted = level.point(lambda value: 255 if value >= PAINTED_LEVEL else 0)
         mask = painted.resize((side, side), Image.Resampling.BOX).point(lambda value: 255 if value > 0 else 0)
         if not mask.getbbox():
@@ -484,8 +547,7 @@ class ENATApp:
 
         # The request's own pipeline copy (scheduler and per-call state), as an editing pipeline on the same modules.
         pipeline_class = ENATImg2ImgPipeline if mode == "image-to-image" else ENATInpaintPipeline
-        pipeline = pipeline_class.from_pipe(self.request_pipeline(masking_schedule))
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline = self.request_pipeline(masking_schedule, pipeline_class)
         if mode == "image-to-image":
             mask, options = None, {"strength": float(strength)}
         else:
@@ -539,6 +601,39 @@ class ENATApp:
         return frames
 
 
+def _read_image(image, name: str, keep_alpha: bool = False) -> Image.Image:
+    """An uploaded image (a file path, checked before decoding), a PIL image or an array, as 8-bit RGB (RGBA with
+    `keep_alpha` when it has transparency): 16-bit and float images scaled by their range, NaN refused."""
+    try:
+        if isinstance(image, (str, Path)):
+            return open_image_file(image, name, keep_alpha=keep_alpha)
+        if isinstance(image, np.ndarray):
+            if image.dtype.kind == "f" and not np.isfinite(image).all():
+                raise AppInputError(f"{name}: the image has NaN or infinite pixel values.")
+            try:
+                image = Image.fromarray(image)
+            except TypeError:
+                raise AppInputError(f"{name}: an array of shape {image.shape} is not an image.") from None
+        if not isinstance(image, Image.Image):
+            raise AppInputError(f"{name}: expected an image, got {type(image).__name__}.")
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise AppInputError(f"{name}: {image.width}x{image.height} is more than {MAX_IMAGE_PIXELS:,} pixels.")
+        return to_8bit(image, name, keep_alpha=keep_alpha)
+    except ImageFileError as error:
+        raise AppInputError(str(error)) from None
+
+
+def _painted_level(mask: Image.Image) -> Image.Image:
+    """The grey image whose level says how much each mask pixel is painted: the alpha band when it varies (a brush
+    layer, or a mask painted only in transparency), else the grey level (an opaque black-and-white mask)."""
+    if mask.mode == "RGBA":
+        alpha = mask.getchannel("A")
+        low, high = alpha.getextrema()
+        if low != high:
+            return alpha
+    return mask.convert("L")
+
+
 def _whole_number(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
         raise AppInputError(f"{name}: enter a whole number, got {value!r}.")
@@ -570,10 +665,30 @@ def _mark_tokens(
     return image
 
 
-def page_handlers(app: ENATApp):
+class ResultFiles:
+    """
+    Writes each image a request returns to a PNG file of its own (a new random name), in `folder`.
+
+    Handing Gradio PIL images makes it write each one to a file named after a hash of its bytes; two requests for
+    the same image (same class and seed) then rewrite one file while it is being served, and a client receives a
+    truncated or empty image. Files of their own cannot collide. When `folder` is inside Gradio's cache, Gradio
+    serves them as they are and deletes them with the rest of its cache (`delete_cache`, `--cache_max_age`).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def save(self, image: Image.Image) -> str:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{uuid.uuid4().hex}.png"
+        image.save(path, format="PNG")
+        return str(path)
+
+
+def page_handlers(app: ENATApp, files: ResultFiles):
     """The functions behind the page's events, `(generate, show_steps)`: they turn every failure into a `gr.Error`
     sentence shown in the page (the traceback of an unexpected one goes to the terminal), so the app keeps
-    serving."""
+    serving. Images are returned as files of their own (`files`)."""
     from .script_utils import require_optional
 
     gr = require_optional("gradio", "app", "The ENAT app")
@@ -590,9 +705,12 @@ def page_handlers(app: ENATApp):
         except Exception as error:
             logger.exception("generation failed")
             raise gr.Error(f"Generation failed: {type(error).__name__}: {error}", print_exception=False) from None
-        gallery = [(upscale(image), caption) for image, caption in zip(result.images, result.captions, strict=True)]
+        gallery = [
+            (files.save(upscale(image)), caption)
+            for image, caption in zip(result.images, result.captions, strict=True)
+        ]
         status = f"{len(result.images)} image(s), {len(result.steps)} steps each."
-        return gallery, [(frame.image, frame.caption) for frame in frames], status, result
+        return gallery, [(files.save(frame.image), frame.caption) for frame in frames], status, result
 
     def show_steps(result: GenerationResult | None, event: gr.SelectData):
         if result is None:
@@ -602,7 +720,8 @@ def page_handlers(app: ENATApp):
         except AppInputError as error:
             raise gr.Error(str(error), print_exception=False) from None
         return gr.update(
-            value=[(frame.image, frame.caption) for frame in frames], label=f"Step by step: image {event.index + 1}"
+            value=[(files.save(frame.image), frame.caption) for frame in frames],
+            label=f"Step by step: image {event.index + 1}",
         )
 
     return generate, show_steps
@@ -619,17 +738,46 @@ def sample_editor_value(image: Image.Image) -> dict:
 
 
 def editor_mask(value: dict | None) -> Image.Image | None:
-    """The union of the editor's brush layers as one RGBA image (its alpha is what was painted), or None."""
+    """The union of the editor's brush layers (PIL images or, from the page, file paths) as one RGBA image (its
+    alpha is what was painted), or None."""
     layers = [layer for layer in (value or {}).get("layers") or [] if layer is not None]
     if not layers:
         return None
+    layers = [_read_image(layer, "Mask", keep_alpha=True).convert("RGBA") for layer in layers]
     mask = Image.new("RGBA", layers[0].size, (0, 0, 0, 0))
     for layer in layers:
-        mask = Image.alpha_composite(mask, layer.convert("RGBA").resize(mask.size))
+        mask = Image.alpha_composite(mask, layer.resize(mask.size))
     return mask
 
 
-def edit_page_handlers(app: ENATApp):
+def check_editor_uploads(editor) -> None:
+    """
+    Makes Gradio's ImageEditor `editor` hand the app the uploaded files instead of decoded images. Gradio's editor
+    decodes an upload before the app sees it, so a damaged or huge file fails inside Gradio ("The upstream Gradio
+    app has raised an exception") after it was decoded in full; here each uploaded file's size and header are
+    checked first (`check_image_file`) and refused with a sentence in the page, and the app decodes it
+    (`_read_image`). Done on the instance: a subclass of a Gradio component makes Gradio write a `.pyi` file next
+    to this module.
+    """
+    import gradio as gr
+
+    convert = editor.convert_and_format_image
+
+    def checked(file, flatten_on_white: bool = False):
+        if not isinstance(file, gr.FileData):  # None, or bytes from the canvas: Gradio's own path
+            return convert(file, flatten_on_white)
+        try:
+            check_image_file(file.path, "Image", MAX_IMAGE_PIXELS)
+        except ImageFileError as error:
+            name = file.orig_name or Path(file.path).name
+            message = str(error).replace(repr(Path(file.path).name), repr(name))
+            raise gr.Error(message, print_exception=False) from None
+        return file.path
+
+    editor.convert_and_format_image = checked
+
+
+def edit_page_handlers(app: ENATApp, files: ResultFiles):
     """The functions behind the Edit tab, `(edit, draw_sample)`, with failures shown as one sentence in the page."""
     from .script_utils import require_optional
 
@@ -641,9 +789,10 @@ def edit_page_handlers(app: ENATApp):
 
         value = editor_value or {}
         try:
+            mask = editor_mask(value) if mode == "inpaint" else None
             result = app.edit(
                 value.get("background"),
-                editor_mask(value),
+                mask,
                 condition,
                 mode,
                 strength,
@@ -658,10 +807,13 @@ def edit_page_handlers(app: ENATApp):
         except Exception as error:
             logger.exception("editing failed")
             raise gr.Error(f"Editing failed: {type(error).__name__}: {error}", print_exception=False) from None
-        inputs = [(upscale(result.image), "input")]
+        inputs = [(files.save(upscale(result.image)), "input")]
         if result.mask is not None:
-            inputs.append((upscale(result.mask.convert("RGB")), "mask (white: regenerated)"))
-        gallery = [(upscale(image), caption) for image, caption in zip(result.images, result.captions, strict=True)]
+            inputs.append((files.save(upscale(result.mask.convert("RGB"))), "mask (white: regenerated)"))
+        gallery = [
+            (files.save(upscale(image)), caption)
+            for image, caption in zip(result.images, result.captions, strict=True)
+        ]
         return inputs, gallery, f"{mode}: {len(result.images)} image(s)."
 
     def draw_sample(condition, seed):
@@ -675,16 +827,18 @@ def edit_page_handlers(app: ENATApp):
     return edit, draw_sample
 
 
-def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
-    """The Gradio page of `app`. Sampling runs through Gradio's queue, up to `concurrency_limit` requests at once."""
+def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY, cache_max_age: int = DEFAULT_CACHE_MAX_AGE):
+    """The Gradio page of `app`. Sampling runs through Gradio's queue, up to `concurrency_limit` requests at once.
+    Result images, uploads and each tab's last result are deleted `cache_max_age` seconds after they were made."""
     from .script_utils import require_optional
 
     gr = require_optional("gradio", "app", "The ENAT app")
     pipeline_config = app.pipeline.config
-    run, show_steps = page_handlers(app)
-
     title = f"ENAT: {app.model_name}" if app.model_name else "ENAT"
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    cleanup = (max(1, min(CACHE_CLEANUP_INTERVAL, cache_max_age)), cache_max_age)
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=cleanup) as demo:
+        files = ResultFiles(Path(demo.GRADIO_CACHE) / "enat-app" / uuid.uuid4().hex)
+        run, show_steps = page_handlers(app, files)
         gr.Markdown(
             f"# {title}\nMasked-token image generation with ENAT: each step reveals some tokens and reuses the "
             "features of those already visible."
@@ -692,11 +846,11 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
         with gr.Tab("Generate"), gr.Row():
             with gr.Column(scale=1):
                 if app.is_text_to_image:
-                    condition = gr.Textbox(label="Prompt", elem_id="enat-condition")
+                    condition = gr.Textbox(value=app.default_condition, label="Prompt", elem_id="enat-condition")
                 else:
                     condition = gr.Dropdown(
                         choices=app.class_choices(),
-                        value=None,
+                        value=[app.default_condition],
                         multiselect=True,
                         allow_custom_value=True,
                         label="Class",
@@ -741,7 +895,7 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
         with gr.Tab("Edit"), gr.Row():
             with gr.Column(scale=1):
                 editor = gr.ImageEditor(
-                    type="pil",
+                    type="filepath",
                     image_mode="RGBA",
                     sources=["upload", "clipboard"],
                     brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
@@ -749,13 +903,16 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
                     label="Image: paint the region to regenerate",
                     elem_id="enat-edit-image",
                 )
+                check_editor_uploads(editor)
                 draw_sample = gr.Button("Draw a sample to edit", elem_id="enat-edit-sample")
                 if app.is_text_to_image:
-                    edit_condition = gr.Textbox(label="Prompt", elem_id="enat-edit-condition")
+                    edit_condition = gr.Textbox(
+                        value=app.default_condition, label="Prompt", elem_id="enat-edit-condition"
+                    )
                 else:
                     edit_condition = gr.Dropdown(
                         choices=app.class_choices(),
-                        value=app.class_choices()[0][1],
+                        value=app.default_condition,
                         allow_custom_value=True,
                         label="Class",
                         info="The class to draw (and of a drawn sample).",
@@ -777,7 +934,14 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
                 edit_seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                 edit_button = gr.Button("Edit", variant="primary", elem_id="enat-edit")
             with gr.Column(scale=2):
-                gr.Markdown(EDIT_HELP.format(side=app.image_size, keep=round(OUTPAINT_KEEP * 100)))
+                gr.Markdown(
+                    EDIT_HELP.format(
+                        side=app.image_size,
+                        keep=round(OUTPAINT_KEEP * 100),
+                        max_side=math.isqrt(MAX_IMAGE_PIXELS),
+                        max_file=MAX_IMAGE_FILE_SIZE.upper().replace("MB", " MB"),
+                    )
+                )
                 edit_status = gr.Markdown(elem_id="enat-edit-status")
                 edit_inputs = gr.Gallery(
                     label="Input and mask", format="png", columns=4, object_fit="contain", elem_id="enat-edit-inputs"
@@ -790,7 +954,7 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
                     buttons=["download", "fullscreen"],
                     elem_id="enat-edit-gallery",
                 )
-        run_edit, run_draw_sample = edit_page_handlers(app)
+        run_edit, run_draw_sample = edit_page_handlers(app, files)
         draw_sample.click(
             run_draw_sample,
             inputs=[edit_condition, edit_seed],
@@ -803,7 +967,7 @@ def build_demo(app: ENATApp, concurrency_limit: int = DEFAULT_CONCURRENCY):
             outputs=[edit_inputs, edit_gallery, edit_status],
             concurrency_limit=concurrency_limit,
         )
-        result_state = gr.State()
+        result_state = gr.State(time_to_live=cache_max_age)
         random_seed.click(lambda: random.randint(0, MAX_SEED), outputs=seed, queue=False)
         generate.click(
             run,
@@ -829,6 +993,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
     add_precision_flag(parser)
     parser.add_argument(
+        "--cache_max_age",
+        type=int,
+        default=DEFAULT_CACHE_MAX_AGE,
+        help=f"Seconds that result images, uploads and a tab's last result are kept (default {DEFAULT_CACHE_MAX_AGE}). "
+        f"Uploads are limited to {MAX_IMAGE_FILE_SIZE} and {math.isqrt(MAX_IMAGE_PIXELS)}x{math.isqrt(MAX_IMAGE_PIXELS)} "
+        "pixels.",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         default=DEFAULT_CONCURRENCY,
@@ -839,6 +1011,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
     if args.concurrency < 1:
         parser.error(f"--concurrency must be a positive integer, got {args.concurrency}")
+    if args.cache_max_age < 1:
+        parser.error(f"--cache_max_age must be a positive number of seconds, got {args.cache_max_age}")
     return args
 
 
@@ -847,12 +1021,19 @@ def main(argv: list[str] | None = None) -> None:
     from .script_utils import require_optional
 
     require_optional("gradio", "app", "The ENAT app")
+    check_port(args.host, args.port)
     pipeline = load_pipeline(args.model, args.device)
     choice = set_precision(pipeline, args.precision)
     print(f"precision: {choice.precision} ({choice.reason})")
     app = ENATApp(pipeline, model_name=args.model)
-    demo = build_demo(app, concurrency_limit=args.concurrency)
-    demo.launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=False)
+    demo = build_demo(app, concurrency_limit=args.concurrency, cache_max_age=args.cache_max_age)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        ssr_mode=False,
+        show_error=False,
+        max_file_size=MAX_IMAGE_FILE_SIZE,
+    )
 
 
 if __name__ == "__main__":

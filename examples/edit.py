@@ -29,6 +29,7 @@ import torch
 
 from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline, ENATScheduler
 from enat_diffusers.demo import resolve_pretrained_location
+from enat_diffusers.image_files import MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, ImageFileError, open_image_file
 from enat_diffusers.pipelines.pipeline_enat_editing import KEPT_CONTEXT_MODES
 from enat_diffusers.quantization import set_precision
 from enat_diffusers.schedulers.scheduling_enat import MASKING_SCHEDULES
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", "--pretrained_model_name_or_path", dest="model", default=None,
                         help="Pipeline folder, Hub id or demo:NAME (default demo:digits, demo:digits-text for --prompt).")  # fmt: skip
-    parser.add_argument("--image", nargs="+", default=None, help="Image file(s) to edit.")
+    parser.add_argument("--image", nargs="+", default=None,
+                        help=f"Image file(s) to edit (up to {MAX_IMAGE_PIXELS:,} pixels and {MAX_IMAGE_FILE_BYTES // 2**20} MiB each).")  # fmt: skip
     parser.add_argument("--mask_image", nargs="+", default=None,
                         help="Mask file(s), one per image or one for all (white = regenerate): inpainting.")  # fmt: skip
     parser.add_argument("--outpaint", action="store_true",
@@ -68,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kept_context_mode", choices=KEPT_CONTEXT_MODES, default="fixed",
                         help="How later steps see the kept tokens (fixed: computed once; refreshed: every step).")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--upscale", type=int, default=None, help="Nearest-neighbour factor (default 8 for demos).")
-    parser.add_argument("--output", default="enat_edit.png")
+    parser.add_argument("--upscale", type=int, default=None,
+                        help="Nearest-neighbour factor, 1 to 64 (default 8 for demos); the grid may have at most "
+                        "100,000,000 pixels.")  # fmt: skip
+    parser.add_argument("--output", default="enat_edit.png",
+                        help="Image file (.png, .jpg, .webp, ...); a missing folder is created.")  # fmt: skip
     parser.add_argument("--figure", default=None, help="Write the README picture to this path and exit.")
     add_precision_flag(parser)
     parser.add_argument(
@@ -96,6 +101,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("num_images_per_prompt", "num_inference_steps", "upscale"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be a positive integer")
+    sizes = _examples_module("generate")
+    if args.upscale is not None and args.upscale > sizes.MAX_UPSCALE:
+        parser.error(f"--upscale must be at most {sizes.MAX_UPSCALE}, got {args.upscale}")
+    problem = sizes.output_problem(args.output)
+    if problem:
+        parser.error(problem)
+    # Read (and check) every input file now, before the model is loaded and the edit runs.
+    try:
+        args.images = [open_image_file(path, "--image") for path in args.image]
+        args.masks = [open_image_file(path, "--mask_image").convert("L") for path in args.mask_image or []]
+    except ImageFileError as error:
+        parser.error(str(error))
     return args
 
 
@@ -140,13 +157,18 @@ def edit(args: argparse.Namespace) -> list[list[PIL.Image.Image]]:
     if text == pipeline.is_class_conditional:
         raise SystemExit("--prompt needs a text pipeline and --class_labels a class-conditional one")
     set_masking_schedule(pipeline, args.masking_schedule)
-    images = [PIL.Image.open(path).convert("RGB") for path in args.image]
+    images = args.images
     masks = None
     if args.outpaint:
         pairs = [pipeline.outpainting_inputs(image) for image in images]
         images, masks = [canvas for canvas, _ in pairs], [mask for _, mask in pairs]
     elif args.mask_image:
-        masks = [PIL.Image.open(path).convert("L") for path in args.mask_image]
+        masks = args.masks
+    columns = 1 + (masks is not None) + args.num_images_per_prompt
+    side = pipeline.token_grid_size * pipeline.vqvae.downsample_factor * output_upscale(args) + 2
+    problem = _examples_module("generate").grid_size_problem(columns * side, len(images) * side)
+    if problem:
+        raise SystemExit(f"edit.py: error: {problem}")
     condition = {"prompt": args.prompt} if text else {"class_labels": class_labels_argument(args.class_labels)}
     options = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale}
     options = {key: value for key, value in options.items() if value is not None}
@@ -270,6 +292,10 @@ def measure_flops(extra_arguments: tuple[str, ...] = ()) -> dict:
     return _examples_module("benchmark").main([*MEASURE_FLOPS_ARGUMENTS, *extra_arguments])
 
 
+def output_upscale(args: argparse.Namespace) -> int:
+    return args.upscale or (DEMO_UPSCALE if args.model is None or str(args.model).startswith("demo:") else 1)
+
+
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     if args.measure_flops:
@@ -278,8 +304,8 @@ def main(argv: list[str] | None = None):
         print(f"wrote {make_figure(args.figure, args.seed)}")
         return args.figure
     rows = edit(args)
-    upscale = args.upscale or (DEMO_UPSCALE if args.model is None or str(args.model).startswith("demo:") else 1)
-    grid(rows, upscale).save(args.output)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    grid(rows, output_upscale(args)).save(args.output)
     print(f"wrote {sum(len(row) for row in rows)} images to {args.output}")
     return args.output
 

@@ -12,6 +12,7 @@ folder is created if missing; its extension picks the image format (checked befo
 """
 
 import argparse
+import os
 import textwrap
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from enat_diffusers.script_utils import add_deprecated_flag, add_precision_flag
 
 LABEL_HEIGHT = 28
 DEMO_UPSCALE = 8
+# Size limits, checked before sampling: the enlargement factor, and the pixels of the written grid (100 million:
+# about 300 MB in memory as RGB, e.g. 10 columns of 16x16 demo images enlarged 64 times, 6 rows).
+MAX_UPSCALE = 64
+MAX_GRID_PIXELS = 100_000_000
 DEFAULT_DEMOS = {"class": "demo:digits", "text": "demo:digits-text"}
 
 
@@ -39,6 +44,38 @@ def writable_extensions() -> set[str]:
     """The file extensions PIL can write images to (e.g. .png, .jpg, .webp)."""
     Image.init()
     return {extension for extension, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+
+def output_problem(output: str) -> str | None:
+    """Why the image file `output` cannot be written (a sentence naming `--output`), or None: its extension must be
+    an image format PIL writes, it must not be a folder, and its nearest existing folder must be writable."""
+    path = Path(output)
+    extension = path.suffix.lower()
+    if extension not in writable_extensions():
+        return (
+            f"--output {output!r}: the extension {extension or '(none)'} is no image format PIL writes; use e.g. "
+            ".png, .jpg or .webp"
+        )
+    if path.is_dir():
+        return f"--output {output!r} is a folder; give an image file name"
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"--output {output!r}: {str(folder)!r} is a file, so the folder cannot be created"
+    if not os.access(folder, os.W_OK):
+        return f"--output {output!r}: the folder {str(folder)!r} is not writable"
+    return None
+
+
+def grid_size_problem(width: int, height: int) -> str | None:
+    """A sentence when a grid of `width` x `height` pixels is larger than `MAX_GRID_PIXELS`, else None."""
+    if width * height > MAX_GRID_PIXELS:
+        return (
+            f"the grid would be {width}x{height} pixels, more than {MAX_GRID_PIXELS:,}; use a smaller --upscale or "
+            "fewer images"
+        )
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,8 +102,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Classifier-free guidance scale, diffusers' meaning: on above 1 (default: the pipeline's).",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--upscale", type=int, default=None, help="Nearest-neighbour factor (default 8 for demos).")
-    parser.add_argument("--output", type=str, default="enat_digits.png", help="Image file (.png, .jpg, .webp, ...).")
+    parser.add_argument(
+        "--upscale",
+        type=int,
+        default=None,
+        help=f"Nearest-neighbour factor, 1 to {MAX_UPSCALE} (default 8 for demos); the grid may have at most "
+        f"{MAX_GRID_PIXELS:,} pixels.",
+    )
+    parser.add_argument(
+        "--output",
+        type=str,
+        default="enat_digits.png",
+        help="Image file (.png, .jpg, .webp, ...); a missing folder is created.",
+    )
     add_precision_flag(parser)
     for old, new in (
         ("--class_ids", "--class_labels"),
@@ -80,16 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("num_images_per_prompt", "num_inference_steps", "upscale"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    if args.upscale is not None and args.upscale > MAX_UPSCALE:
+        parser.error(f"--upscale must be at most {MAX_UPSCALE}, got {args.upscale}")
     if args.seed < 0:
         parser.error(f"--seed must be a non-negative integer, got {args.seed}")
-    extension = Path(args.output).suffix.lower()
-    if extension not in writable_extensions():
-        parser.error(
-            f"--output {args.output!r}: the extension {extension or '(none)'} is no image format PIL writes; use e.g. "
-            ".png, .jpg or .webp"
-        )
-    if Path(args.output).is_dir():
-        parser.error(f"--output {args.output!r} is a folder; give an image file name")
+    problem = output_problem(args.output)
+    if problem:
+        parser.error(problem)
     if args.model is None:
         args.model = DEFAULT_DEMOS["text" if args.prompt else "class"]
     try:
@@ -157,8 +202,12 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     pipeline = load_pipeline(args)
     inputs, captions = conditions(pipeline, args)
-    images = generate(pipeline, inputs, args)
     upscale = args.upscale or (DEMO_UPSCALE if args.model in DEFAULT_DEMOS.values() else 1)
+    side = pipeline.token_grid_size * pipeline.vqvae.downsample_factor * upscale
+    problem = grid_size_problem(len(captions) * side, args.num_images_per_prompt * (side + LABEL_HEIGHT))
+    if problem:
+        raise ValueError(problem)
+    images = generate(pipeline, inputs, args)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     labelled_grid(images, captions, args.num_images_per_prompt, upscale).save(output)

@@ -6,14 +6,11 @@ Set ENAT_UPDATE_SCREENSHOT=1 to write the README's screenshot (assets/enat_app.p
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from .app_server import running_app
 
 REPO = Path(__file__).resolve().parents[1]
 README_SCREENSHOT = REPO / "assets" / "enat_app.png"
@@ -27,7 +24,6 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SERVER_START_TIMEOUT = 300
 GENERATION_TIMEOUT_MS = 120_000
 DEFAULT_STEPS = 8  # the digits demo's default_num_inference_steps
 
@@ -46,56 +42,11 @@ def chromium_executable() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(chromium_executable, tmp_path_factory):
     """Starts the app as a user does, with the digits demo on one thread, and stops it afterwards."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("app") / "server.log"
-    environment = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "enat_diffusers.app", "--port", str(port), "--device", "cpu"],
-            cwd=REPO,
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"the app exited with code {server.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the app did not answer within {SERVER_START_TIMEOUT}s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
+    with running_app(tmp_path_factory.mktemp("app")) as (url, _, _):
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log_text = log_path.read_text()
-    assert "Traceback" not in log_text, log_text[-3000:]
 
 
 @pytest.fixture
@@ -119,7 +70,10 @@ def page(chromium_executable, tmp_path):
 
 
 def pick_class(page, name: str) -> None:
-    page.get_by_role("combobox", name="Class").click()
+    """Replaces the page's default class by `name`."""
+    combobox = page.get_by_role("combobox", name="Class")
+    combobox.click()
+    combobox.press("Backspace")  # removes the default class
     page.get_by_role("option", name=name).click()
 
 
@@ -162,6 +116,15 @@ def test_generate_in_the_browser_shows_images_and_one_step_frame_per_step(app_ur
     sync_api.expect(page.locator("#enat-steps")).to_contain_text("Step by step: image 3", timeout=30_000)
 
 
+def test_the_first_click_on_generate_draws_the_default_class(app_url, page):
+    page.goto(app_url)
+    page.wait_for_selector("#enat-generate")
+    page.click("#enat-generate")
+    images = gallery_images(page, "enat-gallery")
+    sync_api.expect(images).to_have_count(1, timeout=GENERATION_TIMEOUT_MS)
+    assert images.first.get_attribute("alt") == "zero · seed 0"
+
+
 def test_a_bad_request_shows_a_message_in_the_page_and_the_app_keeps_serving(app_url, page):
     page.goto(app_url)
     page.wait_for_selector("#enat-generate")
@@ -202,8 +165,9 @@ def test_two_tabs_generating_at_once_get_the_images_each_gets_alone(app_url, pag
         images = gallery_images(tab, "enat-gallery")
         sync_api.expect(images.first).to_have_attribute("alt", first_caption, timeout=GENERATION_TIMEOUT_MS)
         sync_api.expect(images).to_have_count(2)
-        # Gradio names each served image file after a hash of its bytes: equal sources mean equal PNGs.
-        return images.evaluate_all("images => images.map(image => image.src)")
+        # Each request's images are files of their own (their names differ): compare what the browser receives.
+        addresses = images.evaluate_all("images => images.map(image => image.src)")
+        return [tab.request.get(address).body() for address in addresses]
 
     together = [sources(tabs[0], "seven · seed 10"), sources(tabs[1], "seven · seed 20")]
     assert together[0] != together[1]

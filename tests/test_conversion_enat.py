@@ -1,6 +1,8 @@
 """The pipeline conversion script on tiny checkpoints in the exact layout of the reference release."""
 
+import errno
 import json
+import re
 import runpy
 import struct
 import zipfile
@@ -324,3 +326,106 @@ def test_an_id2label_file_that_does_not_fit_is_refused(tmp_path):
     message = str(refused.value)
     assert "'Kitty' names classes 0 and 1" in message and "class id 12 is outside [0, 9]" in message
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What earlier killed runs left, full disks and pushes that cannot work: found at start-up, said in one sentence
+
+
+def _refusing_main(monkeypatch):
+    main = _script_main()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("converted before the start-up checks")
+
+    monkeypatch.setitem(main.__globals__, "convert_enat_pipeline", refuse)
+    return main
+
+
+def test_leftovers_of_a_killed_run_are_removed_and_reported(tmp_path, capsys):
+    unfinished = tmp_path / f".out.{'a' * 32}.tmp"
+    (unfinished / "transformer").mkdir(parents=True)
+    (unfinished / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 1000)
+    replaced = tmp_path / f".out.{'b' * 32}.old"
+    replaced.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model_index.json").write_text("{}")
+    _run_script(*BASE, "--output_dir", str(tmp_path / "out"), *TINY, "--overwrite")
+    output = capsys.readouterr().out
+    assert f"removed {unfinished}, an unfinished conversion left by an earlier run" in output
+    assert f"removed {replaced}, the previous {tmp_path / 'out'} that an earlier run had already replaced" in output
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_kill_between_the_two_renames_is_recovered_and_says_where_the_old_folder_was(tmp_path, capsys, monkeypatch):
+    # The state a kill -9 between `save_converted`'s renames leaves: the old folder moved aside, the new one complete
+    # but still under its temporary name, no output folder.
+    old = tmp_path / f".out.{'c' * 32}.old"
+    old.mkdir()
+    (old / "model_index.json").write_text('{"old": true}')
+    (tmp_path / f".out.{'d' * 32}.tmp").mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        _refusing_main(monkeypatch)([*BASE, "--output_dir", str(tmp_path / "out")])  # no --overwrite: keeps it
+    assert stopped.value.code == 2
+    captured = capsys.readouterr()
+    assert f"restored {tmp_path / 'out'} from {old}: an earlier run was stopped while replacing it" in captured.out
+    assert "is not empty; choose another folder or pass --overwrite" in captured.err
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+    assert (tmp_path / "out" / "model_index.json").read_text() == '{"old": true}'
+
+
+def test_too_little_free_space_is_refused_at_start_up_with_the_size_needed(tmp_path, capsys, monkeypatch):
+    from enat_diffusers.conversion import common
+
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
+    with pytest.raises(SystemExit):
+        _refusing_main(monkeypatch)([*BASE, "--output_dir", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"--output_dir: not enough free space for .*out: the converted weights need about [\d.]+ GiB, "
+                     r".* has 0.00 GiB free", error), error  # fmt: skip
+
+
+def shutil_usage(free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total=10**12, used=10**12 - free, free=free)
+
+
+class _DiskFull:
+    """Writes part of a folder, then the disk is full."""
+
+    components = {}
+
+    def save_pretrained(self, path, safe_serialization):
+        Path(path, "transformer").mkdir(parents=True)
+        Path(path, "transformer", "weights").write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_disk_that_fills_up_while_writing_gives_a_sentence_and_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match=r"the disk holding .*out filled up while the converted weights were written"):
+        save_converted(_DiskFull(), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "token", "message"),
+    [
+        ("not a repo!!", "hf_x", r"--push_to_hub 'not a repo!!' is not a Hub repo id"),
+        ("enat-l-256", "hf_x", r"--push_to_hub 'enat-l-256': give the repo as NAMESPACE/NAME"),
+        (
+            "me/enat-l-256",
+            None,
+            r"--push_to_hub 'me/enat-l-256' needs a Hub token: run `hf auth login` or set HF_TOKEN",
+        ),
+    ],
+)
+def test_push_to_hub_problems_are_found_before_the_conversion(tmp_path, capsys, monkeypatch, repo_id, token, message):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
+    with pytest.raises(SystemExit) as stopped:
+        _refusing_main(monkeypatch)([*BASE, "--output_dir", str(tmp_path / "out"), "--push_to_hub", repo_id])
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and re.search(message, error.strip().splitlines()[-1]) and "Traceback" not in error

@@ -31,6 +31,7 @@ def nothing_loaded(monkeypatch):
         (["--output", "grid"], "the extension (none) is no image format"),
         (["--model", "demo:cats"], "--model: unknown demo pipeline 'cats'; available: digits, digits-text"),
         (["--num_images_per_prompt", "0"], "--num_images_per_prompt must be a positive integer, got 0"),
+        (["--upscale", "100000"], "--upscale must be at most 64, got 100000"),
         (["--class_labels", "3", "--prompt", "a seven"], "either --class_labels (class-conditional) or --prompt"),
     ],
 )
@@ -54,3 +55,9 @@ def test_old_flag_names_warn_and_still_work(tmp_path):
     assert (args.class_labels, args.num_images_per_prompt, args.num_inference_steps) == ([1, "seven"], 3, 4)
     replaced = {str(warning.message).rsplit("use ", 1)[1] for warning in warned}
     assert replaced == {"--class_labels", "--num_images_per_prompt", "--num_inference_steps"}
+
+
+def test_a_grid_larger_than_the_pixel_limit_is_refused_before_sampling(monkeypatch):
+    monkeypatch.setattr(generate, "generate", lambda *args: pytest.fail("sampling ran"))
+    with pytest.raises(ValueError, match=r"the grid would be 10240x\d+ pixels, more than 100,000,000"):
+        generate.main(["--upscale", "64", "--num_images_per_prompt", "10"])

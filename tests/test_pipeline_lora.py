@@ -176,3 +176,125 @@ def test_the_text_pipeline_loads_a_lora_the_same_way_with_its_text_encoder_part(
 
 def _latents_text(pipe):
     return pipe("a cat", num_inference_steps=3, generator=torch.manual_seed(0), output_type="latent").images
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# All or nothing: a LoRA that cannot be loaded completely leaves the pipeline exactly as it was
+
+
+def _pipeline_state(pipe):
+    """Everything a failed load must leave unchanged: weights (and their names), classes, labels, adapters."""
+    return (
+        {key: value.clone() for key, value in pipe.transformer.state_dict().items()},
+        pipe.transformer.config.num_classes,
+        dict(pipe.config.id2label),
+        pipe.get_list_adapters(),
+    )
+
+
+def _assert_unchanged(pipe, before):
+    weights, num_classes, id2label, adapters = _pipeline_state(pipe)
+    assert weights.keys() == before[0].keys()
+    assert all(torch.equal(weights[key], before[0][key]) for key in weights)
+    assert (num_classes, id2label, adapters) == before[1:]
+
+
+def _new_class_lora(path, mutate=None, metadata_override=None):
+    """A LoRA file with two new classes (a 7-class embedding), changed by `mutate(state_dict)` / the metadata."""
+    transformer = _trained_lora()
+    weight = torch.cat([transformer.class_embedding.weight[:NUM_CLASSES], torch.randn(2, TINY_TRANSFORMER_CONFIG["hidden_size"]),
+                        transformer.class_embedding.weight[NUM_CLASSES:]])  # fmt: skip
+    id2label = {**tiny_pipeline().config.id2label, 5: "seahorse", 6: "octopus"}
+    file = tiny_pipeline().save_lora_weights(
+        path, transformer_lora_layers=get_peft_model_state_dict(transformer), class_embedding=weight,
+        id2label=id2label, transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+    )  # fmt: skip
+    with safe_open(str(file), framework="pt") as handle:
+        state_dict = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        metadata = dict(handle.metadata())
+    if mutate is not None:
+        mutate(state_dict)
+    metadata.update(metadata_override or {})
+    from safetensors.torch import save_file
+
+    save_file(state_dict, str(file), metadata=metadata)
+    return path
+
+
+def _wrong_rank(state_dict):
+    key = next(key for key in state_dict if key.endswith("to_q.lora_A.weight"))
+    state_dict[key] = state_dict[key][:3]
+
+
+def _drop_lora_b(state_dict):
+    for key in [key for key in state_dict if key.endswith("to_kv.lora_B.weight")]:
+        del state_dict[key]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "metadata", "message"),
+    [
+        (_wrong_rank, None, r"to_q` has lora_A \(3, 32\) and lora_B \(\d+, 4\)"),
+        (
+            _drop_lora_b,
+            None,
+            r"the LoRA misses \d+ weight\(s\) of `transformer`: \['decoder_blocks.0.attn.to_kv.lora_B'",
+        ),
+        (None, {"lora_adapter_metadata": "{not json"}, r"metadata entry 'lora_adapter_metadata' is not valid JSON"),
+        (None, {"id2label": "[1, 2]"}, r"metadata entry 'id2label' must be a JSON object, got list"),
+        (None, {"id2label": '{"57": "whale"}'}, r"`id2label` names classes \[57\] outside \[0, 6\]"),
+    ],
+    ids=[
+        "wrong-rank-lora_A",
+        "missing-lora_B",
+        "malformed-adapter-metadata",
+        "id2label-not-an-object",
+        "id2label-out-of-range",
+    ],
+)
+def test_a_lora_that_cannot_load_completely_is_refused_and_leaves_the_pipeline_as_it_was(
+    tmp_path, mutate, metadata, message
+):
+    folder = _new_class_lora(tmp_path, mutate, metadata)
+    pipe = tiny_pipeline()
+    before = _pipeline_state(pipe)
+    with pytest.raises(ValueError, match=message):
+        pipe.load_lora_weights(folder)
+    _assert_unchanged(pipe, before)
+
+
+def test_a_failure_inside_peft_after_the_checks_is_rolled_back_keeping_an_earlier_lora(
+    tmp_path, lora_folder, monkeypatch
+):
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(lora_folder[0], adapter_name="first")
+    before = _pipeline_state(pipe)
+    load = type(pipe.transformer).load_lora_adapter
+
+    def load_then_fail(self, *args, **kwargs):
+        load(self, *args, **kwargs)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(type(pipe.transformer), "load_lora_adapter", load_then_fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipe.load_lora_weights(_new_class_lora(tmp_path), adapter_name="second")
+    _assert_unchanged(pipe, before)
+    # a pipeline that had no LoRA gets its plain modules back (no peft wrappers left in the state dict)
+    plain = tiny_pipeline()
+    before = _pipeline_state(plain)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        plain.load_lora_weights(_new_class_lora(tmp_path / "again"))
+    _assert_unchanged(plain, before)
+
+
+def test_a_typo_in_a_local_lora_path_says_the_file_or_folder_does_not_exist(lora_folder):
+    folder, path = lora_folder
+    pipe = tiny_pipeline()
+    typo = folder.parent / (folder.name + "x")
+    with pytest.raises(
+        FileNotFoundError, match=rf"the LoRA file or folder '{typo}' does not exist. Did you mean '{folder}'"
+    ):
+        pipe.load_lora_weights(str(typo))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pipe.load_lora_weights(str(path.with_name("pytorch_lora_weight.safetensors")))
+    assert not pipe.get_list_adapters()

@@ -10,8 +10,10 @@ embedding resized for new classes travels in the same file as `transformer.class
 `id2label`.
 """
 
+import difflib
 import json
 import os
+import re
 from pathlib import Path
 
 import safetensors.torch
@@ -39,10 +41,41 @@ def _require_peft() -> None:
         ) from None
 
 
+def _missing_local_path(location: str | os.PathLike) -> FileNotFoundError:
+    """The error for a LoRA location that names no existing file or folder, with the closest names beside it."""
+    path = Path(location).expanduser()
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    hint = ""
+    if parent == path.parent:
+        siblings = [child.name for child in parent.iterdir()] if parent.is_dir() else []
+        matches = difflib.get_close_matches(path.name, siblings, n=3, cutoff=0.6)
+        if matches:
+            hint = f" Did you mean {' or '.join(repr(str(parent / match)) for match in matches)}?"
+    else:
+        hint = f" (the closest existing folder is {str(parent)!r})"
+    return FileNotFoundError(f"the LoRA file or folder {str(location)!r} does not exist.{hint}")
+
+
+def _looks_like_a_local_path(location: str) -> bool:
+    """True for a location that cannot be a Hub repo id (`name` or `namespace/name`), so a typo in it is reported as
+    a missing file rather than as an invalid repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if location.startswith((".", "~", os.sep)) or location.endswith(".safetensors") or "\\" in location:
+        return True
+    try:
+        validate_repo_id(location)
+    except HFValidationError:
+        return True
+    return False
+
+
 def _lora_file(location: str | os.PathLike, weight_name: str | None, **hub_kwargs) -> str:
     """The safetensors file of a LoRA given as a file, a folder or a Hub repo id."""
     weight_name = weight_name or LORA_WEIGHT_NAME_SAFE
-    path = Path(location)
+    path = Path(location).expanduser()
     if path.is_file():
         return str(path)
     if path.is_dir():
@@ -51,9 +84,77 @@ def _lora_file(location: str | os.PathLike, weight_name: str | None, **hub_kwarg
         if not candidate.is_file():
             raise FileNotFoundError(f"no LoRA weights {weight_name!r} in {candidate.parent}")
         return str(candidate)
+    if isinstance(location, os.PathLike) or _looks_like_a_local_path(str(location)):
+        raise _missing_local_path(location)
     from huggingface_hub import hf_hub_download
 
     return hf_hub_download(str(location), weight_name, **{k: v for k, v in hub_kwargs.items() if v is not None})
+
+
+def _json_metadata(metadata: dict[str, str], key: str) -> dict | None:
+    """The json object stored under `key` of a LoRA's safetensors metadata, or None; malformed json is refused."""
+    if key not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[key])
+    except (json.JSONDecodeError, TypeError) as error:
+        raise ValueError(f"the LoRA's metadata entry {key!r} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"the LoRA's metadata entry {key!r} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_lora_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, config) -> None:
+    """
+    Refuses, before anything is loaded, LoRA weights that peft would load partly or not at all: a `lora_A` without
+    its `lora_B` (or the reverse), a layer the model does not have or that is not a linear layer, matrices whose
+    shapes do not fit that layer or each other, and a rank other than the LoRA config's `r` (or `rank_pattern`).
+    """
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        match = re.fullmatch(rf"{re.escape(prefix)}\.(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+        if match is None:
+            if key.endswith(".lora_magnitude_vector") or ".lora_" in key and key.endswith(".bias"):
+                continue
+            raise ValueError(f"the LoRA key {key!r} is not a `{prefix}.<layer>.lora_A/lora_B.weight` key")
+        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+    incomplete = sorted(f"{layer}.{'lora_B' if 'lora_A' in parts else 'lora_A'}" for layer, parts in pairs.items()
+                        if len(parts) != 2)  # fmt: skip
+    if incomplete:
+        raise ValueError(
+            f"the LoRA misses {len(incomplete)} weight(s) of `{prefix}`: {incomplete[:4]}"
+            f"{' ...' if len(incomplete) > 4 else ''}; the file is incomplete or damaged"
+        )
+    config = config or {}
+    rank_pattern = config.get("rank_pattern") or {}
+    for layer, parts in pairs.items():
+        down, up = parts["lora_A"], parts["lora_B"]
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(
+                f"the LoRA adapts `{prefix}.{layer}`, which this {type(model).__name__} does not have"
+            ) from None
+        base = getattr(module, "base_layer", module)
+        in_features, out_features = getattr(base, "in_features", None), getattr(base, "out_features", None)
+        if in_features is None or out_features is None:
+            raise ValueError(
+                f"the LoRA adapts `{prefix}.{layer}`, which is a {type(base).__name__}, not a linear layer"
+            )
+        rank = down.shape[0]
+        if down.ndim != 2 or up.ndim != 2 or down.shape[1] != in_features or up.shape != (out_features, rank):
+            raise ValueError(
+                f"the LoRA's `{prefix}.{layer}` has lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)}; this "
+                f"layer ({in_features} -> {out_features}) needs lora_A (r, {in_features}) and lora_B ({out_features}, r)"
+                " with one rank r"
+            )
+        expected = next((r for pattern, r in rank_pattern.items() if re.search(rf"(^|\.){pattern}$", layer)), None)
+        expected = expected if expected is not None else config.get("r")
+        if expected is not None and rank != expected:
+            raise ValueError(
+                f"the LoRA's `{prefix}.{layer}` has rank {rank}, but its config (metadata `{LORA_ADAPTER_METADATA_KEY}`)"
+                f" says r={expected}"
+            )
 
 
 class ENATLoraLoaderMixin(LoraBaseMixin):
@@ -106,6 +207,10 @@ class ENATLoraLoaderMixin(LoraBaseMixin):
         keys (a text encoder LoRA, `train_enat.py --train_text_encoder`) go into the pipeline's text encoder under
         the same adapter name (diffusers' `load_lora_into_text_encoder`); a pipeline without a text encoder refuses
         them.
+
+        All or nothing: the file, its metadata, every weight's layer, shape and rank, the class embedding and its
+        `id2label` are checked before anything changes, and should loading still fail, the pipeline is put back as
+        it was (weights, classes, `id2label`, adapters) before the error is raised.
         """
         _require_peft()
         state_dict, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
@@ -130,36 +235,91 @@ class ENATLoraLoaderMixin(LoraBaseMixin):
             )
         if text_encoder_state and hotswap:
             raise ValueError("`hotswap=True` is for transformer LoRAs only; this one also holds text encoder weights")
-        lora_config = (
-            json.loads(metadata[LORA_ADAPTER_METADATA_KEY]) if LORA_ADAPTER_METADATA_KEY in metadata else None
-        )
-        id2label = json.loads(metadata[ID2LABEL_METADATA_KEY]) if ID2LABEL_METADATA_KEY in metadata else None
+        lora_config = _json_metadata(metadata, LORA_ADAPTER_METADATA_KEY)
+        id2label = _json_metadata(metadata, ID2LABEL_METADATA_KEY)
+        components = [(self.transformer, TRANSFORMER_PREFIX, state_dict)]
+        if text_encoder_state:
+            components.append((self.text_encoder, TEXT_ENCODER_PREFIX, text_encoder_state))
+        for model, prefix, weights in components:
+            config = {key[len(prefix) + 1 :]: value for key, value in (lora_config or {}).items()
+                      if key.startswith(f"{prefix}.")}  # fmt: skip
+            _check_lora_weights(model, weights, prefix, config)
         if class_embedding is not None:
-            self._replace_class_embedding(class_embedding, id2label)
+            self._check_class_embedding(class_embedding, id2label)
         elif id2label is not None:
             logger.warning("the LoRA's `id2label` is ignored: it comes without a class embedding")
         if text_encoder_state:
             # One adapter name for both models, so that `set_adapters` / `delete_adapters` act on the LoRA as a whole.
             adapter_name = adapter_name or get_adapter_name(self.transformer)
-        self.transformer.load_lora_adapter(
-            state_dict, prefix=TRANSFORMER_PREFIX, adapter_name=adapter_name, metadata=lora_config, hotswap=hotswap
-        )
-        if text_encoder_state:
-            StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
-                text_encoder_state,
-                network_alphas=None,
-                text_encoder=self.text_encoder,
-                prefix=TEXT_ENCODER_PREFIX,
-                adapter_name=adapter_name,
-                metadata=lora_config,
+        existing = self.get_list_adapters()
+        if adapter_name is not None and not hotswap and any(adapter_name in names for names in existing.values()):
+            raise ValueError(f"adapter_name {adapter_name!r} is already in use; pick another or unload it first")
+
+        before = self._lora_snapshot()
+        try:
+            if class_embedding is not None:
+                self._replace_class_embedding(class_embedding, id2label)
+            self.transformer.load_lora_adapter(
+                state_dict, prefix=TRANSFORMER_PREFIX, adapter_name=adapter_name, metadata=lora_config, hotswap=hotswap
             )
+            if text_encoder_state:
+                StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+                    text_encoder_state,
+                    network_alphas=None,
+                    text_encoder=self.text_encoder,
+                    prefix=TEXT_ENCODER_PREFIX,
+                    adapter_name=adapter_name,
+                    metadata=lora_config,
+                )
+        except BaseException:
+            self._restore_lora_snapshot(before)
+            raise
         for model in (self.transformer, getattr(self, TEXT_ENCODER_PREFIX, None)):
             if model is not None:
                 # peft creates the LoRA layers (and their dropout) in training mode: give them the model's mode, so
                 # that sampling after loading is deterministic
                 model.train(model.training)
 
-    def _replace_class_embedding(self, weight: torch.Tensor, id2label: dict | None) -> None:
+    def _lora_snapshot(self) -> dict:
+        """What a failed `load_lora_weights` puts back: adapters per model, classes and `id2label`."""
+        return {
+            "adapters": {name: list(names) for name, names in self.get_list_adapters().items()},
+            "class_weight": self.transformer.class_embedding.weight.detach().clone()
+            if self.transformer.is_class_conditional
+            else None,
+            "id2label": self.config.get("id2label"),
+            "replaced_classes": self.__dict__.get("_lora_replaced_classes"),
+        }
+
+    def _restore_lora_snapshot(self, before: dict) -> None:
+        from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+        now = self.get_list_adapters()
+        for name in self._lora_components():
+            added = [adapter for adapter in now.get(name, []) if adapter not in before["adapters"].get(name, [])]
+            model = getattr(self, name)
+            if not before["adapters"].get(name):
+                # the model had no LoRA: remove every peft layer, so that its modules (and state dict keys) are the
+                # plain ones again
+                recurse_remove_peft_layers(model)
+                if hasattr(model, "peft_config"):
+                    del model.peft_config
+                if hasattr(model, "_hf_peft_config_loaded"):
+                    model._hf_peft_config_loaded = False
+            elif added:
+                self.delete_adapters(added)
+        if before["class_weight"] is not None and not torch.equal(
+            self.transformer.class_embedding.weight.detach(), before["class_weight"]
+        ):
+            self.transformer.resize_class_embedding(weight=before["class_weight"])
+        self.register_to_config(id2label=before["id2label"])
+        if before["replaced_classes"] is None:
+            self.__dict__.pop("_lora_replaced_classes", None)
+        else:
+            self._lora_replaced_classes = before["replaced_classes"]
+
+    def _check_class_embedding(self, weight: torch.Tensor, id2label: dict | None) -> None:
+        """Refuses a class embedding (and its `id2label`) that `_replace_class_embedding` could not apply."""
         from ..conditioning import parse_id2label
 
         transformer = self.transformer
@@ -167,17 +327,32 @@ class ENATLoraLoaderMixin(LoraBaseMixin):
             raise ValueError(
                 f"the LoRA holds `{CLASS_EMBEDDING_KEY}`, but this pipeline's transformer is text-conditioned"
             )
-        parse_id2label(id2label)  # one class per name
+        hidden_size = transformer.class_embedding.weight.shape[1]
+        if weight.ndim != 2 or weight.shape[0] < 2 or weight.shape[1] != hidden_size:
+            raise ValueError(
+                f"the LoRA's `{CLASS_EMBEDDING_KEY}` has shape {tuple(weight.shape)}; this transformer needs "
+                f"(num_classes + 1, {hidden_size})"
+            )
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"the LoRA's `{CLASS_EMBEDDING_KEY}` holds NaN or infinite values")
+        if id2label is not None:
+            try:
+                parse_id2label(id2label)  # one class per name
+                keys = [int(key) for key in id2label]
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"the LoRA's `id2label` metadata: {error}") from None
+            num_classes = weight.shape[0] - 1
+            out_of_range = [key for key in keys if not 0 <= key < num_classes]
+            if out_of_range:
+                raise ValueError(f"the LoRA's `id2label` names classes {out_of_range} outside [0, {num_classes - 1}]")
+
+    def _replace_class_embedding(self, weight: torch.Tensor, id2label: dict | None) -> None:
+        transformer = self.transformer
         previous = (transformer.class_embedding.weight.detach().clone(), self.config.id2label)
         try:
-            num_classes = transformer.resize_class_embedding(weight=weight).num_embeddings - 1
+            transformer.resize_class_embedding(weight=weight)
         except ValueError as error:
             raise ValueError(f"the LoRA's `{CLASS_EMBEDDING_KEY}`: {error}") from None
-        if id2label is not None:
-            out_of_range = [key for key in id2label if not 0 <= int(key) < num_classes]
-            if out_of_range:
-                transformer.resize_class_embedding(weight=previous[0])
-                raise ValueError(f"the LoRA's `id2label` names classes {out_of_range} outside [0, {num_classes - 1}]")
         if not hasattr(self, "_lora_replaced_classes"):
             self._lora_replaced_classes = previous  # what `unload_lora_weights` restores
         if id2label is not None:
