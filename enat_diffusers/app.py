@@ -404,17 +404,12 @@ class ENATApp:
         side = pipeline.token_grid_size
         records: list[StepRecord] = []
         previous = [torch.full((len(captions), side, side), pipeline.mask_token_id, dtype=torch.long)]
-        if PREDICTION_TENSOR in pipeline._callback_tensor_inputs:
-            tensor_inputs = ["latents", PREDICTION_TENSOR]
-
-            def prediction_of_step(callback_kwargs):
-                return callback_kwargs[PREDICTION_TENSOR]
-        else:
-            tensor_inputs, prediction_of_step = self._prediction_source(pipeline)
+        # The step view shows each step's prediction, which the pipelines pass to the step callback on request.
+        tensor_inputs = ["latents", PREDICTION_TENSOR]
 
         def record(pipe, step_index, timestep, callback_kwargs):
             latents = callback_kwargs["latents"].detach().cpu()
-            prediction = prediction_of_step(callback_kwargs).detach().cpu()
+            prediction = callback_kwargs[PREDICTION_TENSOR].detach().cpu()
             records.append(StepRecord(before=previous[0], after=latents, prediction=prediction))
             previous[0] = latents
             if on_step is not None:
@@ -431,26 +426,6 @@ class ENATApp:
             callback_on_step_end_tensor_inputs=tensor_inputs,
         )
         return GenerationResult(images=list(output.images), captions=captions, seeds=seeds, steps=records)
-
-    @staticmethod
-    def _prediction_source(pipeline):
-        """
-        TRANSITION (issue 21), for pipelines that do not yet list `pred_original_sample` in
-        `_callback_tensor_inputs`: `(callback_on_step_end_tensor_inputs, prediction_of_step)` with the step's
-        prediction taken from this request's own scheduler output (its `step` wrapped on the request's scheduler,
-        never the shared one). `generate` uses the callback's `pred_original_sample` whenever the pipeline offers
-        it; delete this fallback once the pipelines do.
-        """
-        predictions: list[torch.LongTensor] = []
-        scheduler_step = pipeline.scheduler.step
-
-        def recording_step(*args, **kwargs):
-            output = scheduler_step(*args, **kwargs)
-            predictions.append(output.pred_original_sample)
-            return output
-
-        pipeline.scheduler.step = recording_step
-        return ["latents"], lambda callback_kwargs: predictions[-1]
 
     # ----------------------------------------------------------------------------------------------------------
     # editing
