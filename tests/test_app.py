@@ -282,14 +282,11 @@ def test_a_port_in_use_or_a_missing_cuda_device_stops_the_app_with_one_sentence(
 
 
 def test_the_step_view_gets_predictions_from_the_step_callback_not_the_scheduler(app, monkeypatch):
-    # TRANSITION (issue 21): with `pred_original_sample` among the pipeline's callback tensors, the app reads it from
-    # the callback and leaves the scheduler's `step` alone.
+    # The app reads each step's prediction from the step callback and leaves the scheduler's `step` alone.
     from enat_diffusers.app import PREDICTION_TENSOR
 
     pipeline_class = type(app.pipeline)
-    if PREDICTION_TENSOR not in pipeline_class._callback_tensor_inputs:
-        pytest.skip("the pipelines do not offer pred_original_sample to the step callback yet (issue 21)")
-    monkeypatch.setattr(ENATApp, "_prediction_source", None)  # no fallback: only the callback may provide it
+    scheduler_step = type(app.pipeline.scheduler).step
     tensors_asked = []
     call = pipeline_class.__call__
 
@@ -300,6 +297,7 @@ def test_the_step_view_gets_predictions_from_the_step_callback_not_the_scheduler
     monkeypatch.setattr(pipeline_class, "__call__", recording_call)
     result = app.generate(["seven"], num_images=1, num_inference_steps=4, seed=1)
     assert tensors_asked == [["latents", PREDICTION_TENSOR]]
+    assert "step" not in vars(app.pipeline.scheduler) and type(app.pipeline.scheduler).step is scheduler_step
     assert len(result.steps) == 4 and torch.equal(result.steps[-1].prediction, result.steps[-1].after)
 
 
