@@ -25,13 +25,18 @@ from diffusers.utils import logging
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..hub import ENATHubMixin
+from ..models.transformer_enat import ENATReuseState
+from ..schedulers.guidance import (
+    GUIDANCE_SCHEDULES,  # noqa: F401  (re-exported by enat_diffusers.pipelines)
+    check_guidance_schedule,
+    guidance_weight,
+)
 from ..schedulers.scheduling_enat import AMUSED_MASKING_SCHEDULES
 from .lora_enat import ENATLoraLoaderMixin
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-GUIDANCE_SCHEDULES = ("linear", "constant")
 # Release in which the deprecated call argument names (`num_images_per_class`) stop working.
 DEPRECATED_NAMES_REMOVED_IN = "0.3.0"
 # Upper bound on the images of one call (conditions x images per condition), checked before anything is allocated:
@@ -98,6 +103,22 @@ def encode_text(
         "encoder_attention_mask": attention_mask.bool(),
         "pooled_text_embeds": pooled,
     }
+
+
+def mark_remasked_stale(
+    reuse_state: ENATReuseState, latents: torch.LongTensor, mask: torch.BoolTensor, mask_token_id: int
+) -> ENATReuseState:
+    """
+    The reuse state for the next step after a scheduler step that may have masked visible tokens again (remasking):
+    their features are stale, so they count as masked in `reuse_state.masking`; when a later step reveals them, the
+    transformer encodes them as critical tokens. `latents` are the step's input ids, `mask` its output mask, both
+    `(batch_size, ...)`; the state may hold both guidance streams (`2 * batch_size` rows, the same tokens). Without
+    remasking the state is unchanged.
+    """
+    remasked = (mask & (latents != mask_token_id)).reshape(latents.shape[0], -1)
+    streams = reuse_state.masking.shape[0] // remasked.shape[0]
+    remasked = remasked.repeat(streams, 1).to(reuse_state.masking.device)
+    return ENATReuseState(features=reuse_state.features, masking=reuse_state.masking | remasked)
 
 
 class ENATPromptEmbeds(NamedTuple):
@@ -167,9 +188,10 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
     Classifier-free guidance has diffusers' meaning: the logits are `uncond + s_k * (cond - uncond)`, on when
     `guidance_scale > 1`. With `guidance_schedule="linear"` (the reference's) the scale at step `k` of `T` is
     `s_k = 1 + (guidance_scale - 1) * k / T`, so the first step is unguided; `"constant"` uses `s_k =
-    guidance_scale`. The ENAT paper's and reference code's `cfg` is `guidance_scale - 1` (its `cond + w * (cond -
-    uncond)`, `w = cfg * k / T`): `guidance_scale=3.5` is the reference's `cfg=2.5`. Both streams run as one batch
-    of `2 * batch_size` rows, each row keeping its own reuse state.
+    guidance_scale`; `enat_diffusers.schedulers.guidance` has the others (`GUIDANCE_SCHEDULES`). The ENAT paper's
+    and reference code's `cfg` is `guidance_scale - 1` (its `cond + w * (cond - uncond)`, `w = cfg * k / T`):
+    `guidance_scale=3.5` is the reference's `cfg=2.5`. Both streams run as one batch of `2 * batch_size` rows, each
+    row keeping its own reuse state.
 
     Writing a pipeline on this base (checked when the class is defined):
 
@@ -369,8 +391,7 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
             raise ValueError(
                 f"`guidance_scale` must be a finite number >= 0 (guidance is on above 1), got {guidance_scale!r}"
             )
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"`guidance_schedule` must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+        check_guidance_schedule(guidance_schedule)
         self._check_generator(generator, batch_size)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -752,10 +773,16 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
         """`s_k - 1` at step `step_index` of `num_inference_steps`: the weight `w` of `cond + w * (cond - uncond)`,
         which equals `uncond + s_k * (cond - uncond)`. Computed in this form so that the guided logits equal the
         reference sampler's bit for bit."""
-        excess = self._guidance_scale - 1
-        if self._guidance_schedule == "constant":
-            return excess
-        return excess * step_index / num_inference_steps
+        return guidance_weight(self._guidance_schedule, self._guidance_scale, step_index, num_inference_steps)
+
+    def scheduler_region_kwargs(self, latents: torch.LongTensor, *, late_start: bool) -> dict:
+        """The region arguments of `scheduler.step` for a run from `latents` (schedulers without them get none): the
+        tokens the run generates (masked at its start), and for a run that starts later in the schedule
+        (image-to-image, after `add_noise`) the whole grid's schedule, which `add_noise` masked by."""
+        parameters = inspect.signature(self.scheduler.step).parameters
+        if "region_mask" not in parameters:
+            return {}
+        return {"region_mask": latents == self.mask_token_id, "starting_mask_ratio": 1.0 if late_start else None}
 
     def transformer_forward(self, model_input: torch.LongTensor, *, condition_kwargs: dict, reuse_state=None):
         """One transformer call of the sampling loop (both guidance streams stacked). A seam for pipelines that
@@ -789,6 +816,7 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         self._num_timesteps = len(timesteps)
         reuse_state = None
+        step_region = self.scheduler_region_kwargs(latents, late_start=first_index > 0)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for offset, timestep in enumerate(timesteps):
                 step_index = first_index + offset
@@ -810,11 +838,13 @@ class ENATBasePipeline(ENATLoraLoaderMixin, ENATHubMixin, DiffusionPipeline):
                         f"the transformer's logits hold NaN or infinite values at step {step_index}: the weights may "
                         "hold NaN/inf, or the model overflows in float16 (try bfloat16 or float32)"
                     )
-                step_output = self.scheduler.step(logits, timestep, latents, generator=generator)
-                latents = step_output.prev_sample
-                prediction = step_output.pred_original_sample
+                step_output = self.scheduler.step(logits, timestep, latents, generator=generator, **step_region)
                 # Only a scheduler that reports the tokens it revealed keeps visible tokens fixed, which reuse needs.
                 reuse_state = output.reuse_state if getattr(step_output, "critical_tokens", None) is not None else None
+                if reuse_state is not None:
+                    reuse_state = mark_remasked_stale(reuse_state, latents, step_output.mask, self.mask_token_id)
+                latents = step_output.prev_sample
+                prediction = step_output.pred_original_sample
                 if callback_on_step_end is not None:
                     local_values = {"latents": latents}
                     callback_kwargs = {name: local_values[name] for name in callback_on_step_end_tensor_inputs}
