@@ -41,16 +41,18 @@ from enat_diffusers.testing_utils import randomize_modulation
 
 EXAMPLES = Path(__file__).resolve().parent
 
-# name -> (ENATScheduler options, guidance schedule)
+# name -> (ENATScheduler options, guidance schedule, guidance scale: None for --guidance_scale)
 SAMPLERS = {
-    "reference": ({}, "linear"),
-    "halton": ({"token_order": "halton"}, "linear"),
-    "remasking-0.25": ({"remasking": 0.25}, "linear"),
-    "remasking-1.0": ({"remasking": 1.0}, "linear"),
-    "halton+remasking-0.25": ({"token_order": "halton", "remasking": 0.25}, "linear"),
-    "guidance-constant": ({}, "constant"),
-    "guidance-power-cosine": ({}, GuidanceSchedule("power-cosine")),
-    "guidance-interval": ({}, GuidanceSchedule("interval")),
+    "reference": ({}, "linear", None),
+    "halton": ({"token_order": "halton"}, "linear", None),
+    "remasking-0.25": ({"remasking": 0.25}, "linear", None),
+    "remasking-1.0": ({"remasking": 1.0}, "linear", None),
+    "halton+remasking-0.25": ({"token_order": "halton", "remasking": 0.25}, "linear", None),
+    "guidance-constant": ({}, "constant", None),
+    "guidance-power-cosine": ({}, GuidanceSchedule("power-cosine"), None),
+    "guidance-interval": ({}, GuidanceSchedule("interval"), None),
+    # a control: the reference with less guidance (power-cosine's mean weight is about 0.63 of the linear ramp's)
+    "reference@guidance-2.5": ({}, "linear", 2.5),
 }
 
 
@@ -61,15 +63,12 @@ def load_example(name: str):
     return module
 
 
-def describe(schedule) -> str:
-    return schedule if isinstance(schedule, str) else f"{schedule.name} {schedule}"
-
-
-def with_sampler(pipe, name: str):
-    options, schedule = SAMPLERS[name]
+def with_sampler(pipe, name: str, guidance_scale: float) -> dict:
+    """Swaps in the sampler's scheduler; returns its guidance arguments."""
+    options, schedule, scale = SAMPLERS[name]
     base = {key: value for key, value in pipe.scheduler.config.items() if not key.startswith("_")}
     pipe.scheduler = ENATScheduler.from_config({**base, "token_order": "confidence", "remasking": 0.0, **options})
-    return schedule
+    return {"guidance_schedule": schedule, "guidance_scale": guidance_scale if scale is None else scale}
 
 
 def compare_digits(args) -> dict:
@@ -97,13 +96,12 @@ def compare_digits(args) -> dict:
     for steps in args.steps:
         for seed in args.seeds:
             for name in SAMPLERS:  # alternating samplers within a (steps, seed)
-                schedule = with_sampler(pipe, name)
+                guidance = with_sampler(pipe, name, args.guidance_scale)
                 start = time.perf_counter()
                 images = pipe(
                     class_labels=labels.tolist(),
                     num_inference_steps=steps,
-                    guidance_scale=args.guidance_scale,
-                    guidance_schedule=schedule,
+                    **guidance,
                     generator=torch.Generator().manual_seed(seed),
                     output_type="np",
                 ).images
@@ -119,7 +117,9 @@ def compare_digits(args) -> dict:
                         "seconds": seconds,
                     }
                 )
-                print(f"digits {name:<24} steps {steps:>2} seed {seed}: accuracy {accuracy:.3f} fid {runs[-1]['fid']:.3f}")
+                print(
+                    f"digits {name:<24} steps {steps:>2} seed {seed}: accuracy {accuracy:.3f} fid {runs[-1]['fid']:.3f}"
+                )
     return {
         "model": "demo:digits",
         "guidance_scale": args.guidance_scale,
@@ -161,14 +161,15 @@ def compare_flops(args) -> dict:
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for steps in args.steps:
-        for name in SAMPLERS:
-            if SAMPLERS[name][1] != "linear" and name != "guidance-interval":
-                continue  # the guidance schedule changes no token count: one of them stands for all
-            schedule = with_sampler(pipe, name)
+        # Only remasking changes how many tokens a step encodes; the Halton order and the guidance schedules keep
+        # every step's token counts, which the smallest step count shows.
+        names = [name for name in SAMPLERS if "remasking" in name or name == "reference" or steps == min(args.steps)]
+        for name in names:
+            guidance = with_sampler(pipe, name, args.guidance_scale)
             wrapper.probe.start()
             with torch.no_grad():
-                pipe(class_labels=[0], num_inference_steps=steps, guidance_scale=args.guidance_scale,
-                     guidance_schedule=schedule, output_type="latent", generator=torch.manual_seed(0))  # fmt: skip
+                pipe(class_labels=[0], num_inference_steps=steps, **guidance, output_type="latent",
+                     generator=torch.manual_seed(0))  # fmt: skip
             rows.append({"sampler": name, "steps": steps, "gflops_per_image": wrapper.probe.flops / 1e9})
             wrapper.probe.start(active=False)
             print(f"{args.flops_config} {name:<24} steps {steps:>2}: {rows[-1]['gflops_per_image']:.1f} GFLOPs/image")
