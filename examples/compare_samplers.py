@@ -176,6 +176,39 @@ def compare_flops(args) -> dict:
     return {"model": f"{args.flops_config} (random weights)", "guidance_scale": args.guidance_scale, "rows": rows}
 
 
+def markdown_tables(report: dict) -> str:
+    """The report as the tables of docs/source/using-diffusers/samplers.md."""
+    lines = []
+    digits = report.get("digits")
+    if digits:
+        steps = sorted({row["steps"] for row in digits["summary"]})
+        header = " | ".join(f"{k} steps: accuracy / FID" for k in steps)
+        lines += [f"| sampler | {header} |", "|---|" + "---|" * len(steps)]
+        for name in dict.fromkeys(row["sampler"] for row in digits["summary"]):
+            cells = []
+            for k in steps:
+                row = next(r for r in digits["summary"] if r["sampler"] == name and r["steps"] == k)
+                cells.append(
+                    f"{row['accuracy']:.3f} ± {row['accuracy_std']:.3f} / {row['fid']:.3f} ± {row['fid_std']:.3f}"
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    flops = report.get("flops")
+    if flops:
+        steps = sorted({row["steps"] for row in flops["rows"]})
+        lines += [
+            "| sampler | " + " | ".join(f"{k} steps" for k in steps) + " |",
+            "|---|" + "---|" * len(steps),
+        ]
+        for name in dict.fromkeys(row["sampler"] for row in flops["rows"]):
+            cells = []
+            for k in steps:
+                row = next((r for r in flops["rows"] if r["sampler"] == name and r["steps"] == k), None)
+                cells.append("" if row is None else f"{row['gflops_per_image']:.1f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def machine() -> dict:
     try:
         load = Path("/proc/loadavg").read_text().split()[:3]
@@ -203,6 +236,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip_digits", action="store_true")
     parser.add_argument("--skip_flops", action="store_true")
     parser.add_argument("--output", type=Path, default=None, help="Write the json report here.")
+    parser.add_argument("--tables_from", type=Path, default=None, help="Only print the tables of a json report.")
     args = parser.parse_args(argv)
     if min(args.steps) < 1 or max(args.steps) > 16:
         parser.error("--steps must lie in [1, 16] (the digits demo has 4 x 4 tokens)")
@@ -213,12 +247,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.tables_from is not None:
+        report = json.loads(args.tables_from.read_text())
+        print(markdown_tables(report))
+        return report
     report = {"machine_before": machine()}
     if not args.skip_digits:
         report["digits"] = compare_digits(args)
     if not args.skip_flops:
         report["flops"] = compare_flops(args)
     report["machine_after"] = machine()
+    print(markdown_tables(report))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -574,7 +574,7 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
 
 
 def _lowest(score: torch.Tensor, count: torch.LongTensor) -> torch.BoolTensor:
-    """`True` at the `count[i]` lowest entries of each row `i` of `score` `(B, L)` (ties: lower position first)."""
+    """`True` at the `count[i]` lowest entries of each row `i` of `score` `(B, L)`."""
     batch_size, seq_len = score.shape
     order = score.argsort(dim=-1)
     rank = torch.empty_like(order)
