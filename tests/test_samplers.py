@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import AmusedScheduler
 
-from enat_diffusers import ENATInpaintPipeline
+from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline
 from enat_diffusers.models.transformer_enat import ENATReuseState
 from enat_diffusers.schedulers import ENATScheduler, GuidanceSchedule, guidance_weight, halton_ranks
 
@@ -237,3 +237,20 @@ def test_sampler_options_swap_with_from_config_and_survive_saving(tmp_path):
         ENATScheduler(token_order="random")
     with pytest.raises(ValueError, match="remasking"):
         ENATScheduler(remasking=1.5)
+
+
+def test_remasking_in_image_to_image_keeps_the_tokens_the_run_started_with():
+    """Image-to-image starts later in the schedule from a partly masked grid: the tokens visible then are kept
+    context for the later steps, so remasking must leave them alone (else the kept context would not fit)."""
+    pipe = ENATImg2ImgPipeline.from_pipe(tiny_pipeline())
+    pipe.scheduler = ENATScheduler.from_config(pipe.scheduler.config, remasking=1.0)
+    recorder = _Recorder(pipe.transformer)
+    pixels = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = pipe(image=pixels, class_labels=[1, 2], strength=0.75, num_inference_steps=8, guidance_scale=3.0,
+               output_type="latent", generator=torch.manual_seed(0)).images  # fmt: skip
+    recorder.handle.remove()
+    start = recorder.calls[0][0][:2]  # the conditional stream's rows at the first step
+    visible = start != MASK
+    assert visible.any() and (~visible).any()
+    assert torch.equal(out[visible], start[visible])
+    assert (out != MASK).all()
