@@ -127,7 +127,11 @@ def compare_digits(args) -> dict:
         "seeds": args.seeds,
         "classifier": f"sklearn SVC(gamma=0.001, C=10) on the 8x8 digits, held-out accuracy {classifier_accuracy:.3f}",
         "fid_features": f"examples/evaluate_demo_digits.py DigitFeatures, {space.num_reference} held-out real digits",
-        "fid_real_floor": {"mean": statistics.mean(floor), "per_seed": floor},
+        "fid_real_floor": {
+            "mean": statistics.mean(floor),
+            "per_seed": floor,
+            "num_images": min(num_images, len(space.baseline_images)),
+        },
         "runs": runs,
         "summary": summarise(runs),
     }
