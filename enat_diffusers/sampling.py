@@ -3,6 +3,7 @@ and what an edit adds to a run ([`ENATEditState`]: rows per input image, the fir
 tokens as fixed context), passed explicitly to `denoise` instead of being set on the pipeline around the call.
 """
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from .models.transformer_enat import (
     ENATReuseState,
     ENATTransformer2DModelOutput,
 )
+from .schedulers.guidance import guidance_weight
 
 # How the later steps of an editing run see the kept tokens (the `kept_context_mode` argument):
 # "fixed": after the first step their features (the reuse projection of their first-pass features) and keys/values at
@@ -68,6 +70,22 @@ def map_rows(rows_output, function):
     return type(rows_output)(**{name: function(value) for name, value in rows_output.items()})
 
 
+def mark_remasked_stale(
+    reuse_state: ENATReuseState, latents: torch.LongTensor, mask: torch.BoolTensor, mask_token_id: int
+) -> ENATReuseState:
+    """
+    The reuse state for the next step after a scheduler step that may have masked visible tokens again (remasking):
+    their features are stale, so they count as masked in `reuse_state.masking`; when a later step reveals them, the
+    transformer encodes them as critical tokens. `latents` are the step's input ids, `mask` its output mask, both
+    `(batch_size, ...)`; the state may hold both guidance streams (`2 * batch_size` rows, the same tokens). Without
+    remasking the state is unchanged.
+    """
+    remasked = (mask & (latents != mask_token_id)).reshape(latents.shape[0], -1)
+    streams = reuse_state.masking.shape[0] // remasked.shape[0]
+    remasked = remasked.repeat(streams, 1).to(reuse_state.masking.device)
+    return ENATReuseState(features=reuse_state.features, masking=reuse_state.masking | remasked)
+
+
 class ENATSamplingMixin:
     """The sampling loop of [`ENATBasePipeline`]. Reads the call's guidance settings (`guidance_scale`,
     `do_classifier_free_guidance`, diffusers' per-call properties) from the pipeline and everything else from its
@@ -77,10 +95,16 @@ class ENATSamplingMixin:
         """`s_k - 1` at step `step_index` of `num_inference_steps`: the weight `w` of `cond + w * (cond - uncond)`,
         which equals `uncond + s_k * (cond - uncond)`. Computed in this form so that the guided logits equal the
         reference sampler's bit for bit."""
-        excess = self._guidance_scale - 1
-        if self._guidance_schedule == "constant":
-            return excess
-        return excess * step_index / num_inference_steps
+        return guidance_weight(self._guidance_schedule, self._guidance_scale, step_index, num_inference_steps)
+
+    def scheduler_region_kwargs(self, latents: torch.LongTensor, *, late_start: bool) -> dict:
+        """The region arguments of `scheduler.step` for a run from `latents` (schedulers without them get none): the
+        tokens the run generates (masked at its start), and for a run that starts later in the schedule
+        (image-to-image, after `add_noise`) the whole grid's schedule, which `add_noise` masked by."""
+        parameters = inspect.signature(self.scheduler.step).parameters
+        if "region_mask" not in parameters:
+            return {}
+        return {"region_mask": latents == self.mask_token_id, "starting_mask_ratio": 1.0 if late_start else None}
 
     def transformer_forward(
         self,
@@ -190,6 +214,7 @@ class ENATSamplingMixin:
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         self._num_timesteps = len(timesteps)
         reuse_state = None
+        step_region = self.scheduler_region_kwargs(latents, late_start=first_index > 0)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for offset, timestep in enumerate(timesteps):
                 step_index = first_index + offset
@@ -211,11 +236,13 @@ class ENATSamplingMixin:
                         f"the transformer's logits hold NaN or infinite values at step {step_index}: the weights may "
                         "hold NaN/inf, or the model overflows in float16 (try bfloat16 or float32)"
                     )
-                step_output = self.scheduler.step(logits, timestep, latents, generator=generator)
-                latents = step_output.prev_sample
-                prediction = step_output.pred_original_sample
+                step_output = self.scheduler.step(logits, timestep, latents, generator=generator, **step_region)
                 # Only a scheduler that reports the tokens it revealed keeps visible tokens fixed, which reuse needs.
                 reuse_state = output.reuse_state if getattr(step_output, "critical_tokens", None) is not None else None
+                if reuse_state is not None:
+                    reuse_state = mark_remasked_stale(reuse_state, latents, step_output.mask, self.mask_token_id)
+                latents = step_output.prev_sample
+                prediction = step_output.pred_original_sample
                 if callback_on_step_end is not None:
                     local_values = {"latents": latents, "pred_original_sample": prediction}
                     callback_kwargs = {name: local_values[name] for name in callback_on_step_end_tensor_inputs}
@@ -233,4 +260,11 @@ class ENATSamplingMixin:
         return latents
 
 
-__all__ = ["CALLBACK_TENSOR_INPUTS", "KEPT_CONTEXT_MODES", "ENATEditState", "ENATSamplingMixin", "map_rows"]
+__all__ = [
+    "CALLBACK_TENSOR_INPUTS",
+    "KEPT_CONTEXT_MODES",
+    "ENATEditState",
+    "ENATSamplingMixin",
+    "map_rows",
+    "mark_remasked_stale",
+]

@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import enat_diffusers  # noqa: F401  # isort: skip  (before torch: sets the CPU threads' wait policy)
@@ -124,22 +125,26 @@ def _read_samples(evaluate, path: Path) -> np.ndarray:
     return np.concatenate([batch.permute(0, 2, 3, 1).numpy() for batch in source.batches(1000)])
 
 
-def run_digits_check(
-    samples_per_class: int = 20,
-    seed: int = 0,
-    batch_size: int = 100,
-    device: str | torch.device = "cpu",
-    splits: int = 10,
-    samples: Path | None = None,
-) -> dict:
-    """Feature-space FID (and digit-classifier IS) to held-out real digits of the packaged `digits` demo (or of
-    `samples`), of the same pipeline with an untrained transformer, and of real digits (the finite-sample floor)."""
+@dataclass
+class DigitFeatureSpace:
+    """The digit classifier standing in for Inception, the statistics of the held-out real digits in its feature
+    space, and a second held-out part of real digits (for the real-vs-real floor)."""
+
+    extractor: DigitFeatures
+    reference_stats: tuple[np.ndarray, np.ndarray]
+    num_reference: int
+    classifier_accuracy: float
+    baseline_images: np.ndarray
+    num_train: int
+
+
+def digit_feature_space(batch_size: int = 100, device: str | torch.device = "cpu") -> DigitFeatureSpace:
+    """Splits scikit-learn's digits (fixed seed) into a part the classifier trains on, a reference part (FID
+    statistics) and a baseline part; trains the classifier."""
     require_optional("torchmetrics", "eval", "The digits check (FID and IS)")
     datasets = require_optional("sklearn.datasets", "eval", "The digits check (scikit-learn's digits)")
     model_selection = require_optional("sklearn.model_selection", "eval", "The digits check")
     evaluate = load_evaluate()
-    from enat_diffusers import load_demo_pipeline
-
     digits = datasets.load_digits()
     images, labels = digits_to_uint8(digits.images), digits.target
     indices = np.arange(len(labels))
@@ -162,6 +167,22 @@ def run_digits_check(
     mu, sigma, num_reference = evaluate.compute_reference_stats(
         evaluate.ArrayImages(images[reference], "real digits"), extractor, batch_size, device
     )
+    return DigitFeatureSpace(extractor, (mu, sigma), num_reference, accuracy, images[baseline], len(train))
+
+
+def run_digits_check(
+    samples_per_class: int = 20,
+    seed: int = 0,
+    batch_size: int = 100,
+    device: str | torch.device = "cpu",
+    splits: int = 10,
+    samples: Path | None = None,
+) -> dict:
+    """Feature-space FID (and digit-classifier IS) to held-out real digits of the packaged `digits` demo (or of
+    `samples`), of the same pipeline with an untrained transformer, and of real digits (the finite-sample floor)."""
+    space = digit_feature_space(batch_size, device)
+    evaluate = load_evaluate()
+    from enat_diffusers import load_demo_pipeline
 
     trained = load_demo_pipeline("digits").to(device)
     trained.set_progress_bar_config(disable=True)
@@ -171,17 +192,17 @@ def run_digits_check(
     num_samples = len(demo_samples)
     untrained_per_class = max(1, num_samples // 10)
     # the real-vs-real floor: as many held-out real digits as generated samples (at most the baseline split)
-    baseline = baseline[np.random.default_rng(seed).permutation(len(baseline))[:num_samples]]
+    baseline = space.baseline_images[np.random.default_rng(seed).permutation(len(space.baseline_images))]
     sets = {
         "trained": demo_samples,
         "untrained": generate_digits(untrained_digits_pipeline(trained, seed), untrained_per_class, seed),
-        "real_held_out": images[baseline],
+        "real_held_out": baseline[:num_samples],
     }
     results = {
         name: evaluate.compute_metrics(
             evaluate.ArrayImages(array, name),
-            extractor,
-            reference_stats=(mu, sigma),
+            space.extractor,
+            reference_stats=space.reference_stats,
             batch_size=batch_size,
             device=device,
             splits=splits,
@@ -191,11 +212,11 @@ def run_digits_check(
     }
     return {
         "feature_extractor": (
-            f"MLP digit classifier (64-64-{DIGIT_FEATURES}-10) trained on {len(train)} real digits; "
+            f"MLP digit classifier (64-64-{DIGIT_FEATURES}-10) trained on {space.num_train} real digits; "
             f"features: its {DIGIT_FEATURES}-d penultimate layer, logits for the IS"
         ),
-        "classifier_accuracy_on_reference": accuracy,
-        "num_reference": num_reference,
+        "classifier_accuracy_on_reference": space.classifier_accuracy,
+        "num_reference": space.num_reference,
         "samples": str(samples) if samples is not None else f"generated here, {samples_per_class} per class",
         "num_inference_steps": trained.config["default_num_inference_steps"],
         "results": results,

@@ -91,9 +91,10 @@ class ENATPipeline(ENATBasePipeline):
                 Classifier-free guidance scale `s` in `uncond + s * (cond - uncond)`, as in diffusers: guidance is on
                 when `s > 1`. The paper's / reference code's `cfg` is `s - 1`. Defaults to the pipeline config (3.5 at
                 256 px, 4.5 at 512 px for the converted reference models, i.e. the reference's `cfg` 2.5 / 3.5).
-            guidance_schedule (`str`, defaults to `"linear"`):
+            guidance_schedule (`str` or `GuidanceSchedule`, defaults to `"linear"`):
                 `"linear"` ramps the scale from 1 (unguided) at the first step: `s_k = 1 + (s - 1) * k / T` at step
-                `k` of `T`, as the reference sampler; `"constant"` uses `s` at every step.
+                `k` of `T`, as the reference sampler; `"constant"` uses `s` at every step; `"power-cosine"` and
+                `"interval"` are in `enat_diffusers.schedulers.guidance`.
             num_images_per_prompt (`int`, defaults to 1):
                 Images generated for each entry of `class_labels`. At most 4096 images per call in all.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):

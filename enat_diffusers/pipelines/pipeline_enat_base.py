@@ -43,13 +43,16 @@ from ..hub import ENATHubMixin
 from ..models.transformer_enat import ENATTransformer2DModel
 from ..models.vq_maskgit import MaskGITVQModel
 from ..sampling import CALLBACK_TENSOR_INPUTS, ENATSamplingMixin
+from ..schedulers.guidance import (  # GUIDANCE_SCHEDULES: re-exported by enat_diffusers.pipelines
+    GUIDANCE_SCHEDULES,  # noqa: F401
+    check_guidance_schedule,
+)
 from ..schedulers.scheduling_enat import AMUSED_MASKING_SCHEDULES
 from .lora_enat import ENATLoraLoaderMixin
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-GUIDANCE_SCHEDULES = ("linear", "constant")
 # Release in which the deprecated call argument names (`num_images_per_class`) stop working.
 DEPRECATED_NAMES_REMOVED_IN = "0.3.0"
 # Written next to model_index.json so that diffusers' custom-pipeline loading can find the class.
@@ -78,9 +81,10 @@ class ENATBasePipeline(ENATSamplingMixin, ENATLoraLoaderMixin, ENATHubMixin, Dif
     Classifier-free guidance has diffusers' meaning: the logits are `uncond + s_k * (cond - uncond)`, on when
     `guidance_scale > 1`. With `guidance_schedule="linear"` (the reference's) the scale at step `k` of `T` is
     `s_k = 1 + (guidance_scale - 1) * k / T`, so the first step is unguided; `"constant"` uses `s_k =
-    guidance_scale`. The ENAT paper's and reference code's `cfg` is `guidance_scale - 1` (its `cond + w * (cond -
-    uncond)`, `w = cfg * k / T`): `guidance_scale=3.5` is the reference's `cfg=2.5`. Both streams run as one batch
-    of `2 * batch_size` rows, each row keeping its own reuse state.
+    guidance_scale`; `enat_diffusers.schedulers.guidance` has the others (`GUIDANCE_SCHEDULES`). The ENAT paper's
+    and reference code's `cfg` is `guidance_scale - 1` (its `cond + w * (cond - uncond)`, `w = cfg * k / T`):
+    `guidance_scale=3.5` is the reference's `cfg=2.5`. Both streams run as one batch of `2 * batch_size` rows, each
+    row keeping its own reuse state.
 
     Writing a pipeline on this base (checked when the class is defined):
 
@@ -297,7 +301,7 @@ class ENATBasePipeline(ENATSamplingMixin, ENATLoraLoaderMixin, ENATHubMixin, Dif
         check_images_per_call(batch_size)
         check_num_inference_steps(num_inference_steps, self.token_grid_size**2)
         check_guidance_scale(guidance_scale)
-        check_choice(guidance_schedule, GUIDANCE_SCHEDULES, "guidance_schedule")
+        check_guidance_schedule(guidance_schedule)
         check_generator(generator, batch_size)
         check_choice(output_type, OUTPUT_TYPES, "output_type")
         if callback_on_step_end is not None and not callable(callback_on_step_end):

@@ -116,9 +116,9 @@ class ENATText2ImagePipeline(ENATPromptEncodingMixin, ENATBasePipeline):
             guidance_scale (`float`, *optional*):
                 Classifier-free guidance scale `s` in `uncond + s * (cond - uncond)`, as in diffusers: guidance is on
                 when `s > 1`. The paper's / reference code's `cfg` is `s - 1`. Defaults to the pipeline config.
-            guidance_schedule (`str`, defaults to `"linear"`):
+            guidance_schedule (`str` or `GuidanceSchedule`, defaults to `"linear"`):
                 `"linear"` ramps the scale from 1 at the first step, `s_k = 1 + (s - 1) * k / T` (as ENAT's sampler);
-                `"constant"` keeps `s`.
+                `"constant"` keeps `s`; `"power-cosine"` and `"interval"` are in `enat_diffusers.schedulers.guidance`.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 One generator, or one per image: image `i` then only depends on generator `i`.
             latents (`torch.LongTensor` of shape `(batch_size, side, side)`, *optional*):

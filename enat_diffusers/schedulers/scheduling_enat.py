@@ -11,8 +11,9 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Confidence-based re-masking scheduler of ENAT (EfficientNAT, NeurIPS 2024)."""
+"""Token sampler of ENAT (EfficientNAT, NeurIPS 2024): confidence or Halton reveal order, optional remasking."""
 
+import functools
 import inspect
 import math
 import numbers
@@ -26,12 +27,22 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-__all__ = ["AMUSED_MASKING_SCHEDULES", "MASKING_SCHEDULES", "ENATScheduler", "ENATSchedulerOutput", "SchedulerMixin"]
+__all__ = [
+    "AMUSED_MASKING_SCHEDULES",
+    "MASKING_SCHEDULES",
+    "TOKEN_ORDERS",
+    "ENATScheduler",
+    "ENATSchedulerOutput",
+    "SchedulerMixin",
+    "halton_ranks",
+]
 
 GeneratorType = torch.Generator | list[torch.Generator] | None
 
 # The `masking_schedule` values of ENATScheduler.
 MASKING_SCHEDULES = ("cosine", "linear", "arccos", "pow")
+# The `token_order` values: which masked tokens a step reveals.
+TOKEN_ORDERS = ("confidence", "halton")
 # The ones diffusers' AmusedScheduler knows: the values its `__init__` declares (a config converted from ours may name
 # another one, which AmusedScheduler would only refuse at its first step).
 AMUSED_MASKING_SCHEDULES = typing.get_args(
@@ -47,8 +58,8 @@ class ENATSchedulerOutput(BaseOutput):
 
     Args:
         prev_sample (`torch.LongTensor`):
-            Token ids after the step: the least confident newly sampled tokens are replaced by `mask_token_id` again.
-            This is the input of the next step.
+            Token ids after the step: the tokens the step leaves (or, with remasking, puts back) under the mask are
+            `mask_token_id`. This is the input of the next step.
         pred_original_sample (`torch.LongTensor`):
             Token ids with every masked position filled by the token sampled at this step and every visible token
             kept. Contains no mask ids; after the last step it equals `prev_sample`.
@@ -57,7 +68,8 @@ class ENATSchedulerOutput(BaseOutput):
         critical_tokens (`torch.BoolTensor`):
             `True` where a token was masked before the step and is visible after it (the tokens this step
             revealed). ENAT's transformer re-encodes only these at the next step and reuses the features of the
-            other visible tokens.
+            other visible tokens. A remasked token is masked after the step; when a later step reveals it again it
+            is a critical token of that step.
     """
 
     prev_sample: torch.LongTensor
@@ -66,45 +78,31 @@ class ENATSchedulerOutput(BaseOutput):
     critical_tokens: torch.BoolTensor
 
 
-def _is_real_number(value) -> bool:
+def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_generator(generator: GeneratorType, batch_size: int) -> None:
-    if generator is None or isinstance(generator, torch.Generator):
-        return
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != batch_size:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators but the batch has {batch_size} rows; pass one "
-                "generator per row, a single `torch.Generator`, or None."
-            )
-        if not all(isinstance(g, torch.Generator) for g in generator):
-            raise TypeError("`generator` list must contain only `torch.Generator` objects.")
-        return
-    raise TypeError(
-        f"`generator` must be a `torch.Generator`, a list of them (one per batch row) or None, got {type(generator)}."
-    )
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_starting_mask_ratio(starting_mask_ratio: float | torch.Tensor, batch_size: int) -> list[float]:
-    """The ratio as one float per row, or a clear error."""
-    if isinstance(starting_mask_ratio, torch.Tensor):
-        if starting_mask_ratio.numel() not in (1, batch_size) or starting_mask_ratio.dtype == torch.bool:
-            raise ValueError(
-                "`starting_mask_ratio` must be a number or a tensor with one value or one per batch row "
-                f"({batch_size}), got shape {tuple(starting_mask_ratio.shape)}."
-            )
-        ratios = starting_mask_ratio.reshape(-1).double().tolist()
-    elif _is_real_number(starting_mask_ratio):
-        ratios = [float(starting_mask_ratio)]
-    else:
-        raise TypeError(
-            f"`starting_mask_ratio` must be a number or a tensor in [0, 1], got {type(starting_mask_ratio).__name__}."
-        )
-    if not all(0 <= ratio <= 1 for ratio in ratios):
-        raise ValueError(f"`starting_mask_ratio` must lie in [0, 1], got {ratios}.")
-    return ratios * batch_size if len(ratios) == 1 else ratios
+# What each config entry accepts: (test, description for the error). One rule per entry, checked in one place.
+_CONFIG_RULES = {
+    "mask_token_id": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "masking_schedule": (lambda v: v in MASKING_SCHEDULES, f"one of {MASKING_SCHEDULES}"),
+    "masking_schedule_power": (lambda v: _is_real(v) and 0 < v < math.inf, "a finite number > 0"),
+    "mask_temperature": (lambda v: _is_real(v) and 0 <= v < math.inf, "a finite number >= 0"),
+    "sample_temperature": (lambda v: _is_real(v) and 0 <= v < math.inf, "a finite number >= 0"),
+    "sample_temperature_floor": (lambda v: _is_real(v) and 0 < v < math.inf, "a finite number > 0"),
+    "token_order": (lambda v: v in TOKEN_ORDERS, f"one of {TOKEN_ORDERS}"),
+    "remasking": (lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+}
+
+
+def _check_config(config: dict) -> None:
+    for name, (accepts, accepted) in _CONFIG_RULES.items():
+        if not accepts(config[name]):
+            raise ValueError(f"`{name}` must be {accepted}, got {config[name]!r}.")
 
 
 def _uniform(shape: tuple[int, ...], generator: GeneratorType, device: torch.device) -> torch.Tensor:
@@ -120,6 +118,41 @@ def _uniform(shape: tuple[int, ...], generator: GeneratorType, device: torch.dev
     return torch.rand(shape, generator=generator, device=draw_device).to(device)
 
 
+def _radical_inverse(index: int, base: int) -> float:
+    """`index` written in `base`, digits mirrored behind the point: the van der Corput sequence."""
+    result, scale = 0.0, 1.0 / base
+    while index:
+        index, digit = divmod(index, base)
+        result += digit * scale
+        scale /= base
+    return result
+
+
+@functools.lru_cache(maxsize=32)
+def _halton_ranks(height: int, width: int) -> tuple[int, ...]:
+    ranks = [-1] * (height * width)
+    found, index = 0, 0
+    while found < height * width:
+        index += 1
+        position = int(_radical_inverse(index, 2) * height) * width + int(_radical_inverse(index, 3) * width)
+        if ranks[position] < 0:
+            ranks[position] = found
+            found += 1
+    return tuple(ranks)
+
+
+def halton_ranks(height: int, width: int) -> torch.LongTensor:
+    """
+    Reveal rank of every raster position of a `height x width` token grid in the Halton order (Besnier et al., ICLR
+    2025): the 2-D Halton sequence (bases 2 and 3) visits the grid's cells in a low-discrepancy order; each cell
+    takes the index of its first visit. Rank 0 is revealed first; the ranks are a permutation of `height * width`.
+
+    Returns:
+        `torch.LongTensor` of shape `(height * width,)`.
+    """
+    return torch.tensor(_halton_ranks(int(height), int(width)))
+
+
 class ENATScheduler(SchedulerMixin, ConfigMixin):
     """
     Scheduler of ENAT's iterative (MaskGIT-style) token sampling.
@@ -129,25 +162,31 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
 
     1. turns them into log-probabilities and samples a token at every masked position from
        `softmax(log_probs / max(sample_temperature * (1 - r), sample_temperature_floor))`;
-    2. scores each sampled token by its log-probability plus `mask_temperature * (1 - r)` times Gumbel noise
-       (visible tokens score `+inf`);
-    3. masks again the `floor(n * masking_ratio(r))` lowest-scoring tokens of each row, `n` being the size of the
-       row's masked region (below), and never more than were masked before the step.
+    2. scores each sampled token (visible tokens score `+inf`): with `token_order="confidence"` (the reference) by
+       its log-probability plus `mask_temperature * (1 - r)` times Gumbel noise; with `"halton"` by its position in
+       a fixed low-discrepancy spatial order ([`halton_ranks`]), so which tokens a step reveals does not depend on
+       the model;
+    3. keeps masked the `floor(n * masking_ratio(r))` lowest-scoring tokens of each row, `n` being the size of the
+       row's region (below), never more than were masked before the step;
+    4. with `remasking > 0` (ReMDM, Wang et al. 2025), masks again `floor(remasking * min(v, m))` tokens of the row
+       that earlier steps revealed, at random (`v` such tokens, `m` the number that stay masked), and reveals as
+       many more of the masked ones, so every step still ends with `m` masked tokens and a run still ends in `T`
+       steps. A remasked token is resampled at a later step.
 
-    The masking schedule applies to each row's masked region, the tokens it had to generate when the run started, so
-    every row finishes in `num_inference_steps` steps whatever its region (an inpainting row with 6 of 16 tokens
-    masked reveals them over all 8 steps of an 8-step run, not in the last two). Rows of one batch may have regions
-    of different sizes. The scheduler learns each row's region size `n` (kept in `region_sizes`):
+    The region of a row is the set of tokens the run generates. `step` learns its size `n` from its arguments alone
+    (the scheduler keeps no state between steps):
 
-    - from `step(..., starting_mask_ratio=...)` when given (aMUSEd's argument: the region as a fraction of the `L`
-      tokens of a row, one number for the batch or one per row): `n = round(starting_mask_ratio * L)`;
-    - otherwise at the first step of a run (step index 0, i.e. `timesteps[0]` after `set_timesteps`): `n` is the
-      number of masked tokens of each row of `sample`, remembered for the later steps of the run;
-    - otherwise (a run that starts later in the schedule, as image-to-image does after `add_noise`): `n = L`, the
-      whole grid, which is the region `add_noise` masks from.
+    - `starting_mask_ratio` (aMUSEd's argument: the region as a fraction of the `L` tokens of a row, one number or one
+      per row): `n = round(starting_mask_ratio * L)`;
+    - else `region_mask` (`True` at the tokens the run generates, which ENAT's pipelines pass: the tokens masked when
+      the run started): `n` is its count per row;
+    - else `n = L`, the whole grid (aMUSEd's convention).
 
-    A run from a fully masked grid (`n = L`) with the default cosine schedule is exactly the sampler of the ENAT
-    reference code; guidance itself (weight `cfg * k / T` in the reference) is the pipeline's job.
+    Remasking only picks tokens inside `region_mask` (the whole grid without it), so an edit never touches the kept
+    tokens of an image.
+
+    A run from a fully masked grid with the defaults is exactly the sampler of the ENAT reference code; guidance
+    (weight `cfg * k / T` in the reference) is the pipeline's job.
 
     The scheduler is a drop-in replacement for diffusers' [`AmusedScheduler`] (same `set_timesteps` / `step` /
     `add_noise` calling conventions and `mask_token_id`), and `AmusedScheduler.from_config(enat_scheduler.config)`
@@ -169,11 +208,17 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
             Exponent of the `"pow"` schedule; must be positive. Ignored by the other schedules.
         mask_temperature (`float`, defaults to 1.5):
             Scale of the Gumbel noise added to the confidence, annealed by `(1 - r)`. Can be overridden per run
-            through `set_timesteps(..., temperature=...)`.
+            through `set_timesteps(..., temperature=...)`. Unused with `token_order="halton"`.
         sample_temperature (`float`, defaults to 6.0):
             Temperature of the token sampling, annealed by `(1 - r)`.
         sample_temperature_floor (`float`, defaults to 1e-3):
             Lower bound of the annealed sampling temperature; must be positive.
+        token_order (`str`, defaults to `"confidence"`):
+            Which masked tokens a step reveals: `"confidence"` (the most confident, with annealed Gumbel noise: the
+            reference) or `"halton"` (a fixed spatial order, [`halton_ranks`]).
+        remasking (`float`, defaults to 0.0):
+            Strength of ReMDM-style remasking in `[0, 1]`: the fraction of the largest number of revealed tokens a
+            step may mask again while keeping the schedule. 0 (the reference) never masks a revealed token again.
     """
 
     order = 1
@@ -188,31 +233,15 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
         mask_temperature: float = 1.5,
         sample_temperature: float = 6.0,
         sample_temperature_floor: float = 1e-3,
+        token_order: str = "confidence",
+        remasking: float = 0.0,
     ):
-        if not isinstance(mask_token_id, numbers.Integral) or isinstance(mask_token_id, bool) or mask_token_id < 0:
-            raise ValueError(f"`mask_token_id` must be a non-negative integer, got {mask_token_id!r}.")
-        if masking_schedule not in MASKING_SCHEDULES:
-            raise ValueError(
-                f"`masking_schedule` must be one of {', '.join(repr(s) for s in MASKING_SCHEDULES)}, "
-                f"got {masking_schedule!r}."
-            )
-        if not _is_real_number(masking_schedule_power) or not masking_schedule_power > 0:
-            raise ValueError(f"`masking_schedule_power` must be a positive number, got {masking_schedule_power!r}.")
-        for name, value in (("mask_temperature", mask_temperature), ("sample_temperature", sample_temperature)):
-            if not _is_real_number(value) or not 0 <= value < math.inf:
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
-        if not _is_real_number(sample_temperature_floor) or not 0 < sample_temperature_floor < math.inf:
-            raise ValueError(
-                f"`sample_temperature_floor` must be a finite number > 0, got {sample_temperature_floor!r}."
-            )
-
+        _check_config(self.config)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
         # Gumbel-noise scale of each step (float64, CPU), set by `set_timesteps`.
         self.temperatures: torch.Tensor | None = None
-        # Masked-region size of each row of the current run, recorded at its first step (see the class docstring).
-        self.region_sizes: list[int] | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     # schedule
@@ -232,13 +261,9 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
     def num_masked_after_step(self, step_index: int, seq_len: int) -> int:
         """
         Number of tokens still masked after step `step_index` (0-based) of `self.num_inference_steps` in a row whose
-        masked region has `seq_len` tokens (the whole grid for generation): `floor(seq_len * masking_ratio((step_index
-        + 1) / T))`. It is 0 after the last step.
+        region has `seq_len` tokens (the whole grid for generation): `floor(seq_len * masking_ratio((step_index + 1)
+        / T))`. It is 0 after the last step.
         """
-        if self.num_inference_steps is None:
-            raise ValueError("Call `set_timesteps(num_inference_steps)` before using the schedule.")
-        if not 0 <= step_index < self.num_inference_steps:
-            raise ValueError(f"`step_index` must be in [0, {self.num_inference_steps}), got {step_index}.")
         r = 1.0 * (step_index + 1) / self.num_inference_steps
         return min(seq_len, max(0, math.floor(seq_len * self.masking_ratio(r))))
 
@@ -256,7 +281,7 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
             num_inference_steps (`int`):
                 Number of sampling steps `T` (>= 1).
             temperature (`float` or pair of `float`, *optional*):
-                Scale of the Gumbel noise that randomises which tokens are masked again (per step, stored in
+                Scale of the Gumbel noise that randomises which tokens stay masked (per step, stored in
                 `self.temperatures`):
 
                 - `None`: `mask_temperature * (1 - r)` at step `k`, `r = (k + 1) / T` (the reference).
@@ -268,58 +293,37 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
             device (`str` or `torch.device`, *optional*):
                 Device of `timesteps`.
         """
-        if not isinstance(num_inference_steps, numbers.Integral) or isinstance(num_inference_steps, bool):
-            raise TypeError(f"`num_inference_steps` must be an int, got {type(num_inference_steps).__name__}.")
-        if num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
-        num_inference_steps = int(num_inference_steps)
-
-        ratios = [1.0 * (k + 1) / num_inference_steps for k in range(num_inference_steps)]
-        if temperature is None:
-            base = float(self.config.mask_temperature)
-            temperatures = [base * (1 - r) for r in ratios]
-        elif _is_real_number(temperature):
-            if not 0 <= temperature < math.inf:
-                raise ValueError(f"`temperature` must be a finite number >= 0, got {temperature!r}.")
-            temperatures = [float(temperature) * (1 - r) for r in ratios]
-        elif isinstance(temperature, Sequence) and not isinstance(temperature, str):
-            if len(temperature) != 2 or not all(_is_real_number(t) and 0 <= t < math.inf for t in temperature):
-                raise ValueError(
-                    f"`temperature` given as a sequence must be a pair (start, end) of finite numbers >= 0, got "
-                    f"{temperature!r}."
-                )
-            start, end = float(temperature[0]), float(temperature[1])
-            span = max(num_inference_steps - 1, 1)
-            temperatures = [start + (end - start) * k / span for k in range(num_inference_steps)]
-        else:
-            raise TypeError(
-                "`temperature` must be None, a number (replaces `mask_temperature`) or a (start, end) pair, got "
-                f"{type(temperature).__name__}."
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        steps = int(num_inference_steps)
+        is_pair = isinstance(temperature, Sequence) and not isinstance(temperature, str) and len(temperature) == 2
+        values = temperature if is_pair else [temperature]
+        if not (temperature is None or all(_is_real(t) and 0 <= t < math.inf for t in values)):
+            raise ValueError(
+                "`temperature` must be None, a finite number >= 0 (replaces `mask_temperature`) or a (start, end) "
+                f"pair of them, got {temperature!r}."
             )
+        if is_pair:
+            start, end = float(temperature[0]), float(temperature[1])
+            temperatures = [start + (end - start) * k / max(steps - 1, 1) for k in range(steps)]
+        else:
+            base = float(self.config.mask_temperature if temperature is None else temperature)
+            temperatures = [base * (1 - 1.0 * (k + 1) / steps) for k in range(steps)]
 
-        self.num_inference_steps = num_inference_steps
-        self.timesteps = torch.arange(num_inference_steps, device=device).flip(0)
+        self.num_inference_steps = steps
+        self.timesteps = torch.arange(steps, device=device).flip(0)
         self.temperatures = torch.tensor(temperatures, dtype=torch.float64)
-        self.region_sizes = None  # a new run: its first step records them
 
     def _step_index(self, timestep: int | torch.Tensor) -> int:
         if self.timesteps is None:
             raise ValueError("Call `set_timesteps(num_inference_steps)` before `step` or `add_noise`.")
-        if isinstance(timestep, torch.Tensor):
-            if timestep.numel() != 1:
-                raise ValueError(f"`timestep` must be a single value, got a tensor of shape {tuple(timestep.shape)}.")
-            timestep = timestep.item()
-        if not isinstance(timestep, numbers.Integral) or isinstance(timestep, bool):
-            if _is_real_number(timestep) and float(timestep).is_integer():
-                timestep = int(timestep)
-            else:
-                raise TypeError(
-                    f"`timestep` must be an integer (an entry of `scheduler.timesteps`), got {timestep!r}."
-                )
-        timesteps = self.timesteps.tolist()
-        if timestep not in timesteps:
-            raise ValueError(f"`timestep` {timestep} is not one of `scheduler.timesteps` ({timesteps}).")
-        return timesteps.index(timestep)
+        value = torch.as_tensor(timestep).reshape(-1).cpu()
+        matches = (self.timesteps.cpu() == value).nonzero() if value.numel() == 1 else value[:0]
+        if matches.numel() != 1:
+            raise ValueError(
+                f"`timestep` must be one of `scheduler.timesteps` {self.timesteps.tolist()}, got {timestep}."
+            )
+        return int(matches)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """Return `sample` unchanged (token ids need no scaling); present for interface compatibility."""
@@ -389,10 +393,11 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
         generator: GeneratorType = None,
         return_dict: bool = True,
         starting_mask_ratio: float | torch.Tensor | None = None,
+        region_mask: torch.BoolTensor | None = None,
     ) -> ENATSchedulerOutput | tuple:
         """
-        Run one sampling step: sample every masked token, then mask again the least confident ones of each row's
-        masked region (see the class docstring for how the region sizes are learned).
+        Run one sampling step: sample every masked token, then choose which tokens of each row's region stay (or,
+        with remasking, become) masked (see the class docstring).
 
         Args:
             model_output (`torch.Tensor` of shape `(batch_size, num_classes, height, width)` or
@@ -408,70 +413,61 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
             return_dict (`bool`, defaults to `True`):
                 Return an [`ENATSchedulerOutput`] instead of a tuple.
             starting_mask_ratio (`float` or `torch.Tensor`, *optional*):
-                The masked region as a fraction of the tokens of a row, in `[0, 1]`: one number for the whole batch
-                or a tensor with one per row ([`AmusedInpaintPipeline`] passes it at every step). Without it the
-                region is what the first step of the run saw masked (the whole grid for a run that starts later).
+                The region as a fraction of the tokens of a row, in `[0, 1]`: one number for the whole batch or a
+                tensor with one per row ([`AmusedInpaintPipeline`] passes it at every step).
+            region_mask (`torch.BoolTensor` shaped like `sample`, *optional*):
+                `True` at the tokens this run generates (the tokens masked when it started), the same at every step
+                of a run. Sizes the schedule when `starting_mask_ratio` is not given, and bounds remasking.
 
         Returns:
             [`ENATSchedulerOutput`] or `tuple`: `(prev_sample, pred_original_sample, mask, critical_tokens)`, all
             shaped like `sample`.
         """
-        if not isinstance(model_output, torch.Tensor) or not model_output.is_floating_point():
-            raise TypeError("`model_output` must be a floating-point tensor of logits.")
-        if not isinstance(sample, torch.Tensor) or sample.is_floating_point() or sample.dtype == torch.bool:
-            raise TypeError("`sample` must be an integer tensor of token ids.")
-        if sample.ndim not in (2, 3) or model_output.ndim != sample.ndim + 1:
-            raise ValueError(
-                "`model_output` must be (batch, num_classes, height, width) with `sample` (batch, height, width), or "
-                "(batch, num_classes, seq_len) with `sample` (batch, seq_len); got shapes "
-                f"{tuple(model_output.shape)} and {tuple(sample.shape)}."
-            )
-        if model_output.shape[0] != sample.shape[0] or model_output.shape[2:] != sample.shape[1:]:
-            raise ValueError(
-                f"`model_output` {tuple(model_output.shape)} does not match `sample` {tuple(sample.shape)}: expected "
-                "the same batch size and the class dimension at dim 1."
-            )
-        mask_id = int(self.config.mask_token_id)
-        num_classes = model_output.shape[1]
-        if num_classes > mask_id:
-            raise ValueError(
-                f"`model_output` has {num_classes} classes but `mask_token_id` is {mask_id}: the sampled ids would "
-                f"include the mask id. Pass only the codebook logits (at most {mask_id} classes)."
-            )
         step_index = self._step_index(timestep)
-        batch_size = sample.shape[0]
-        _check_generator(generator, batch_size)
-
-        ids = sample.reshape(batch_size, -1)
-        seq_len = ids.shape[1]
-        region_sizes = self._region_sizes(step_index, ids == mask_id, starting_mask_ratio)
-        logits = model_output.reshape(batch_size, num_classes, seq_len).transpose(1, 2).float()
+        ids, logits, region, region_sizes = self._check_step_inputs(
+            model_output, sample, generator, starting_mask_ratio, region_mask
+        )
+        batch_size, seq_len = ids.shape
+        num_classes = logits.shape[-1]
+        mask_id = int(self.config.mask_token_id)
 
         r = 1.0 * (step_index + 1) / self.num_inference_steps
         sample_temperature = max(float(self.config.sample_temperature) * (1 - r), self.config.sample_temperature_floor)
-        noise_scale = float(self.temperatures[step_index])
 
         log_probs = torch.log_softmax(logits, dim=-1)
         was_masked = ids == mask_id
         drawn = self.draw_token_samples(log_probs / sample_temperature, generator).to(ids.device)
         filled = torch.where(was_masked, drawn, ids)
 
-        # Confidence of each sampled token; visible tokens are never masked again.
-        chosen_log_probs = torch.gather(log_probs, -1, filled.clamp(0, num_classes - 1).unsqueeze(-1)).squeeze(-1)
-        confidence = torch.where(was_masked, chosen_log_probs, torch.full_like(chosen_log_probs, math.inf))
-        noise = self.draw_gumbel_noise((batch_size, seq_len), generator, device=ids.device)
-        if noise.device.type == "mps":  # no float64 there
-            confidence = confidence + noise.float() * noise_scale
-        else:  # scale in float64, then round, as the reference does
-            confidence = confidence + (noise.double() * noise_scale).float()
+        # Score of each sampled token; visible tokens (+inf) are never among the lowest.
+        if self.config.token_order == "halton":
+            side = math.isqrt(seq_len) if sample.ndim == 2 else sample.shape[1]
+            height, width = (side, seq_len // side) if side * (seq_len // side) == seq_len else (1, seq_len)
+            score = -halton_ranks(height, width).to(ids.device, torch.float32).expand(batch_size, seq_len)
+        else:
+            score = torch.gather(log_probs, -1, filled.clamp(0, num_classes - 1).unsqueeze(-1)).squeeze(-1)
+            noise = self.draw_gumbel_noise((batch_size, seq_len), generator, device=ids.device)
+            noise_scale = float(self.temperatures[step_index])
+            if noise.device.type == "mps":  # no float64 there
+                score = score + noise.float() * noise_scale
+            else:  # scale in float64, then round, as the reference does
+                score = score + (noise.double() * noise_scale).float()
+        score = torch.where(was_masked, score, torch.full_like(score, math.inf))
 
-        # Mask again the lowest-confidence tokens of each row's region, never more than were masked before the step.
-        targets = [self.num_masked_after_step(step_index, size) for size in region_sizes]
-        num_to_mask = torch.minimum(was_masked.sum(dim=1), torch.tensor(targets, device=ids.device))  # (batch_size,)
-        order = confidence.argsort(dim=-1)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(seq_len, device=ids.device).expand(batch_size, seq_len))
-        new_mask = rank < num_to_mask.unsqueeze(1)
+        # Keep masked the lowest-scoring tokens of each row's region, never more than were masked before the step.
+        targets = torch.tensor(
+            [self.num_masked_after_step(step_index, size) for size in region_sizes], device=ids.device
+        )
+        num_to_mask = torch.minimum(was_masked.sum(dim=1), targets)  # (batch_size,)
+        remasked = torch.zeros_like(was_masked)
+        if self.config.remasking > 0:
+            # ReMDM: mask again some revealed tokens of the region, reveal as many more; the masked count is unchanged.
+            candidates = region & ~was_masked
+            num_remasked = (self.config.remasking * torch.minimum(candidates.sum(dim=1), num_to_mask)).floor().long()
+            chance = torch.where(candidates, _uniform((batch_size, seq_len), generator, ids.device), 2.0)
+            remasked = _lowest(chance, num_remasked)
+            num_to_mask = num_to_mask - num_remasked
+        new_mask = _lowest(score, num_to_mask) | remasked
 
         prev_sample = torch.where(new_mask, torch.full_like(filled, mask_id), filled).to(sample.dtype)
         pred_original_sample = filled.to(sample.dtype)
@@ -484,24 +480,57 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
             return outputs
         return ENATSchedulerOutput(*outputs)
 
-    def _region_sizes(
-        self, step_index: int, was_masked: torch.BoolTensor, starting_mask_ratio: float | torch.Tensor | None
-    ) -> list[int]:
-        """Each row's masked-region size for this step (the rules are in the class docstring)."""
-        batch_size, seq_len = was_masked.shape
-        if starting_mask_ratio is not None:
-            ratios = _check_starting_mask_ratio(starting_mask_ratio, batch_size)
-            return [round(ratio * seq_len) for ratio in ratios]
-        if step_index == 0:
-            self.region_sizes = was_masked.sum(dim=1).tolist()
-        if self.region_sizes is None:
-            return [seq_len] * batch_size
-        if len(self.region_sizes) != batch_size:
+    def _check_step_inputs(self, model_output, sample, generator, starting_mask_ratio, region_mask):
+        """
+        The checks that protect a caller of `step` from silent garbage, in one place. Returns the token ids `(B, L)`,
+        the float32 logits `(B, L, C)`, the region mask `(B, L)` and each row's region size (a list of `B` ints).
+        """
+        is_ids = isinstance(sample, torch.Tensor) and not sample.is_floating_point() and sample.dtype != torch.bool
+        is_logits = isinstance(model_output, torch.Tensor) and model_output.is_floating_point()
+        if not (is_ids and is_logits and sample.ndim in (2, 3) and model_output.ndim == sample.ndim + 1) or (
+            model_output.shape[0] != sample.shape[0] or model_output.shape[2:] != sample.shape[1:]
+        ):
             raise ValueError(
-                f"`sample` has {batch_size} rows but the first step of this run had {len(self.region_sizes)}; call "
-                "`set_timesteps` to start a new run."
+                "`model_output` must be float logits (batch, num_classes, height, width) with `sample` integer ids "
+                "(batch, height, width), or (batch, num_classes, seq_len) with (batch, seq_len); got "
+                f"{_describe(model_output)} and {_describe(sample)}."
             )
-        return self.region_sizes
+        batch_size, num_classes = model_output.shape[:2]
+        if num_classes > self.config.mask_token_id:
+            raise ValueError(
+                f"`model_output` has {num_classes} classes but `mask_token_id` is {self.config.mask_token_id}: pass "
+                "only the codebook logits, or sampled ids would include the mask id."
+            )
+        if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
+            raise ValueError(f"`generator` is a list of {len(generator)} generators for {batch_size} batch rows.")
+
+        ids = sample.reshape(batch_size, -1)
+        seq_len = ids.shape[1]
+        logits = model_output.reshape(batch_size, num_classes, seq_len).transpose(1, 2).float()
+        if region_mask is not None and (region_mask.dtype != torch.bool or region_mask.shape != sample.shape):
+            raise ValueError(
+                f"`region_mask` must be a bool tensor shaped like `sample`, got {_describe(region_mask)}."
+            )
+        region = torch.ones_like(ids, dtype=torch.bool) if region_mask is None else region_mask.reshape(ids.shape)
+        if starting_mask_ratio is None:
+            sizes = [seq_len] * batch_size if region_mask is None else region.sum(dim=1).tolist()
+            return ids, logits, region.to(ids.device), sizes
+        try:
+            ratios = torch.as_tensor(starting_mask_ratio, dtype=torch.float64).reshape(-1).tolist()
+        except (TypeError, ValueError, RuntimeError):
+            ratios = []  # not numbers: refused below
+        if len(ratios) not in (1, batch_size) or not all(0 <= ratio <= 1 for ratio in ratios):
+            raise ValueError(
+                "`starting_mask_ratio` must be a number in [0, 1] or a tensor of one per batch row, got "
+                f"{starting_mask_ratio!r}."
+            )
+        if self.config.remasking > 0 and region_mask is None and min(ratios) < 1:
+            raise ValueError(
+                "remasking needs `region_mask` with `starting_mask_ratio` < 1: it must know which tokens the run "
+                "generates, so as not to mask the kept tokens of an edit."
+            )
+        sizes = [round(ratio * seq_len) for ratio in (ratios * batch_size if len(ratios) == 1 else ratios)]
+        return ids, logits, region.to(ids.device), sizes
 
     # ------------------------------------------------------------------------------------------------------------
     # training
@@ -520,34 +549,40 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
         Args:
             sample (`torch.LongTensor` of shape `(batch_size, height, width)` or `(batch_size, sequence_length)`):
                 Clean token ids.
-            timesteps (`int` or single-value `torch.Tensor`):
-                An entry of `self.timesteps`; one value for the whole batch.
+            timesteps (`int` or `torch.Tensor`):
+                An entry of `self.timesteps`; one value for the whole batch (a tensor may repeat it per row).
             generator (`torch.Generator`, list of `torch.Generator`, *optional*):
                 Random source for the positions; a list must hold one generator per batch row.
 
         Returns:
             `torch.LongTensor` shaped like `sample`, `mask_token_id` at the masked positions.
         """
-        if not isinstance(sample, torch.Tensor) or sample.is_floating_point() or sample.dtype == torch.bool:
-            raise TypeError("`sample` must be an integer tensor of token ids.")
-        if sample.ndim not in (2, 3):
+        timesteps = torch.as_tensor(timesteps).reshape(-1)
+        if timesteps.numel() > 1 and not bool((timesteps == timesteps[0]).all()):
             raise ValueError(
-                f"`sample` must be (batch, height, width) or (batch, seq_len), got shape {tuple(sample.shape)}."
+                "`timesteps` must be one value for the whole batch (every row gets the same number of masked "
+                f"tokens), got {timesteps.tolist()}."
             )
-        if isinstance(timesteps, torch.Tensor) and timesteps.numel() > 1:
-            if not bool((timesteps == timesteps.reshape(-1)[0]).all()):
-                raise ValueError(
-                    "`timesteps` must be one value for the whole batch (every row gets the same number of masked "
-                    f"tokens), got {timesteps.tolist()}."
-                )
-            timesteps = timesteps.reshape(-1)[0]
-        step_index = self._step_index(timesteps)
+        step_index = self._step_index(timesteps[:1])
         batch_size = sample.shape[0]
-        _check_generator(generator, batch_size)
-
         ids = sample.reshape(batch_size, -1)
         seq_len = ids.shape[1]
         num_to_mask = self.num_masked_after_step(step_index, seq_len)
         rank = _uniform((batch_size, seq_len), generator, ids.device).argsort(dim=-1).argsort(dim=-1)
         masked = torch.where(rank < num_to_mask, torch.full_like(ids, self.config.mask_token_id), ids)
         return masked.reshape(sample.shape)
+
+
+def _lowest(score: torch.Tensor, count: torch.LongTensor) -> torch.BoolTensor:
+    """`True` at the `count[i]` lowest entries of each row `i` of `score` `(B, L)`."""
+    batch_size, seq_len = score.shape
+    order = score.argsort(dim=-1)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(seq_len, device=score.device).expand(batch_size, seq_len))
+    return rank < count.unsqueeze(1)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
