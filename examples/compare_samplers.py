@@ -59,6 +59,7 @@ SAMPLERS = {
 def load_example(name: str):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -191,9 +192,11 @@ def markdown_tables(report: dict) -> str:
         for name in dict.fromkeys(row["sampler"] for row in digits["summary"]):
             cells = []
             for k in steps:
-                row = next(r for r in digits["summary"] if r["sampler"] == name and r["steps"] == k)
+                row = next((r for r in digits["summary"] if r["sampler"] == name and r["steps"] == k), None)
                 cells.append(
-                    f"{row['accuracy']:.3f} ± {row['accuracy_std']:.3f} / {row['fid']:.3f} ± {row['fid_std']:.3f}"
+                    ""
+                    if row is None
+                    else f"{row['accuracy']:.3f} ± {row['accuracy_std']:.3f} / {row['fid']:.3f} ± {row['fid_std']:.3f}"
                 )
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -11,6 +11,7 @@ from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline
 from enat_diffusers.models.transformer_enat import ENATReuseState
 from enat_diffusers.schedulers import ENATScheduler, GuidanceSchedule, guidance_weight, halton_ranks
 
+from .example_scripts import load_example
 from .tiny_components import CODEBOOK_SIZE as MASK
 from .tiny_components import tiny_pipeline, tiny_text_pipeline
 
@@ -254,3 +255,21 @@ def test_remasking_in_image_to_image_keeps_the_tokens_the_run_started_with():
     assert visible.any() and (~visible).any()
     assert torch.equal(out[visible], start[visible])
     assert (out != MASK).all()
+
+
+def test_comparison_summary_gives_mean_and_spread_over_seeds():
+    compare = load_example("compare_samplers")
+    runs = [
+        {"sampler": name, "steps": steps, "seed": seed, "accuracy": accuracy, "fid": fid}
+        for name, steps, seed, accuracy, fid in [
+            ("reference", 4, 0, 0.9, 0.2), ("reference", 4, 1, 1.0, 0.4), ("halton", 4, 0, 0.5, 1.0),
+            ("halton", 4, 1, 0.7, 1.0), ("reference", 8, 0, 0.8, 0.3), ("reference", 8, 1, 0.8, 0.5),
+        ]
+    ]  # fmt: skip
+    summary = {(row["sampler"], row["steps"]): row for row in compare.summarise(runs)}
+    assert summary["reference", 4]["accuracy"] == pytest.approx(0.95)
+    assert summary["reference", 4]["fid_std"] == pytest.approx(0.1 * 2**0.5)  # sample stdev of (0.2, 0.4)
+    assert summary["halton", 4]["fid_std"] == 0.0
+    table = compare.markdown_tables({"digits": {"summary": list(summary.values())}}).splitlines()
+    assert table[2] == "| reference | 0.950 ± 0.071 / 0.300 ± 0.141 | 0.800 ± 0.000 / 0.400 ± 0.141 |"
+    assert table[3] == "| halton | 0.600 ± 0.141 / 1.000 ± 0.000 |  |"  # not run at 8 steps
