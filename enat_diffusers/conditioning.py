@@ -201,6 +201,16 @@ def _as_prompt_embeds(encode):
     return wrapper
 
 
+def _repeat_rows(tensor: torch.Tensor | None, device, repeat: int, is_mask: bool = False) -> torch.Tensor | None:
+    """`tensor` without autograd history, on `device` (masks as bool), each row repeated `repeat` times."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach().to(device)
+    if is_mask:
+        tensor = tensor.bool()
+    return tensor.repeat_interleave(repeat, dim=0)
+
+
 class ENATPromptEncodingMixin:
     """`encode_prompt` for the pipelines that take prompts. It needs only the text encoder and tokenizer (no
     transformer), so embeddings can be computed by a pipeline loaded with just those."""
@@ -257,20 +267,14 @@ class ENATPromptEncodingMixin:
         if not do_classifier_free_guidance:
             negative_prompt_embeds = negative_prompt_attention_mask = negative_pooled_prompt_embeds = None
 
-        def prepare(tensor: torch.Tensor | None, is_mask: bool = False) -> torch.Tensor | None:
-            if tensor is None:
-                return None
-            tensor = tensor.detach().to(device)
-            if is_mask:
-                tensor = tensor.bool()
-            return tensor.repeat_interleave(int(num_images_per_prompt), dim=0)
-
-        prompt_embeds = prepare(prompt_embeds)
-        prompt_attention_mask = prepare(prompt_attention_mask, is_mask=True)
-        pooled_prompt_embeds = prepare(pooled_prompt_embeds)
-        negative_prompt_embeds = prepare(negative_prompt_embeds)
-        negative_prompt_attention_mask = prepare(negative_prompt_attention_mask, is_mask=True)
-        negative_pooled_prompt_embeds = prepare(negative_pooled_prompt_embeds)
+        # One statement per name: diffusers' tooling reads the names of the returned tuple from this source.
+        repeat = int(num_images_per_prompt)
+        prompt_embeds = _repeat_rows(prompt_embeds, device, repeat)
+        prompt_attention_mask = _repeat_rows(prompt_attention_mask, device, repeat, is_mask=True)
+        pooled_prompt_embeds = _repeat_rows(pooled_prompt_embeds, device, repeat)
+        negative_prompt_embeds = _repeat_rows(negative_prompt_embeds, device, repeat)
+        negative_prompt_attention_mask = _repeat_rows(negative_prompt_attention_mask, device, repeat, is_mask=True)
+        negative_pooled_prompt_embeds = _repeat_rows(negative_pooled_prompt_embeds, device, repeat)
         return (
             prompt_embeds,
             prompt_attention_mask,
