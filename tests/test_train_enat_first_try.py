@@ -5,8 +5,6 @@ images, no Hub access unless pushing, prior preservation. Tiny data and models (
 import json
 import os
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -299,17 +297,23 @@ def test_prior_preservation_with_replace_is_refused(assets, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_a_failed_launch_names_the_problem_last_and_in_the_launchers_error_file(tmp_path):
+def test_a_failed_launch_names_the_problem_in_the_launchers_error_file(assets, tmp_path, monkeypatch):
     error_file = tmp_path / "error.json"  # where torchrun (accelerate launch --multi_gpu) reads a child's failure
-    env = {**os.environ, "TORCHELASTIC_ERROR_FILE": str(error_file), "HF_HUB_OFFLINE": "1"}
-    argv = ["--pretrained_model_name_or_path", "demo:digits", "--train_data_dir", str(tmp_path / "missing")]
-    result = subprocess.run(
-        [sys.executable, train_enat.__file__, *argv], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 1
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    with pytest.raises(train_enat.InputError) as caught:
+        train_enat.main(_finetune(assets, tmp_path, tmp_path / "missing", 1))
+    with pytest.raises(SystemExit) as exited:  # what the command line does with it
+        train_enat.exit_with_sentence(caught.value)
     sentence = f"train_enat.py: error: --train_data_dir '{tmp_path / 'missing'}' is not a folder"
-    assert result.stderr.strip().splitlines()[-1] == sentence
+    assert exited.value.code == sentence
     assert json.loads(error_file.read_text())["message"]["message"] == sentence
+
+
+def test_a_one_process_accelerate_launch_says_the_report_below_is_of_this_error(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # set by accelerate launch
+    with pytest.raises(SystemExit, match="(?s)error: bad value.*that is the error; .*--quiet"):
+        train_enat.exit_with_sentence(train_enat.InputError("bad value"))
 
 
 def test_the_resolution_defaults_to_the_pretrained_models_image_size(assets, tmp_path):
