@@ -32,7 +32,7 @@ with import_noise_silenced():
     )
     from .quantization import choose_precision, quantize_for_cpu, set_precision
     from .sampling import ENATEditState
-    from .schedulers import ENATScheduler, ENATSchedulerOutput
+    from .schedulers import ENATScheduler, ENATSchedulerOutput, GuidanceSchedule
 
 __version__ = "0.1.0.dev0"
 
@@ -60,6 +60,7 @@ __all__ = [
     "MaskGITVQEncoderOutput",
     "MaskGITVQModel",
     "MaskGITVQModelOutput",
+    "GuidanceSchedule",
     "choose_precision",
     "encode_text",
     "load_demo_pipeline",
