@@ -18,6 +18,7 @@ import torch
 from diffusers import AmusedScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import logging
 
@@ -150,7 +151,8 @@ class ENATBasePipeline(ENATSamplingMixin, ENATLoraLoaderMixin, ENATHubMixin, Dif
             if value is None or kind is None:
                 continue
             module = getattr(value, "_orig_mod", value)  # torch.compile wraps the module
-            if not isinstance(module, kind):
+            # A diffusers model of another class is a wrong folder; plain torch wrappers (profilers, benchmarks) pass.
+            if isinstance(module, ModelMixin) and not isinstance(module, kind):
                 raise TypeError(
                     f"{type(self).__name__} needs `{name}` to be a {kind.__name__}, got {type(module).__name__}; "
                     f"check the `{name}` entry of model_index.json"
