@@ -47,9 +47,10 @@ def test_save_writes_the_standard_layout(saved):
     assert index["scheduler"] == ["enat_diffusers.schedulers.scheduling_enat", "ENATScheduler"]
     assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     assert (folder / "vqvae" / "diffusion_pytorch_model.safetensors").is_file()
-    assert (
-        "from enat_diffusers.pipelines.pipeline_enat import ENATPipeline" in (folder / "pipeline_enat.py").read_text()
-    )
+    stub = (folder / "pipeline_enat.py").read_text()
+    assert "from enat_diffusers.pipelines.pipeline_enat import ENATPipeline" in stub
+    # No package index serves enat-diffusers: the stub says to install it from its git repository.
+    assert "pip install enat-diffusers" not in stub and "git repository" in stub
 
 
 def test_diffusion_pipeline_from_pretrained_folder(saved):

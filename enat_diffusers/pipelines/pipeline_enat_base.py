@@ -58,7 +58,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DEPRECATED_NAMES_REMOVED_IN = "0.3.0"
 # Written next to model_index.json so that diffusers' custom-pipeline loading can find the class.
 _CUSTOM_PIPELINE_TEMPLATE = '''"""Lets `DiffusionPipeline.from_pretrained(..., custom_pipeline="{module}", trust_remote_code=True)` find
-{class_name} without importing enat_diffusers first (the package must be installed: pip install enat-diffusers)."""
+{class_name} without importing enat_diffusers first (enat-diffusers must be installed, from its git repository: pip install -e .)."""
 
 from {defining_module} import {class_name}  # noqa: F401
 '''
