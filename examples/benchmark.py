@@ -43,12 +43,13 @@ the FLOPs. Ratios to the `enat` row (FLOPs and time) are computed within the run
 `UVit2DModel` arguments) for small test configurations.
 
 `--precisions fp32 bf16 int8 ...` adds end-to-end rows (tokens to PIL images, VQ decode included) per precision, int8
-loaded with diffusers' `TorchAoConfig` (the `quant` extra): seconds per image, the decode's share, the fraction of
+through `quantize_for_cpu` (PyTorch's x86 engine; `torchao_int8*`: diffusers' `TorchAoConfig`, the `quant` extra),
+`auto` this machine's `choose_precision`: seconds per image, the decode's share, the fraction of
 sampled tokens identical to the first precision's (same seeds); `--breakdown` adds where the time of one profiled
 run goes (matmuls, attention, token grouping and other transformer ops, scheduler, guidance and pipeline, decode) and
 `--matmul_rates` this machine's `nn.Linear` rate at the model's shapes in each precision, measured in the same run,
 with the fraction that sampling reaches. `--busy_cores N` keeps N cores busy while measuring (a shared machine); the
-json records the load average before and after and the OpenMP settings (see the README on `OMP_WAIT_POLICY`).
+json records the load average before and after and the OpenMP settings (docs: speed and memory, `OMP_WAIT_POLICY`).
 
 `--reference_dir` also times the reference sampler (`NATSchedule.generate` with the reference `DiT`) against our
 pipeline at batch 1, alternating runs, with identical random weights (converted by our conversion code), and checks

@@ -5,7 +5,7 @@
     python examples/edit.py --image digit.png --strength 0.5 --class_labels 3 --num_images_per_prompt 4
     python examples/edit.py --image small.png --outpaint --class_labels 2   # extend a smaller image to the canvas
     python examples/edit.py --image photo.png --mask_image mask.png --prompt "the digit 7" --model demo:digits-text
-    python examples/edit.py --figure assets/enat_editing.png   # the README picture (real scikit-learn digits)
+    python examples/edit.py --figure assets/enat_editing.png   # the docs' editing picture (real digits)
     python examples/edit.py --measure_flops                     # transformer FLOPs of editing vs generation, ENAT-L
 
 `--model` takes a pipeline folder, a Hub id or `demo:NAME` (default `demo:digits`; `demo:digits-text` with
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "100,000,000 pixels.")  # fmt: skip
     parser.add_argument("--output", default="enat_edit.png",
                         help="Image file (.png, .jpg, .webp, ...); a missing folder is created.")  # fmt: skip
-    parser.add_argument("--figure", default=None, help="Write the README picture to this path and exit.")
+    parser.add_argument("--figure", default=None, help="Write the editing guide's picture to this path and exit.")
     add_precision_flag(parser)
     parser.add_argument(
         "--measure_flops", action="store_true", help="Print the benchmark's editing FLOPs (ENAT-L) and exit."
@@ -190,7 +190,7 @@ def edit(args: argparse.Namespace) -> list[list[PIL.Image.Image]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The digits demo: the inpainting check and the README picture
+# The digits demo: the inpainting check and the editing guide's picture
 
 
 def held_out_digits(num_images: int):
@@ -243,7 +243,7 @@ def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
 
 
 def make_figure(path: str, seed: int = 0) -> str:
-    """The README picture: rows inpainting (bottom half, true class), class-conditional editing (bottom half as
+    """The editing guide's picture: rows inpainting (bottom half, true class), class-conditional editing (bottom half as
     another digit), outpainting (the centre 8x8 kept) and image-to-image (strength 0.5); columns input, mask (grey:
     image-to-image re-masks at random), four samples."""
     inpaint = load_pipeline("demo:digits", ENATInpaintPipeline)

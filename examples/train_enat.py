@@ -3,8 +3,8 @@
 
 The same script runs on one GPU, several GPUs or several machines: `accelerate launch` decides, the code does not
 change. Images are tokenized once with the frozen MaskGIT VQ model into a token cache (`--cache_dir`); training then
-reads only token ids. The recipe follows the ENAT paper (arXiv:2411.06959, its training details and appendix; README.md,
-"Training", lists the settings): mask ratio ~ Beta(12, 3) (one
+reads only token ids. The recipe follows the ENAT paper (arXiv:2411.06959, its training details and appendix; the docs'
+"LoRA and fine-tuning" page lists the settings): mask ratio ~ Beta(12, 3) (one
 per batch), cross-entropy with label smoothing 0.1 on the masked tokens only, feature-reuse training (with probability
 `--reuse_prob`, a "previous step" with more masked tokens goes through the EMA model, and the trained model gets its
 reuse state), conditions dropped to the null class (class data) or the empty prompt (text data) with probability
@@ -15,8 +15,8 @@ The paper trains with a total batch of 2048 at lr 4e-4 (ImageNet 512: batch 512,
 size (per-device batch x processes x accumulation), scale the rate linearly, or pass `--scale_lr` to let the script
 do it (`--learning_rate` is then read as the rate for a total batch of 2048).
 
-Commands (the ImageNet layout is one subfolder per class; `maskgit-vqgan` is a converted tokenizer folder, see
-README.md; `--model_config` takes a preset name, ENAT-S / ENAT-B / ENAT-L / ENAT-B-COCO, or a json file of
+Commands (the ImageNet layout is one subfolder per class; `maskgit-vqgan` is a converted tokenizer folder, see the docs'
+"Loading and conversion" page; `--model_config` takes a preset name, ENAT-S / ENAT-B / ENAT-L / ENAT-B-COCO, or a json file of
 `ENATTransformer2DModel` config kwargs; sample_size, codebook_size and the conditioning widths follow from the data,
 the VQ model and the text encoder when the config leaves them out):
 

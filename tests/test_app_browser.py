@@ -1,7 +1,7 @@
 """The app in a real browser: `python -m enat_diffusers.app` on a free localhost port, driven in headless Chromium
 (Debian's `chromium` package) through Playwright's Python API. Skips, with the reason, where either is missing.
 
-Set ENAT_UPDATE_SCREENSHOT=1 to write the README's screenshot (assets/enat_app.png) instead of a temporary file.
+Set ENAT_UPDATE_SCREENSHOT=1 to write the screenshot of the README and the app guide (assets/enat_app.png) instead of a temporary file.
 """
 
 import os
