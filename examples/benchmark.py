@@ -44,7 +44,7 @@ the FLOPs. Ratios to the `enat` row (FLOPs and time) are computed within the run
 
 `--precisions fp32 bf16 int8 ...` adds end-to-end rows (tokens to PIL images, VQ decode included) per precision, int8
 through `quantize_for_cpu` (PyTorch's x86 engine; `torchao_int8*`: diffusers' `TorchAoConfig`, the `quant` extra),
-`auto` this machine's `choose_precision`: seconds per image, the decode's share, the fraction of
+`auto` this machine's `choose_precision` set up as `set_precision` does it (the VQ decoder channels-last on a CPU): seconds per image, the decode's share, the fraction of
 sampled tokens identical to the first precision's (same seeds); `--breakdown` adds where the time of one profiled
 run goes (matmuls, attention, token grouping and other transformer ops, scheduler, guidance and pipeline, decode) and
 `--matmul_rates` this machine's `nn.Linear` rate at the model's shapes in each precision, measured in the same run,
@@ -98,7 +98,7 @@ from enat_diffusers.models.vq_maskgit import MaskGITVQModel
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
 from enat_diffusers.pipelines.pipeline_enat_editing import KEPT_CONTEXT_MODES
 from enat_diffusers.pipelines.pipeline_enat_inpaint import ENATInpaintPipeline
-from enat_diffusers.quantization import AUTO, CPUFeatures, choose_precision, quantize_for_cpu
+from enat_diffusers.quantization import AUTO, CPUFeatures, choose_precision, decoder_memory_format, quantize_for_cpu
 from enat_diffusers.schedulers.scheduling_enat import ENATScheduler
 from enat_diffusers.script_utils import DTYPES
 from enat_diffusers.testing_utils import randomize_modulation
@@ -232,12 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[AUTO, *PRECISIONS],
         help="end to end (tokens to PIL, VQ decode included) in each precision, e.g. fp32 int8 auto; int8 is "
         "quantize_for_cpu (PyTorch's x86 engine, CPU), torchao_int8* load the transformer with diffusers' "
-        "TorchAoConfig (the `quant` extra), auto is this machine's choose_precision; the first one is the baseline",
+        "TorchAoConfig (the `quant` extra), auto is this machine's choose_precision set up as set_precision does (VQ decoder in the device's fastest memory format); the first one is the baseline",
     )
     parser.add_argument(
         "--vq_channels_last",
         action="store_true",
-        help="with --precisions: the VQ decoder in channels-last memory format in every row",
+        help="with --precisions: the VQ decoder in channels-last memory format in every row (the auto row and the "
+        "reference comparison's fastest path always take the device's format, decoder_memory_format)",
     )
     parser.add_argument(
         "--decode_variants",
@@ -288,10 +289,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     args.auto_choice = choose_precision(args.device)
     if args.precisions:
-        # `auto` becomes this machine's choice; a precision named twice is measured once.
-        names = [args.auto_choice.precision if name == AUTO else name for name in args.precisions]
-        args.precisions = list(dict.fromkeys(names))
-        if args.device != "cpu" and any(PRECISIONS[name][1] == X86_INT8 for name in args.precisions):
+        # `auto` is its own row: this machine's choice set up as `set_precision(pipe, "auto")` does it (decoder
+        # memory format included); a precision named twice is measured once.
+        args.precisions = list(dict.fromkeys(args.precisions))
+        if args.device != "cpu" and any(
+            PRECISIONS[precision_kind(name, args)][1] == X86_INT8 for name in args.precisions
+        ):
             parser.error("--precisions int8 (PyTorch's x86 engine) runs on the CPU only: use --device cpu")
     if args.reference_end_to_end and args.reference_dir is None:
         parser.error("--reference_end_to_end needs --reference_dir")
@@ -1014,6 +1017,11 @@ def torchao_config(name: str):
     return getattr(quantization, name)()
 
 
+def precision_kind(name: str, args) -> str:
+    """The `PRECISIONS` entry of a `--precisions` name (`auto`: this machine's `choose_precision`)."""
+    return args.auto_choice.precision if name == AUTO else name
+
+
 def precision_transformer(setup: Setup, precision: str, folder: Path | None, device: torch.device) -> nn.Module:
     """The transformer in `precision`; int8 rows are loaded the way diffusers users quantize (`quantization_config`)."""
     dtype, quant = PRECISIONS[precision]
@@ -1139,20 +1147,23 @@ class PrecisionRow:
 def precision_rows(setup: Setup, args, device: torch.device) -> list[PrecisionRow]:
     vqvae = setup.vqvae
     folder = None
-    if any(PRECISIONS[name][1] not in (None, X86_INT8) for name in args.precisions):
+    if any(PRECISIONS[precision_kind(name, args)][1] not in (None, X86_INT8) for name in args.precisions):
         folder = Path(tempfile.mkdtemp(prefix="enat-benchmark-"))
         setup.transformer.save_pretrained(folder)  # fp32 weights to load with a quantization_config
     rows = []
     try:
         for name in args.precisions:
-            dtype = PRECISIONS[name][0]
+            kind = precision_kind(name, args)
+            dtype = PRECISIONS[kind][0]
             vq = to_device(copy.deepcopy(vqvae), device, DTYPES[args.vq_dtype] if args.vq_dtype else dtype)
-            if args.vq_channels_last:
+            if name == AUTO:
+                vq.to(memory_format=decoder_memory_format(device))
+            elif args.vq_channels_last:
                 vq.to(memory_format=torch.channels_last)
             vq.decode = labelled("decode", vq.decode)
             scheduler = copy.deepcopy(setup.scheduler)
             scheduler.step = labelled("scheduler", scheduler.step)
-            transformer = LabelledTransformer(precision_transformer(setup, name, folder, device))
+            transformer = LabelledTransformer(precision_transformer(setup, kind, folder, device))
             pipe = ENATPipeline(transformer=transformer, vqvae=vq, scheduler=scheduler)
             pipe.set_progress_bar_config(disable=True)
             rows.append(PrecisionRow(name, pipe))
@@ -1245,7 +1256,7 @@ def measure_precisions(setup: Setup, args, device: torch.device) -> dict:
                 if args.breakdown:
                     result["breakdown"] = breakdown(lambda: call(row, "pil"), batch_size)  # noqa: B023
                 if args.matmul_rates:
-                    rate = matmul_rate(row.name, shapes, device, args.repeats)
+                    rate = matmul_rate(precision_kind(row.name, args), shapes, device, args.repeats)
                     # Sampling time is end-to-end minus a separately timed decode: on a tiny model, timing noise can
                     # leave nothing, and then there is no rate to report.
                     sampling = result["sampling_seconds_per_image"]
@@ -1390,8 +1401,8 @@ def compare_with_reference(config, args, device: torch.device, dtype: torch.dtyp
         fast_dtype, quant = PRECISIONS[fastest]
         fast = to_device(copy.deepcopy(ours), device, fast_dtype)
         fast_vqvae = None if our_vqvae is None else to_device(copy.deepcopy(our_vqvae), device, fast_dtype)
-        if args.vq_channels_last and fast_vqvae is not None:
-            fast_vqvae.to(memory_format=torch.channels_last)
+        if fast_vqvae is not None:
+            fast_vqvae.to(memory_format=decoder_memory_format(device))
         fast = quantize_for_cpu(fast) if quant == X86_INT8 else fast
         pipes["ours_" + fastest] = ENATPipeline(transformer=fast, vqvae=fast_vqvae, scheduler=copy.deepcopy(scheduler))
     for pipe in pipes.values():

@@ -155,6 +155,19 @@ def test_set_precision_auto_applies_the_choice_for_this_machine(monkeypatch):
     assert pipe.transformer.dtype == pipe.vqvae.dtype == torch.bfloat16
 
 
+def test_set_precision_on_cpu_puts_the_vq_decoder_in_channels_last_with_the_same_pixels():
+    pipe = tiny_pipeline()
+    token_ids = torch.randint(0, CODEBOOK_SIZE, (2, GRID, GRID), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        contiguous = pipe.vqvae.decode(token_ids).sample
+    set_precision(pipe, "fp32")
+    weights = [module.weight for module in pipe.vqvae.modules() if isinstance(module, nn.Conv2d)]
+    assert weights and all(weight.is_contiguous(memory_format=torch.channels_last) for weight in weights)
+    with torch.no_grad():
+        channels_last = pipe.vqvae.decode(token_ids).sample
+    torch.testing.assert_close(channels_last, contiguous, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_precisions_fail_with_a_sentence():
     with pytest.raises(ValueError, match=r"`precision` must be one of \['auto', 'fp32', 'bf16', 'fp16', 'int8'\]"):
         resolve_precision("int4")
