@@ -141,7 +141,7 @@ from enat_diffusers import (
     encode_text,
 )
 from enat_diffusers.demo import resolve_pretrained_location
-from enat_diffusers.pipelines.pipeline_enat_base import parse_id2label
+from enat_diffusers import ENATClassNames
 from enat_diffusers.script_utils import add_deprecated_flag, require_optional
 
 logger = get_logger(__name__, log_level="INFO")
@@ -1251,25 +1251,30 @@ def check_transformer_config(config: dict, args: argparse.Namespace, vq_config: 
             raise InputError(f"--validation_class_labels must be in [0, {value['num_classes'] - 1}], got {bad}")
 
 
-def class_name_ids(id2label: dict | None, source: str = "the class names") -> dict[str, int]:
-    """Every name (comma-separated synonyms of `id2label`) -> its class id, by the pipelines' own lookup
-    (`parse_id2label`), which refuses a name listed for two classes; `source` says where the names come from."""
+def class_names_of(id2label: dict | None, source: str = "the class names") -> ENATClassNames:
+    """The class names of `id2label` (comma-separated synonyms) as the pipelines read them ([`ENATClassNames`]),
+    which refuses a name listed for two classes; `source` says where the names come from."""
     try:
-        return parse_id2label(id2label)
+        return ENATClassNames(id2label)
     except ValueError as error:
         raise InputError(f"{source}: {error} (a comma separates synonyms of one class)") from None
 
 
+def class_name_ids(id2label: dict | None, source: str = "the class names") -> dict[str, int]:
+    """Every name of `id2label` -> its class id (`class_names_of(...).mapping`)."""
+    return class_names_of(id2label, source).mapping
+
+
 def resolve_validation_class_labels(labels: list[str] | None, id2label: dict | None) -> list[int] | None:
-    """--validation_class_labels as class ids: ids stay, names are looked up in the class names of the run."""
+    """--validation_class_labels as class ids: ids stay, names are resolved as the pipelines resolve them
+    (case-insensitive when unambiguous, close matches named when unknown)."""
     if not labels:
         return None
-    names = class_name_ids(id2label)
-    unknown = [label for label in labels if not label.isdigit() and label not in names]
-    if unknown:
-        known = f"known names: {sorted(names)[:20]}" if names else "this run has no class names: use class ids"
-        raise InputError(f"--validation_class_labels {unknown} are neither class ids nor class names ({known})")
-    return [int(label) if label.isdigit() else names[label] for label in labels]
+    names = class_names_of(id2label)
+    try:
+        return names.ids([int(label) if label.isdigit() else label for label in labels])
+    except ValueError as error:
+        raise InputError(f"--validation_class_labels: {error}") from None
 
 
 @dataclass

@@ -93,7 +93,7 @@ def test_pipeline_quantization_config_quantizes_the_transformer_and_samples_like
 
 
 def test_int8_quantized_digits_demo_still_draws_the_requested_digits():
-    """The shipped demo with an int8 transformer: every class recognised by the demo's classifier (the CPU optimization
+    """The shipped demo with an int8 transformer: every class recognised by the demo's classifier (the speed and memory
     page records the 50-samples-per-class measurement; fewer samples here, with the bound `tests/test_demo.py` uses)."""
     pytest.importorskip("sklearn", reason="the demo checks classify digits with scikit-learn")
     from enat_diffusers.demo import demo_path

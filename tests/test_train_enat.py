@@ -404,11 +404,13 @@ def test_validation_grid_upscales_each_image_and_names_each_row(tmp_path):
     assert train_enat.validation_row_labels(pipe, args) == ["1: goldfish", "3: tiger shark"]
 
 
-def test_validation_class_labels_take_names_and_ids():
+def test_validation_class_labels_take_names_and_ids_as_the_pipelines_do():
     id2label = {0: "blue", 1: "green, verde", 2: "red"}
-    assert train_enat.resolve_validation_class_labels(["verde", "0", "red"], id2label) == [1, 0, 2]
-    with pytest.raises(ValueError, match=r"\['purple'\] are neither class ids nor class names"):
+    assert train_enat.resolve_validation_class_labels(["verde", "0", "Red"], id2label) == [1, 0, 2]
+    with pytest.raises(ValueError, match=r"--validation_class_labels: unknown class name.*'purple'"):
         train_enat.resolve_validation_class_labels(["purple"], id2label)
+    with pytest.raises(ValueError, match=r"--validation_class_labels: .*'gren': close matches \['green'"):
+        train_enat.resolve_validation_class_labels(["gren"], id2label)
 
 
 def test_model_flags_accept_demo_names_and_old_flag_names_warn(assets, tmp_path):
