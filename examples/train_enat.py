@@ -133,6 +133,7 @@ from tqdm.auto import tqdm
 
 from enat_diffusers import (
     ENAT_PRESETS,
+    ENATClassNames,
     ENATPipeline,
     ENATScheduler,
     ENATText2ImagePipeline,
@@ -141,7 +142,6 @@ from enat_diffusers import (
     encode_text,
 )
 from enat_diffusers.demo import resolve_pretrained_location
-from enat_diffusers import ENATClassNames
 from enat_diffusers.script_utils import add_deprecated_flag, require_optional
 
 logger = get_logger(__name__, log_level="INFO")
