@@ -76,6 +76,28 @@ def check_fraction(value, name: str, *, closed_above: bool = True) -> float:
     return float(value)
 
 
+def check_non_negative_integer(value, name: str) -> int:
+    """`value` as an int >= 0, or a clear error."""
+    if not is_integer(value) or value < 0:
+        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def check_strength(strength, num_inference_steps: int) -> float:
+    """`strength` of an editing run, diffusers' meaning (of `num_inference_steps` steps, the last
+    `int(num_inference_steps * strength)` run): a number in (0, 1] that leaves at least one step to run, or a clear
+    error. `num_inference_steps` must already be checked."""
+    if not is_real_number(strength) or not math.isfinite(strength) or not 0 < strength <= 1:
+        raise ValueError(f"`strength` must be a number in (0, 1], got {strength!r}")
+    if int(num_inference_steps * strength) < 1:
+        raise ValueError(
+            f"`strength` {float(strength):g} runs no step of `num_inference_steps` {num_inference_steps} "
+            f"(int({num_inference_steps} * {float(strength):g}) is 0): pass a strength of at least "
+            f"1/{num_inference_steps}, or more steps"
+        )
+    return float(strength)
+
+
 def check_guidance_scale(guidance_scale) -> float:
     if not is_real_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(
@@ -228,8 +250,10 @@ __all__ = [
     "check_generator",
     "check_guidance_scale",
     "check_images_per_call",
+    "check_non_negative_integer",
     "check_num_inference_steps",
     "check_positive_integer",
+    "check_strength",
     "check_text_companions",
     "check_text_embeds",
     "check_token_id_range",

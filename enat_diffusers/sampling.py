@@ -45,6 +45,11 @@ class ENATEditState:
         share_first_step (`bool`, defaults to `True`):
             Run the first step once per image and guidance stream when its rows start identical (same tokens, same
             condition); their results are those of the unshared call.
+        schedule_region (`torch.BoolTensor` shaped like the latents, *optional*):
+            The tokens the masking schedule counts, when the run starts with only part of them masked (inpainting at
+            `strength` < 1: the whole inpainting region, of which the schedule left a share masked). None: the tokens
+            masked at the start (or the whole grid for a run that starts later in the schedule, image-to-image).
+            Either way only the tokens masked at the start are generated: the others stay as they are.
 
     Filled in during the run:
         shared_rows (`int`): rows per image that shared the first step (1: none shared).
@@ -55,6 +60,7 @@ class ENATEditState:
     rows_per_image: int = 1
     kept_context_mode: str = "fixed"
     share_first_step: bool = True
+    schedule_region: torch.BoolTensor | None = None
     shared_rows: int = 1
     kept_context: ENATKeptContext | None = None
     kept_context_made: bool = False
@@ -86,6 +92,29 @@ def mark_remasked_stale(
     return ENATReuseState(features=reuse_state.features, masking=reuse_state.masking | remasked)
 
 
+def mask_region_at_random(
+    tokens: torch.LongTensor, region: torch.BoolTensor, counts: list[int], mask_token_id: int, generator=None
+) -> torch.LongTensor:
+    """
+    `tokens` `(batch_size, ...)` with `counts[i]` tokens of row `i`'s `region` (`True` where the row may be masked)
+    replaced by `mask_token_id`, chosen uniformly at random: the start of an inpainting run at `strength` < 1. One
+    `torch.Generator` draws for the whole batch, a list draws row `i` from `generator[i]` alone (so a row equals the
+    row alone); draws happen on the generator's device.
+    """
+    batch_size = tokens.shape[0]
+    flat_region = region.reshape(batch_size, -1)
+    if isinstance(generator, (list, tuple)):
+        draws = [torch.rand(flat_region.shape[1:], generator=g, device=g.device) for g in generator]
+        uniform = torch.stack([draw.to(tokens.device) for draw in draws])
+    else:
+        draw_device = generator.device if generator is not None else tokens.device
+        uniform = torch.rand(flat_region.shape, generator=generator, device=draw_device).to(tokens.device)
+    # Tokens outside the region rank after every token inside it, so the lowest `count` ranks lie in the region.
+    rank = torch.where(flat_region, uniform, 2.0).argsort(dim=1).argsort(dim=1)
+    chosen = rank < torch.tensor(counts, device=tokens.device).unsqueeze(1)
+    return torch.where(chosen.reshape(tokens.shape), mask_token_id, tokens)
+
+
 class ENATSamplingMixin:
     """The sampling loop of [`ENATBasePipeline`]. Reads the call's guidance settings (`guidance_scale`,
     `do_classifier_free_guidance`, diffusers' per-call properties) from the pipeline and everything else from its
@@ -97,14 +126,23 @@ class ENATSamplingMixin:
         reference sampler's bit for bit."""
         return guidance_weight(self._guidance_schedule, self._guidance_scale, step_index, num_inference_steps)
 
-    def scheduler_region_kwargs(self, latents: torch.LongTensor, *, late_start: bool) -> dict:
+    def scheduler_region_kwargs(
+        self, latents: torch.LongTensor, *, late_start: bool, schedule_region: torch.BoolTensor | None = None
+    ) -> dict:
         """The region arguments of `scheduler.step` for a run from `latents` (schedulers without them get none): the
-        tokens the run generates (masked at its start), and for a run that starts later in the schedule
-        (image-to-image, after `add_noise`) the whole grid's schedule, which `add_noise` masked by."""
+        tokens the run generates (masked at its start), and the size of the region whose schedule the run follows:
+        `schedule_region`'s where given (inpainting at `strength` < 1, masked by that region's schedule), else the
+        whole grid for a run that starts later in the schedule (image-to-image, after `add_noise`), else the
+        generated tokens themselves."""
         parameters = inspect.signature(self.scheduler.step).parameters
         if "region_mask" not in parameters:
             return {}
-        return {"region_mask": latents == self.mask_token_id, "starting_mask_ratio": 1.0 if late_start else None}
+        region_mask = latents == self.mask_token_id
+        if schedule_region is None:
+            return {"region_mask": region_mask, "starting_mask_ratio": 1.0 if late_start else None}
+        # The generated tokens bound remasking (the others are fixed context); the schedule counts the whole region.
+        sizes = schedule_region.reshape(latents.shape[0], -1).sum(dim=1).to("cpu", torch.float64)
+        return {"region_mask": region_mask, "starting_mask_ratio": sizes / schedule_region[0].numel()}
 
     def transformer_forward(
         self,
@@ -214,7 +252,11 @@ class ENATSamplingMixin:
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         self._num_timesteps = len(timesteps)
         reuse_state = None
-        step_region = self.scheduler_region_kwargs(latents, late_start=first_index > 0)
+        step_region = self.scheduler_region_kwargs(
+            latents,
+            late_start=first_index > 0,
+            schedule_region=None if edit_state is None else edit_state.schedule_region,
+        )
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for offset, timestep in enumerate(timesteps):
                 step_index = first_index + offset
@@ -267,4 +309,5 @@ __all__ = [
     "ENATSamplingMixin",
     "map_rows",
     "mark_remasked_stale",
+    "mask_region_at_random",
 ]

@@ -1,5 +1,5 @@
 """ENATImg2ImgPipeline: diffusers' strength, the starting point of the masking schedule, generation at strength 1,
-rows equal to rows alone, kept tokens, bad input."""
+rows equal to rows alone, kept tokens, bad input (a strength that runs no step included)."""
 
 import numpy as np
 import pytest
@@ -85,13 +85,10 @@ def test_strength_one_is_exactly_generation(kind, tmp_path):
     assert torch.equal(single, alone)
 
 
-def test_no_step_to_run_returns_the_encoded_input_without_the_transformer(pipe):
-    calls = TransformerCalls(pipe.transformer)
-    pixels = images(2)
-    for strength in (0.0, 0.1):  # int(8 * 0.1) == 0
-        out = pipe(image=pixels, class_labels=[0, 1], strength=strength, **COMMON).images
-        assert torch.equal(out, pipe.vqvae.encode(pixels * 2 - 1).token_ids)
-    assert calls.calls == []
+def test_the_smallest_strength_that_runs_a_step_runs_the_last_one(pipe):
+    recorder = StartRecorder(pipe)
+    pipe(image=images(1), class_labels=[0], strength=1 / STEPS, callback_on_step_end=recorder.callback, **COMMON)
+    assert recorder.steps == [STEPS - 1]
 
 
 @pytest.mark.parametrize("kind", ["class", "text"])
@@ -130,8 +127,10 @@ def test_images_of_numpy_pil_and_tensor_give_the_same_result(pipe):
 @pytest.mark.parametrize(
     ("arguments", "error", "message"),
     [
-        ({"strength": 1.5}, ValueError, r"`strength` must be a number in \[0, 1\]"),
-        ({"strength": -0.1}, ValueError, r"`strength` must be a number in \[0, 1\]"),
+        ({"strength": 1.5}, ValueError, r"`strength` must be a number in \(0, 1\]"),
+        ({"strength": -0.1}, ValueError, r"`strength` must be a number in \(0, 1\]"),
+        ({"strength": 0.0}, ValueError, r"`strength` must be a number in \(0, 1\]"),
+        ({"strength": 0.1}, ValueError, r"`strength` 0.1 runs no step of `num_inference_steps` 8 .*at least 1/8"),
         ({"strength": True}, ValueError, "`strength` must be a number"),
         ({"strength": float("nan")}, ValueError, "`strength` must be a number"),
         ({"image": np.zeros((2, 5, 5))}, ValueError, "`image` ndarray must have shape"),

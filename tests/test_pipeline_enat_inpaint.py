@@ -1,5 +1,5 @@
-"""ENATInpaintPipeline: the token mask, kept tokens, the region's schedule, shared first step, ragged batches,
-outpainting, paste-back, bad input, AutoPipelines, and the digits demo."""
+"""ENATInpaintPipeline: the token mask, kept tokens, the region's schedule, strength, padding_mask_crop, shared first
+step, ragged batches, outpainting, paste-back, bad input, AutoPipelines, and the digits demo."""
 
 import functools
 
@@ -7,7 +7,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+import torch.nn.functional as F
+from diffusers import AmusedScheduler, AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
 from enat_diffusers import (
     ENATImg2ImgPipeline,
@@ -17,6 +18,7 @@ from enat_diffusers import (
     outpainting_canvas,
 )
 from enat_diffusers.pipelines import pipeline_enat_editing
+from enat_diffusers.pipelines.pipeline_enat_inpaint import mask_crop_box
 from enat_diffusers.sampling import ENATEditState
 
 from .example_scripts import load_example
@@ -119,14 +121,15 @@ def test_the_masking_schedule_runs_over_the_region_without_idle_steps(pipe):
     assert all(0 < count < start for count, start in zip(counts[0], (4, 12, 16), strict=True))
 
 
+@pytest.mark.parametrize("strength", [{}, {"strength": 1.0}], ids=["default", "strength_1"])
 @pytest.mark.parametrize("kind", ["class", "text"])
-def test_an_all_white_mask_is_generation(kind, tmp_path):
+def test_an_all_white_mask_is_generation(kind, strength, tmp_path):
     generation = tiny_pipeline() if kind == "class" else tiny_text_pipeline(tmp_path / "clip")
     pipe = ENATInpaintPipeline.from_pipe(generation)
     inputs = condition(pipe, 2)
     seeds = generators(range(4))
     inpainted = pipe(image=images(2), mask_image=torch.ones(SIDE, SIDE), **inputs, num_images_per_prompt=2,
-                     generator=seeds, **COMMON).images  # fmt: skip
+                     generator=seeds, **strength, **COMMON).images  # fmt: skip
     generated = generation(**inputs, num_images_per_prompt=2, generator=generators(range(4)), **COMMON).images
     assert torch.equal(inpainted, generated)
 
@@ -200,6 +203,166 @@ def test_outpainting_keeps_the_image_tokens_and_fills_the_canvas(pipe):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# strength
+
+
+class StartRecorder:
+    """The model input of the first transformer call, and the step index and masked counts seen by the callback."""
+
+    def __init__(self, pipe):
+        self.first_input = None
+        self.steps, self.counts = [], []
+        pipe.transformer.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, _module, args, kwargs):
+        if self.first_input is None:
+            self.first_input = args[0].clone()
+
+    def callback(self, _pipe, step_index, _timestep, callback_kwargs):
+        self.steps.append(step_index)
+        self.counts.append((callback_kwargs["latents"] == MASK).flatten(1).sum(1).tolist())
+        return {}
+
+
+def test_strength_one_masks_the_whole_region_and_runs_every_step(pipe):
+    recorder = StartRecorder(pipe)
+    inputs = {"image": images(2), "mask_image": bottom_half(), "class_labels": [0, 1], "num_images_per_prompt": 2}
+    explicit = pipe(**inputs, strength=1.0, generator=generators(range(4)), callback_on_step_end=recorder.callback,
+                    **COMMON).images  # fmt: skip
+    default = pipe(**inputs, generator=generators(range(4)), **COMMON).images
+    assert torch.equal(explicit, default)
+    assert recorder.steps == [0, 1, 2, 3]
+    assert recorder.first_input.shape[0] == 2 * 2  # the samples of one image still share the first step
+    start = recorder.first_input.flatten(1)
+    assert (start[:, GRID * GRID // 2 :] == MASK).all() and not (start[:, : GRID * GRID // 2] == MASK).any()
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.75])
+def test_strength_below_one_starts_from_the_input_tokens_on_the_regions_schedule(pipe, strength):
+    recorder = StartRecorder(pipe)
+    pixels = images(2)
+    out = pipe(image=pixels, mask_image=bottom_half(), class_labels=[0, 1], strength=strength,
+               generator=generators([0, 1]), callback_on_step_end=recorder.callback, **COMMON).images  # fmt: skip
+    steps = COMMON["num_inference_steps"]
+    start, region_size = steps - int(steps * strength), GRID * GRID // 2
+    scheduler, tokens = pipe.scheduler, encoded(pipe, pixels)
+    assert recorder.steps == list(range(start, steps))
+    first = recorder.first_input[:2]  # conditional stream
+    masked_at_start = scheduler.num_masked_after_step(start - 1, region_size)
+    assert 0 < masked_at_start < region_size
+    assert (first == MASK).flatten(1).sum(1).tolist() == [masked_at_start] * 2
+    assert not (first[:, : GRID // 2] == MASK).any()  # only the region is masked
+    assert recorder.counts == [[scheduler.num_masked_after_step(k, region_size)] * 2 for k in range(start, steps)]
+    visible = first != MASK
+    assert torch.equal(first[visible], tokens[visible])
+    assert torch.equal(out[visible], tokens[visible])  # outside the mask and the region's unmasked tokens
+    assert not (out == MASK).any()
+
+
+def test_a_lower_strength_keeps_more_of_the_regions_input_tokens_and_nothing_outside_changes(pipe):
+    pixels = images(2)
+    tokens = encoded(pipe, pixels).repeat_interleave(4, dim=0)
+    kept = {}
+    for strength in (1.0, 0.5):
+        out = pipe(image=pixels, mask_image=bottom_half(), class_labels=[0, 1], strength=strength,
+                   num_images_per_prompt=4, generator=generators(range(8)), **COMMON).images  # fmt: skip
+        assert torch.equal(out[:, : GRID // 2], tokens[:, : GRID // 2])
+        kept[strength] = int((out[:, GRID // 2 :] == tokens[:, GRID // 2 :]).sum())
+    unmasked_at_start = GRID * GRID // 2 - pipe.scheduler.num_masked_after_step(1, GRID * GRID // 2)
+    assert kept[0.5] >= 8 * unmasked_at_start > kept[1.0]
+
+
+def test_strength_below_one_needs_a_scheduler_with_a_region_schedule(pipe):
+    pipe.scheduler = AmusedScheduler.from_config(pipe.scheduler.config)
+    calls = TransformerCalls(pipe.transformer)
+    with pytest.raises(ValueError, match="`strength` below 1 needs a scheduler .* AmusedScheduler does not"):
+        pipe(image=images(1), mask_image=bottom_half(), class_labels=[0], strength=0.5, **COMMON)
+    assert calls.calls == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# padding_mask_crop
+
+
+def test_mask_crop_box_is_the_masks_square_with_its_margin_inside_the_image():
+    mask = torch.zeros(20, 30)
+    mask[5:8, 10:16] = 1  # 3 x 6 pixels
+    assert mask_crop_box(mask, 0) == (4, 10, 10, 16)  # grown to 6 x 6 about its centre
+    assert mask_crop_box(mask, 2) == (2, 8, 12, 18)  # 7 x 10 with the margin, then 10 x 10
+    corner = torch.zeros(20, 30)
+    corner[0:2, 27:30] = 1
+    assert mask_crop_box(corner[None], 3) == (0, 24, 6, 30)  # moved inside the image, not clipped
+    tall = torch.zeros(20, 30)
+    tall[:, 0] = 1
+    assert mask_crop_box(tall, 0) == (0, 0, 20, 20)
+    wide = torch.zeros(20, 30)
+    wide[0] = 1
+    assert mask_crop_box(wide, 0) == (0, 0, 20, 30)  # no square fits: all of both sides
+    assert mask_crop_box(torch.zeros(20, 30), 4) == (0, 0, 20, 30)
+
+
+def test_padding_mask_crop_edits_the_crop_and_pastes_it_into_the_image_inside_the_mask(pipe):
+    big = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(24, 20)
+    mask[6:10, 12:16] = 1
+    top, left, bottom, right = mask_crop_box(mask, 1)
+    assert (top, left, bottom, right) == (5, 11, 11, 17)
+    kwargs = {"class_labels": [1], "num_inference_steps": 4, "guidance_scale": 3.0}
+    out = pipe(image=big, mask_image=mask, padding_mask_crop=1, generator=torch.manual_seed(0), output_type="np",
+               **kwargs).images  # fmt: skip
+    assert out.shape == (1, 24, 20, 3)
+    original, inside = big[0].permute(1, 2, 0).numpy(), mask.bool().numpy()
+    assert np.array_equal(out[0][~inside], original[~inside])  # outside the crop and, inside it, outside the mask
+    assert np.abs(out[0][inside] - original[inside]).max() > 0.05
+    # Inside the mask: the crop edited alone at the model's resolution, resized back to the crop.
+    crop_mask = mask[top:bottom, left:right]
+    alone = pipe(image=big[:, :, top:bottom, left:right], mask_image=crop_mask, generator=torch.manual_seed(0),
+                 output_type="pt", **kwargs).images  # fmt: skip
+    assert alone.shape[-1] == SIDE
+    back = F.interpolate(alone, size=(bottom - top, right - left), mode="bicubic", antialias=True, align_corners=False)
+    back = back.clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    crop_inside = crop_mask.bool().numpy()
+    assert np.allclose(out[0, top:bottom, left:right][crop_inside], back[crop_inside], atol=1e-6)
+    as_pt = pipe(image=big, mask_image=mask, padding_mask_crop=1, generator=torch.manual_seed(0), output_type="pt",
+                 **kwargs).images  # fmt: skip
+    assert torch.allclose(as_pt[0].permute(1, 2, 0), torch.from_numpy(out[0]))
+
+
+def test_padding_mask_crop_returns_pil_images_of_the_input_sizes(pipe):
+    sizes = [(20, 24), (13, 9)]  # PIL's (width, height)
+    inputs, masks = [], []
+    for index, (width, height) in enumerate(sizes):
+        pixels = np.random.default_rng(index).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        inputs.append(PIL.Image.fromarray(pixels))
+        mask = PIL.Image.new("L", (width, height), 0)
+        mask.paste(255, (2, 3, 6, 5))
+        masks.append(mask)
+    out = pipe(image=inputs, mask_image=masks, class_labels=[0, 1], padding_mask_crop=2, num_inference_steps=4,
+               generator=generators([0, 1])).images  # fmt: skip
+    for result, original, mask in zip(out, inputs, masks, strict=True):
+        assert result.size == original.size
+        outside = np.asarray(mask) == 0
+        assert np.array_equal(np.asarray(result)[outside], np.asarray(original)[outside])
+        assert not np.array_equal(np.asarray(result)[~outside], np.asarray(original)[~outside])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"mask_image": torch.ones(8, 8)}, "each mask must have its image's size .* image 0 is 12x10, its mask 8x8"),
+        ({"image": [torch.rand(3, 12, 10), torch.rand(3, 10, 12)], "mask_image": [torch.ones(12, 10), torch.ones(10, 12)],
+          "class_labels": [0, 1]}, "only `output_type='pil'` returns images of several sizes"),
+    ],
+)  # fmt: skip
+def test_padding_mask_crop_is_refused_where_it_cannot_apply(pipe, arguments, message):
+    calls = TransformerCalls(pipe.transformer)
+    call = {"image": torch.rand(3, 12, 10), "mask_image": torch.ones(12, 10), "class_labels": [0], **arguments}
+    with pytest.raises(ValueError, match=message):
+        pipe(**call, padding_mask_crop=2, num_inference_steps=4, output_type="np")
+    assert calls.calls == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Shared first step, ragged batches, conditions
 
 
@@ -222,18 +385,20 @@ def test_samples_of_one_image_share_the_first_step_and_equal_the_unshared_run(ki
     assert len({tuple(row.flatten().tolist()) for row in shared[:3]}) > 1  # samples still differ
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.5])
 @pytest.mark.parametrize("kind", ["class", "text"])
-def test_a_row_of_a_ragged_batch_equals_the_row_alone(kind, pipe, text_pipe):
+def test_a_row_of_a_ragged_batch_equals_the_row_alone(kind, strength, pipe, text_pipe):
     pipe = pipe if kind == "class" else text_pipe
     masks = torch.zeros(3, SIDE, SIDE)
     masks[0, :2] = 1
     masks[1, :, :3] = 1
     masks[2, 3:, 1:] = 1
     pixels, inputs = images(3), condition(pipe, 3)
-    batch = pipe(image=pixels, mask_image=masks, **inputs, generator=generators([5, 6, 7]), **COMMON).images
+    batch = pipe(image=pixels, mask_image=masks, **inputs, strength=strength, generator=generators([5, 6, 7]),
+                 **COMMON).images  # fmt: skip
     for row in range(3):
         alone = {name: value[row : row + 1] for name, value in inputs.items()}
-        single = pipe(image=pixels[row : row + 1], mask_image=masks[row], **alone,
+        single = pipe(image=pixels[row : row + 1], mask_image=masks[row], **alone, strength=strength,
                       generator=generators([5 + row]), **COMMON).images  # fmt: skip
         assert torch.equal(batch[row : row + 1], single), f"row {row}"
 
@@ -282,6 +447,13 @@ def test_one_image_for_several_classes_and_one_class_for_several_images(pipe):
         ({"mask_threshold": 1.0}, ValueError, r"`mask_threshold` must be a number in \[0, 1\)"),
         ({"generator": generators(range(2))}, ValueError, "one generator per image"),
         ({"prompt": "a cat"}, ValueError, "class-conditional"),
+        ({"strength": 0.2}, ValueError, r"`strength` 0.2 runs no step of `num_inference_steps` 4 .*at least 1/4"),
+        ({"strength": 0}, ValueError, r"`strength` must be a number in \(0, 1\]"),
+        ({"strength": 1.5}, ValueError, r"`strength` must be a number in \(0, 1\]"),
+        ({"strength": float("nan")}, ValueError, r"`strength` must be a number in \(0, 1\]"),
+        ({"padding_mask_crop": -1}, ValueError, "`padding_mask_crop` must be an integer >= 0"),
+        ({"padding_mask_crop": 2.5}, ValueError, "`padding_mask_crop` must be an integer >= 0"),
+        ({"padding_mask_crop": 2}, ValueError, "`padding_mask_crop` returns the input images .* 'pil', 'np' or 'pt'"),
     ],
 )
 def test_bad_input_is_refused_before_any_model_runs(pipe, monkeypatch, arguments, error, message):

@@ -178,12 +178,16 @@ class ENATEditingPipelineBase(ENATPromptEncodingMixin, ENATBasePipeline):
         *,
         rows_per_image: int,
         kept_context_mode: str = "fixed",
+        schedule_region: torch.BoolTensor | None = None,
         **denoise_kwargs,
     ) -> torch.LongTensor:
         """`denoise` for `rows_per_image` consecutive rows per input image: their first step may be shared, and the
-        tokens visible at the first step are seen as `kept_context_mode` says (`KEPT_CONTEXT_MODES`). The state of
-        the run is an [`ENATEditState`] made here for this call."""
-        edit_state = ENATEditState(rows_per_image=rows_per_image, kept_context_mode=kept_context_mode)
+        tokens visible at the first step are seen as `kept_context_mode` says (`KEPT_CONTEXT_MODES`);
+        `schedule_region`: the tokens the masking schedule counts where more than the masked ones
+        (`ENATEditState.schedule_region`). The state of the run is an [`ENATEditState`] made here for this call."""
+        edit_state = ENATEditState(
+            rows_per_image=rows_per_image, kept_context_mode=kept_context_mode, schedule_region=schedule_region
+        )
         return self.denoise(latents, edit_state=edit_state, **denoise_kwargs)
 
 

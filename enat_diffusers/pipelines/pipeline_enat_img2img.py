@@ -6,7 +6,8 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging, replace_example_docstring
 
-from .pipeline_enat_editing import ENATEditingPipelineBase, check_fraction
+from ..checks import check_strength
+from .pipeline_enat_editing import ENATEditingPipelineBase
 
 logger = logging.get_logger(__name__)
 
@@ -34,9 +35,9 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
     `strength` has diffusers' meaning: of `num_inference_steps` steps `T`, the last `int(T * strength)` run. The run
     starts at step `T - int(T * strength)` of the masking schedule, with as many tokens masked as the schedule leaves
     after the step before (the scheduler's `add_noise`), so `strength=1.0` is generation from scratch (exactly what
-    the generation pipeline gives for the same generator) and `int(T * strength) == 0` returns the input images as
-    encoded (no transformer call). With the cosine schedule and `T = 8`, `strength=0.5` masks `cos(pi/4)` = 71% of
-    the tokens and runs 4 steps.
+    the generation pipeline gives for the same generator). A strength that leaves no step to run (`int(T * strength)
+    == 0`) is refused, as in diffusers. With the cosine schedule and `T = 8`, `strength=0.5` masks `cos(pi/4)` = 71%
+    of the tokens and runs 4 steps.
 
     Args: as [`ENATInpaintPipeline`].
     """
@@ -55,15 +56,13 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
         generator=None,
     ) -> tuple[torch.LongTensor, torch.Tensor]:
         """
-        Starting tokens and the timesteps to run for `strength`: `tokens` with as many tokens masked at random as the
-        masking schedule leaves before step `T - int(T * strength)`, and `timesteps` from that step on.
+        Starting tokens and the timesteps to run for `strength` (checked: at least one step runs): `tokens` with as
+        many tokens masked at random as the masking schedule leaves before step `T - int(T * strength)`, and
+        `timesteps` from that step on.
         """
-        num_steps = min(int(num_inference_steps * strength), num_inference_steps)
-        start = num_inference_steps - num_steps
+        start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
         if start == 0:
             return torch.full_like(tokens, self.mask_token_id), timesteps
-        if num_steps == 0:
-            return tokens, timesteps[:0]
         return self.scheduler.add_noise(tokens, timesteps[start - 1], generator=generator), timesteps[start:]
 
     @torch.no_grad()
@@ -105,9 +104,10 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
             image (PIL image, numpy array, torch tensor, or a list of them):
                 The images, in diffusers' conventions (arrays and tensors as floats in `[0, 1]`), of any size (resized to
                 `pipe.image_size` square).
-            strength (`float` in `[0, 1]`, defaults to 0.5):
+            strength (`float` in `(0, 1]`, defaults to 0.5):
                 How much to redraw: `int(num_inference_steps * strength)` steps run, from the matching point of the
-                masking schedule. 1.0 ignores the image (generation); 0 returns it as encoded.
+                masking schedule; at least one must (a smaller strength is refused). 1.0 ignores the image
+                (generation).
             class_labels (`int`, `str`, `list` of them, or `torch.Tensor`, *optional*):
                 Class-conditional transformer: one class per image or one for all (ids or names).
             num_images_per_prompt (`int`, defaults to 1):
@@ -153,7 +153,6 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
         self.check_output_size(height, width)
         conditions["prompt"], conditions["class_labels"] = self.prompt_as_class_labels(prompt, class_labels)
         num_images = len(self.check_image(image))
-        strength = check_fraction(strength, "strength")
         self.check_kept_context_mode(kept_context_mode)
         conditions = self.match_conditions_to_images(num_images, conditions)
         batch_size = self.check_inputs(
@@ -167,6 +166,7 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
+        strength = check_strength(strength, num_inference_steps)
         num_conditions = batch_size // num_images_per_prompt
         self.start_call(guidance_scale=guidance_scale, guidance_schedule=guidance_schedule)
 
@@ -188,22 +188,17 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
         )
 
         # 4. Sampling loop from the matching point of the schedule; rows that start alike share the first step
-        if len(timesteps):
-            latents = self.denoise_images(
-                latents,
-                rows_per_image=num_images_per_prompt,
-                kept_context_mode=kept_context_mode,
-                condition_kwargs=condition_kwargs,
-                timesteps=timesteps,
-                num_inference_steps=num_inference_steps,
-                generator=generator,
-                callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            )
-        else:
-            logger.info(
-                f"strength {strength} runs no step of {num_inference_steps}: the images are returned as encoded"
-            )
+        latents = self.denoise_images(
+            latents,
+            rows_per_image=num_images_per_prompt,
+            kept_context_mode=kept_context_mode,
+            condition_kwargs=condition_kwargs,
+            timesteps=timesteps,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
 
         # 5. Decode
         images = self.decode_latents(latents, output_type)
