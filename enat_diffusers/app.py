@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .checks import check_strength
 from .demo import DEMO_PREFIX, resolve_pretrained_location
 from .image_files import (
     MAX_IMAGE_FILE_SIZE,
@@ -511,12 +512,10 @@ class ENATApp:
         steps, seed = int(steps), int(seed)
         image = self.prepare_edit_image(image)
         if mode == "image-to-image":
-            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-                raise AppInputError(f"Strength: choose a number above 0 and at most 1, got {strength!r}.")
-            if int(steps * strength) == 0:
-                raise AppInputError(
-                    f"Strength: {strength:g} of {steps} steps runs no step; choose at least {1 / steps:.2g}."
-                )
+            try:
+                strength = check_strength(strength, steps)
+            except ValueError as error:
+                raise AppInputError(f"Strength: {error}.") from None
         elif mode == "inpaint":
             mask = self.prepare_edit_mask(mask)
 

@@ -28,6 +28,7 @@ import PIL.Image
 import torch
 
 from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline, ENATScheduler
+from enat_diffusers.checks import check_strength
 from enat_diffusers.demo import resolve_pretrained_location
 from enat_diffusers.image_files import MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, ImageFileError, open_image_file
 from enat_diffusers.pipelines.pipeline_enat_editing import KEPT_CONTEXT_MODES
@@ -37,6 +38,7 @@ from enat_diffusers.script_utils import add_precision_flag
 
 EXAMPLES = Path(__file__).resolve().parent
 DEMO_UPSCALE = 8
+DEFAULT_IMG2IMG_STRENGTH = 0.5
 # Inpainting demo: the bottom half of each digit is redrawn with its true class.
 DEMO_MASKED_ROWS = slice(8, 16)
 
@@ -58,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Mask file(s), one per image or one for all (white = regenerate): inpainting.")  # fmt: skip
     parser.add_argument("--outpaint", action="store_true",
                         help="Place each (smaller) --image in the centre of a canvas of the model's size and generate the rest.")  # fmt: skip
-    parser.add_argument("--strength", type=float, default=0.5, help="Image-to-image (no --mask_image): in [0, 1].")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="In (0, 1]: the share of the steps that run (diffusers' meaning). Image-to-image "
+                        "(default 0.5): how much is redrawn; inpainting (default 1.0): below 1 the region starts "
+                        "from the image's own tokens.")  # fmt: skip
     parser.add_argument("--class_labels", nargs="+", default=None, help="Class ids or names, one per image or one.")
     parser.add_argument("--prompt", nargs="+", default=None, help="Prompts (text pipelines), one per image or one.")
     parser.add_argument("--num_images_per_prompt", type=int, default=1, help="Samples per input image.")
@@ -96,8 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("pass --class_labels (class-conditional) or --prompt (text)")
     if args.outpaint and args.mask_image:
         parser.error("--outpaint makes its own masks: leave out --mask_image")
-    if not 0 <= args.strength <= 1:
-        parser.error("--strength must be in [0, 1]")
+    if args.strength is not None:
+        try:  # the step rule needs the step count; without --num_inference_steps the pipeline checks it
+            check_strength(args.strength, args.num_inference_steps or 10**9)
+        except ValueError as error:
+            parser.error(f"--strength: {error}")
     for flag in ("num_images_per_prompt", "num_inference_steps", "upscale"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be a positive integer")
@@ -176,12 +184,15 @@ def edit(args: argparse.Namespace) -> list[list[PIL.Image.Image]]:
     samples = args.num_images_per_prompt
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(images) * samples)]
     if inpainting:
-        options.update(mask_image=masks, paste_back=args.paste_back)
+        options.update(mask_image=masks, paste_back=args.paste_back, strength=args.strength or 1.0)
     else:
-        options.update(strength=args.strength)
-    outputs = pipeline(
-        image=images, **condition, **options, num_images_per_prompt=samples, generator=generators
-    ).images
+        options.update(strength=DEFAULT_IMG2IMG_STRENGTH if args.strength is None else args.strength)
+    try:
+        outputs = pipeline(
+            image=images, **condition, **options, num_images_per_prompt=samples, generator=generators
+        ).images
+    except ValueError as error:  # the pipeline's argument checks, raised before any model call
+        raise SystemExit(f"edit.py: error: {error}") from None
     rows = []
     for index, image in enumerate(images):
         shown = [image] + ([masks[index if len(masks) > 1 else 0]] if masks else [])

@@ -58,6 +58,8 @@ def test_bad_image_files_are_refused_before_loading(tmp_path, capsys, nothing_lo
         (["--output", "edited.txt"], "--output 'edited.txt': the extension .txt is no image format PIL writes"),
         (["--upscale", "100000"], "--upscale must be at most 64, got 100000"),
         (["--mask_image", "missing.png"], "--mask_image: 'missing.png' does not exist or is not a file"),
+        (["--strength", "0"], "--strength: `strength` must be a number in (0, 1], got 0.0"),
+        (["--strength", "0.1", "--num_inference_steps", "4"], "--strength: `strength` 0.1 runs no step"),
     ],
 )
 def test_bad_outputs_sizes_and_masks_are_refused_before_loading(digit, capsys, nothing_loaded, flags, message):
@@ -79,3 +81,27 @@ def test_a_grid_too_large_is_refused_before_the_edit_runs(digit, tmp_path, monke
     with pytest.raises(SystemExit, match=r"the grid would be \d+x\d+ pixels, more than 100,000,000"):
         edit.main([*argv, "--output", str(tmp_path / "o.png")])
     assert not calls
+
+
+def test_a_strength_that_runs_no_step_of_the_models_default_steps_is_one_sentence(digit, tmp_path):
+    # Without --num_inference_steps the step count is the model's: the pipeline's check answers, before any model call.
+    with pytest.raises(SystemExit, match=r"^edit.py: error: `strength` 0.01 runs no step of `num_inference_steps`"):
+        edit.main(
+            ["--image", str(digit), "--class_labels", "7", "--strength", "0.01", "--output", str(tmp_path / "o.png")]
+        )
+
+
+def test_inpainting_takes_strength(digit, tmp_path, monkeypatch):
+    seen = []
+    original = edit.ENATInpaintPipeline.__call__
+    monkeypatch.setattr(
+        edit.ENATInpaintPipeline,
+        "__call__",
+        lambda self, **kwargs: seen.append(kwargs["strength"]) or original(self, **kwargs),
+    )
+    mask = tmp_path / "mask.png"
+    PIL.Image.new("L", (16, 16), 255).save(mask)
+    argv = ["--image", str(digit), "--mask_image", str(mask), "--class_labels", "7", "--num_inference_steps", "4"]
+    edit.main([*argv, "--output", str(tmp_path / "default.png")])
+    edit.main([*argv, "--strength", "0.5", "--output", str(tmp_path / "half.png")])
+    assert seen == [1.0, 0.5]
