@@ -452,7 +452,10 @@ def test_image_to_image_edit_is_the_pipelines_result_for_the_strength(app, digit
         ({"mask": None}, r"Mask: paint the region to regenerate"),
         ({"condition": "sevn"}, r"Class: unknown class name 'sevn'. Did you mean 'seven'"),
         ({"condition": ["1", "2"]}, r"Class: choose one class to edit with"),
-        ({"mode": "image-to-image", "strength": 0.1}, r"Strength: `strength` 0.1 runs no step of `num_inference_steps` 8 .*at least 1/8"),
+        (
+            {"mode": "image-to-image", "strength": 0.1},
+            r"Strength: `strength` 0.1 runs no step of `num_inference_steps` 8 .*at least 1/8",
+        ),
         ({"mode": "image-to-image", "strength": 1.5}, r"Strength: `strength` must be a number in \(0, 1\], got 1.5"),
         ({"mode": "recolour"}, r"Mode: choose one of inpaint, outpaint, image-to-image"),
         ({"num_inference_steps": 99}, r"Steps: this model has 16 tokens per image"),
