@@ -2,6 +2,7 @@
 resolution of class names, one meaning of a bare string, the step callback's prediction, fused projections, editing
 inputs of any size and kind, and components refused at load."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import AmusedScheduler
+from diffusers.utils.source_code_parsing_utils import ReturnNameVisitor
 
 from enat_diffusers import (
     ENATClassNames,
@@ -22,6 +24,7 @@ from enat_diffusers import (
     ENATScheduler,
     ENATText2ImagePipeline,
 )
+from enat_diffusers.conditioning import ENATPromptEmbeds
 from enat_diffusers.image_utils import editing_inputs_as_pixels, resize_pixels
 
 from .tiny_components import (
@@ -91,6 +94,17 @@ def test_encode_prompt_needs_only_the_text_encoder_and_tokenizer(tmp_path):
     arguments = {"num_inference_steps": 3, "output_type": "latent"}
     from_embeds = without_encoder(**embeds, generator=seeded(), **arguments).images
     assert torch.equal(from_embeds, full("a cat", generator=seeded(), **arguments).images)
+
+
+@pytest.mark.parametrize("pipeline_class", [ENATText2ImagePipeline, ENATInpaintPipeline, ENATImg2ImgPipeline])
+def test_diffusers_reads_encode_prompts_six_names_from_its_source_in_call_order(pipeline_class):
+    # diffusers' tooling (its pipeline tests among them) zips `encode_prompt`'s result with the names of the return
+    # statement and passes them to `__call__` by name, so the statement must name the fields of ENATPromptEmbeds.
+    visitor = ReturnNameVisitor()
+    visitor.visit(visitor.get_ast_tree(cls=pipeline_class))
+    assert visitor.return_names == list(ENATPromptEmbeds._fields)
+    call_parameters = inspect.signature(pipeline_class.__call__).parameters
+    assert all(name in call_parameters for name in visitor.return_names)
 
 
 def test_enat_pipeline_classes_load_the_packaged_demos_by_name():
@@ -216,12 +230,18 @@ def test_fused_qkv_projections_are_reported_and_give_the_same_logits():
     input_ids[:, :6] = CODEBOOK_SIZE
     labels = torch.tensor([0, 3])
     before = model(input_ids, class_labels=labels).logits
-    model.fuse_qkv_projections()
     attentions = [block.attn for block in model.blocks]
+    own_layers = [(attn.to_q, attn.to_kv, attn.to_q.weight.clone(), attn.to_kv.weight.clone()) for attn in attentions]
+    model.fuse_qkv_projections()
     assert all(attn.fused_projections and hasattr(attn, "to_qkv") for attn in attentions)
     torch.testing.assert_close(model(input_ids, class_labels=labels).logits, before, atol=1e-5, rtol=1e-5)
     model.unfuse_qkv_projections()
     assert not any(attn.fused_projections or hasattr(attn, "to_qkv") for attn in attentions)
+    # Unfusing removes only what fusing added: `to_kv` is the model's own (stored) layer, unlike diffusers' fused one.
+    for attn, (to_q, to_kv, q_weight, kv_weight) in zip(attentions, own_layers, strict=True):
+        assert attn.to_q is to_q and attn.to_kv is to_kv
+        assert torch.equal(attn.to_q.weight, q_weight) and torch.equal(attn.to_kv.weight, kv_weight)
+    assert set(model.state_dict()) == set(tiny_transformer().state_dict())
     assert torch.equal(model(input_ids, class_labels=labels).logits, before)
 
 
