@@ -8,6 +8,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
+from enat_diffusers import ENATPipeline
+
 from .tiny_components import CODEBOOK_SIZE, GRID, NUM_CLASSES, TINY_TRANSFORMER_CONFIG, tiny_pipeline, tiny_transformer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -93,6 +95,28 @@ def test_fuse_and_unfuse(lora_folder):
     assert torch.allclose(_logits(pipe.transformer), unfused, atol=1e-5)
     pipe.unload_lora_weights()
     assert torch.allclose(_logits(pipe.transformer), original, atol=1e-5)
+
+
+def test_lora_state_dict_returns_the_tensors_and_the_metadata_on_request_as_diffusers_loaders_do(lora_folder):
+    folder, path = lora_folder
+    with safe_open(str(path), framework="pt") as handle:
+        on_disk = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        metadata_on_disk = handle.metadata()
+    tensors = ENATPipeline.lora_state_dict(folder)
+    assert isinstance(tensors, dict) and tensors.keys() == on_disk.keys()
+    assert all(torch.equal(tensors[key], on_disk[key]) for key in on_disk)
+    tensors, lora_configs = ENATPipeline.lora_state_dict(folder, return_lora_metadata=True)
+    assert tensors.keys() == on_disk.keys()
+    assert lora_configs == json.loads(metadata_on_disk["lora_adapter_metadata"]) and lora_configs["transformer.r"] == 4
+
+
+def test_save_lora_weights_takes_safe_serialization_and_refuses_pickles(tmp_path):
+    layers = get_peft_model_state_dict(_trained_lora())
+    path = ENATPipeline.save_lora_weights(tmp_path / "safe", transformer_lora_layers=layers, safe_serialization=True)
+    assert path.suffix == ".safetensors" and path.is_file()
+    with pytest.raises(ValueError, match="`safe_serialization=False` is not supported: .* safetensors only"):
+        ENATPipeline.save_lora_weights(tmp_path / "pickle", transformer_lora_layers=layers, safe_serialization=False)
+    assert not (tmp_path / "pickle").exists()
 
 
 def test_a_state_dict_loads_like_the_file(lora_folder):

@@ -165,15 +165,33 @@ class ENATLoraLoaderMixin(LoraBaseMixin):
 
     _lora_loadable_modules = [TRANSFORMER_PREFIX, TEXT_ENCODER_PREFIX]
     transformer_name = TRANSFORMER_PREFIX
+    text_encoder_name = TEXT_ENCODER_PREFIX
 
     @classmethod
     def lora_state_dict(
+        cls,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+        return_lora_metadata: bool = False,
+        **kwargs,
+    ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict]:
+        """
+        Reads a LoRA's tensors, as diffusers' loaders do; with `return_lora_metadata=True` also its LoRA configs
+        (the parsed `lora_adapter_metadata`: keys prefixed `transformer.` / `text_encoder.`, empty when the file has
+        none). `kwargs` as for [`~ENATLoraLoaderMixin.read_lora_file`].
+        """
+        tensors, metadata = cls.read_lora_file(pretrained_model_name_or_path_or_dict, **kwargs)
+        if not return_lora_metadata:
+            return tensors
+        return tensors, _json_metadata(metadata, LORA_ADAPTER_METADATA_KEY) or {}
+
+    @classmethod
+    def read_lora_file(
         cls, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor], **kwargs
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """
-        Reads a LoRA: returns its tensors and its safetensors metadata (empty for a dict). `kwargs`: `weight_name`
-        (default `pytorch_lora_weights.safetensors`), and for Hub repos `subfolder`, `revision`, `cache_dir`, `token`,
-        `local_files_only`.
+        A LoRA's tensors and its whole safetensors metadata (LoRA configs, `id2label`; empty for a dict). `kwargs`:
+        `weight_name` (default `pytorch_lora_weights.safetensors`), and for Hub repos `subfolder`, `revision`,
+        `cache_dir`, `token`, `local_files_only`.
         """
         if isinstance(pretrained_model_name_or_path_or_dict, dict):
             return dict(pretrained_model_name_or_path_or_dict), {}
@@ -213,7 +231,7 @@ class ENATLoraLoaderMixin(LoraBaseMixin):
         it was (weights, classes, `id2label`, adapters) before the error is raised.
         """
         _require_peft()
-        state_dict, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+        state_dict, metadata = self.read_lora_file(pretrained_model_name_or_path_or_dict, **kwargs)
         class_embedding = state_dict.pop(CLASS_EMBEDDING_KEY, None)
         prefixes = tuple(f"{prefix}." for prefix in self._lora_loadable_modules)
         foreign = [key for key in state_dict if "lora" not in key or not key.startswith(prefixes)]
@@ -395,6 +413,7 @@ class ENATLoraLoaderMixin(LoraBaseMixin):
         id2label: dict | None = None,
         text_encoder_lora_layers: dict[str, torch.Tensor] | None = None,
         text_encoder_lora_adapter_metadata: dict | None = None,
+        safe_serialization: bool = True,
     ) -> Path:
         """
         Writes `transformer_lora_layers` (`peft.get_peft_model_state_dict(transformer)`, keys without the
@@ -404,7 +423,13 @@ class ENATLoraLoaderMixin(LoraBaseMixin):
         LoRA config, loading infers the rank from the weights and takes `lora_alpha = r` (diffusers' convention), so
         pass it when `lora_alpha != r`. A text encoder LoRA (`text_encoder_lora_layers`, with its
         `text_encoder_lora_adapter_metadata`) is saved with `text_encoder.` keys in the same file.
+        `safe_serialization` is accepted as in diffusers' loaders; ENAT LoRAs are safetensors files only.
         """
+        if not safe_serialization:
+            raise ValueError(
+                "`safe_serialization=False` is not supported: ENAT LoRA weights are saved and read as safetensors "
+                "only (no pickle)"
+            )
         if not transformer_lora_layers:
             raise ValueError("`transformer_lora_layers` is required: peft.get_peft_model_state_dict(transformer)")
         if id2label is not None and class_embedding is None:
