@@ -98,6 +98,26 @@ def check_strength(strength, num_inference_steps: int) -> float:
     return float(strength)
 
 
+def check_attention_kwargs(attention_kwargs) -> float:
+    """`attention_kwargs` of a pipeline call: None or `{"scale": s}`, diffusers' per-call LoRA scale (a finite
+    number). Returns the scale (1.0 when not given)."""
+    if attention_kwargs is None:
+        return 1.0
+    if not isinstance(attention_kwargs, dict):
+        raise TypeError(
+            f"`attention_kwargs` must be a dict such as {{'scale': 0.5}}, got {type(attention_kwargs).__name__}"
+        )
+    unknown = sorted(set(attention_kwargs) - {"scale"})
+    if unknown:
+        raise ValueError(
+            f"`attention_kwargs` takes only `scale` (the LoRA scale of this call) in ENAT pipelines, got {unknown}"
+        )
+    scale = attention_kwargs.get("scale", 1.0)
+    if not is_real_number(scale) or not math.isfinite(scale):
+        raise ValueError(f"`attention_kwargs['scale']` must be a finite number, got {scale!r}")
+    return float(scale)
+
+
 def check_guidance_scale(guidance_scale) -> float:
     if not is_real_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(
@@ -242,6 +262,7 @@ def check_token_id_tensor(value, name: str = "input_ids") -> None:
 
 
 __all__ = [
+    "check_attention_kwargs",
     "MAX_IMAGES_PER_CALL",
     "check_choice",
     "check_class_label_range",

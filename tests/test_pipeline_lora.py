@@ -322,3 +322,35 @@ def test_a_typo_in_a_local_lora_path_says_the_file_or_folder_does_not_exist(lora
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pipe.load_lora_weights(str(path.with_name("pytorch_lora_weight.safetensors")))
     assert not pipe.get_list_adapters()
+
+
+def test_attention_kwargs_scale_the_lora_for_one_call_only(lora_folder):
+    folder, _ = lora_folder
+    plain = _latents(tiny_pipeline())
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(folder)
+    full = _latents(pipe)
+    assert not torch.equal(full, plain)  # the LoRA changes the samples
+    off = pipe([1, 2], num_inference_steps=4, generator=torch.manual_seed(0), output_type="latent",
+               attention_kwargs={"scale": 0.0}).images  # fmt: skip
+    assert torch.equal(off, plain)  # scale 0: as without the LoRA
+    assert pipe.attention_kwargs == {"scale": 0.0}
+    assert torch.equal(_latents(pipe), full)  # the next call has the LoRA's full weight again
+    with pytest.raises(ValueError, match="`num_inference_steps`"):
+        pipe([1, 2], num_inference_steps=0, attention_kwargs={"scale": 0.5})
+    assert torch.equal(_latents(pipe), full)  # restored after a failed call too
+
+
+@pytest.mark.parametrize(
+    ("attention_kwargs", "error", "message"),
+    [
+        ({"scale": 0.5, "heads": 2}, ValueError, r"`attention_kwargs` takes only `scale` .* got \['heads'\]"),
+        ({"scale": float("nan")}, ValueError, r"`attention_kwargs\['scale'\]` must be a finite number"),
+        (0.5, TypeError, r"`attention_kwargs` must be a dict such as \{'scale': 0.5\}, got float"),
+    ],
+)
+def test_bad_attention_kwargs_are_refused_before_the_transformer_runs(attention_kwargs, error, message, monkeypatch):
+    pipe = tiny_pipeline()
+    monkeypatch.setattr(pipe.transformer, "forward", lambda *args, **kwargs: pytest.fail("the transformer ran"))
+    with pytest.raises(error, match=message):
+        pipe([1], num_inference_steps=2, attention_kwargs=attention_kwargs)

@@ -11,6 +11,7 @@ embedding resized for new classes travels in the same file as `transformer.class
 """
 
 import difflib
+import functools
 import json
 import os
 import re
@@ -20,8 +21,10 @@ import safetensors.torch
 import torch
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE, LoraBaseMixin
-from diffusers.utils import get_adapter_name, logging
+from diffusers.utils import get_adapter_name, logging, scale_lora_layers, unscale_lora_layers
 from safetensors import safe_open
+
+from ..checks import check_attention_kwargs
 
 logger = logging.get_logger(__name__)
 
@@ -29,6 +32,33 @@ TRANSFORMER_PREFIX = "transformer"
 TEXT_ENCODER_PREFIX = "text_encoder"
 CLASS_EMBEDDING_KEY = f"{TRANSFORMER_PREFIX}.class_embedding.weight"
 ID2LABEL_METADATA_KEY = "id2label"
+
+
+def apply_call_lora_scale(call):
+    """
+    Decorates a pipeline's `__call__`: its LoRA layers (transformer and text encoder) are scaled by
+    `attention_kwargs["scale"]` for the duration of the call and restored afterwards, even when the call fails
+    (diffusers' per-call LoRA scale; a fused LoRA is part of the weights and is not scaled). The modules are the
+    pipeline's own: pipelines made with `from_pipe` share them, so concurrent calls on shared modules should not pass
+    different scales.
+    """
+
+    @functools.wraps(call)
+    def scaled_call(self, *args, **kwargs):
+        scale = check_attention_kwargs(kwargs.get("attention_kwargs"))
+        if scale == 1.0:
+            return call(self, *args, **kwargs)
+        _require_peft()
+        models = [model for model in (self.transformer, getattr(self, TEXT_ENCODER_PREFIX, None)) if model is not None]
+        for model in models:
+            scale_lora_layers(model, scale)
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            for model in models:
+                unscale_lora_layers(model, scale)
+
+    return scaled_call
 
 
 def _require_peft() -> None:

@@ -9,6 +9,7 @@ from diffusers.utils import replace_example_docstring
 
 from ..models.transformer_enat import ENATTransformer2DModel
 from ..models.vq_maskgit import MaskGITVQModel
+from .lora_enat import apply_call_lora_scale
 from .pipeline_enat_base import ENATBasePipeline
 
 EXAMPLE_DOC_STRING = """
@@ -62,6 +63,7 @@ class ENATPipeline(ENATBasePipeline):
         self.register_modules(transformer=transformer, vqvae=vqvae, scheduler=scheduler)
 
     @torch.no_grad()
+    @apply_call_lora_scale
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
@@ -76,6 +78,7 @@ class ENATPipeline(ENATBasePipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        attention_kwargs: dict | None = None,
         num_images_per_class: int | None = None,
         prompt: str | list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
@@ -114,6 +117,9 @@ class ENATPipeline(ENATBasePipeline):
                 Tensors passed to the callback: `"latents"` (the tokens after the step, which the callback may
                 replace) and `"pred_original_sample"` (the step's prediction: every masked token filled by its
                 sample; decode it with `pipe.decode_latents` to show the run's progress).
+            attention_kwargs (`dict`, *optional*):
+                `{"scale": s}`: the LoRA scale of this call, as in diffusers' pipelines (the loaded LoRA layers of
+                the transformer and text encoder are scaled by `s` during the call; a fused LoRA is not).
             num_images_per_class (`int`, *optional*):
                 Deprecated name of `num_images_per_prompt` (removed in 0.3.0).
             prompt (`str` or `list[str]`, *optional*):
@@ -150,7 +156,9 @@ class ENATPipeline(ENATBasePipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        self.start_call(guidance_scale=guidance_scale, guidance_schedule=guidance_schedule)
+        self.start_call(
+            guidance_scale=guidance_scale, guidance_schedule=guidance_schedule, attention_kwargs=attention_kwargs
+        )
 
         # 1. Condition: class labels, then null labels for the unconditional stream when guided
         condition_kwargs = self.prepare_condition_kwargs(

@@ -134,6 +134,7 @@ class ENATBasePipeline(ENATSamplingMixin, ENATLoraLoaderMixin, ENATHubMixin, Dif
         self._guidance_schedule = "linear"
         self._num_timesteps = 0
         self._interrupt = False
+        self._attention_kwargs = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -167,6 +168,12 @@ class ENATBasePipeline(ENATSamplingMixin, ENATLoraLoaderMixin, ENATHubMixin, Dif
 
     # ----------------------------------------------------------------------------------------------------------------
     # State of the current call (diffusers' property names)
+
+    @property
+    def attention_kwargs(self) -> dict | None:
+        """The current call's `attention_kwargs` (its LoRA scale, applied around the call by
+        `apply_call_lora_scale`)."""
+        return self._attention_kwargs
 
     @property
     def guidance_scale(self) -> float:
@@ -440,10 +447,14 @@ class ENATBasePipeline(ENATSamplingMixin, ENATLoraLoaderMixin, ENATHubMixin, Dif
             stacklevel=3,
         )
 
-    def start_call(self, *, guidance_scale: float, guidance_schedule: str) -> None:
-        """Records the checked guidance settings for this call and clears a previous interruption."""
+    def start_call(
+        self, *, guidance_scale: float, guidance_schedule: str, attention_kwargs: dict | None = None
+    ) -> None:
+        """Records the checked guidance settings and `attention_kwargs` for this call (diffusers' per-call
+        properties) and clears a previous interruption."""
         self._guidance_scale = float(guidance_scale)
         self._guidance_schedule = guidance_schedule
+        self._attention_kwargs = attention_kwargs
         self._interrupt = False
 
     # ----------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils import logging, replace_example_docstring
 
 from ..checks import check_strength
+from .lora_enat import apply_call_lora_scale
 from .pipeline_enat_editing import ENATEditingPipelineBase
 
 logger = logging.get_logger(__name__)
@@ -66,6 +67,7 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
         return self.scheduler.add_noise(tokens, timesteps[start - 1], generator=generator), timesteps[start:]
 
     @torch.no_grad()
+    @apply_call_lora_scale
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
@@ -92,6 +94,7 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
         width: int | None = None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        attention_kwargs: dict | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Redraws each image in part, as much as `strength` says.
@@ -122,7 +125,7 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
                 Size of the results: only the model's resolution (`pipe.image_size`), the default. Inputs of any size
                 are resized to it (images: antialiased bicubic; masks: area averaging, then binarized at 0.5).
             num_inference_steps, guidance_scale, guidance_schedule, generator, output_type, return_dict,
-            callback_on_step_end, callback_on_step_end_tensor_inputs:
+            callback_on_step_end, callback_on_step_end_tensor_inputs, attention_kwargs:
                 As for [`ENATPipeline`]. The guidance ramp and the callback's step index count from the start of the
                 full schedule of `num_inference_steps`.
 
@@ -168,7 +171,9 @@ class ENATImg2ImgPipeline(ENATEditingPipelineBase):
         )
         strength = check_strength(strength, num_inference_steps)
         num_conditions = batch_size // num_images_per_prompt
-        self.start_call(guidance_scale=guidance_scale, guidance_schedule=guidance_schedule)
+        self.start_call(
+            guidance_scale=guidance_scale, guidance_schedule=guidance_schedule, attention_kwargs=attention_kwargs
+        )
 
         # 1. Condition of both guidance streams
         condition_kwargs = self.prepare_condition_kwargs(

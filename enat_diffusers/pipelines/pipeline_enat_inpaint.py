@@ -14,6 +14,7 @@ from diffusers.utils import logging, replace_example_docstring
 from ..checks import check_fraction, check_non_negative_integer, check_strength
 from ..image_utils import editing_inputs_as_pixels, resize_pixels
 from ..sampling import mask_region_at_random
+from .lora_enat import apply_call_lora_scale
 from .pipeline_enat_editing import ENATEditingPipelineBase
 
 logger = logging.get_logger(__name__)
@@ -329,6 +330,7 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
         return [self.image_processor.numpy_to_pil(array[None])[0] for array in arrays]
 
     @torch.no_grad()
+    @apply_call_lora_scale
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
@@ -359,6 +361,7 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
         width: int | None = None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        attention_kwargs: dict | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Regenerates the masked region of each image.
@@ -412,7 +415,7 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
                 are resized to it (images: antialiased bicubic; masks: area averaging, then binarized at 0.5). With
                 `padding_mask_crop` the crops are resized so, and the results have the input images' sizes.
             num_inference_steps, guidance_scale, guidance_schedule, generator, output_type, return_dict,
-            callback_on_step_end, callback_on_step_end_tensor_inputs:
+            callback_on_step_end, callback_on_step_end_tensor_inputs, attention_kwargs:
                 As for [`ENATPipeline`]; `generator` may hold one generator per output image. With `strength` below 1
                 the guidance ramp and the callback's step index count from the start of the full schedule of
                 `num_inference_steps`.
@@ -461,7 +464,9 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
         )
         strength = self.check_strength(strength, num_inference_steps)
         num_conditions = batch_size // num_images_per_prompt
-        self.start_call(guidance_scale=guidance_scale, guidance_schedule=guidance_schedule)
+        self.start_call(
+            guidance_scale=guidance_scale, guidance_schedule=guidance_schedule, attention_kwargs=attention_kwargs
+        )
 
         # 1. Condition of both guidance streams
         condition_kwargs = self.prepare_condition_kwargs(

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..conditioning import ENATPromptEncodingMixin, encode_text
 from ..models.transformer_enat import ENATTransformer2DModel
 from ..models.vq_maskgit import MaskGITVQModel
+from .lora_enat import apply_call_lora_scale
 from .pipeline_enat_base import ENATBasePipeline
 
 EXAMPLE_DOC_STRING = """
@@ -69,6 +70,7 @@ class ENATText2ImagePipeline(ENATPromptEncodingMixin, ENATBasePipeline):
         )
 
     @torch.no_grad()
+    @apply_call_lora_scale
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
@@ -90,6 +92,7 @@ class ENATText2ImagePipeline(ENATPromptEncodingMixin, ENATBasePipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        attention_kwargs: dict | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generates images from text.
@@ -135,6 +138,9 @@ class ENATText2ImagePipeline(ENATPromptEncodingMixin, ENATBasePipeline):
                 Tensors passed to the callback: `"latents"` (the tokens after the step, which the callback may
                 replace) and `"pred_original_sample"` (the step's prediction: every masked token filled by its
                 sample; decode it with `pipe.decode_latents` to show the run's progress).
+            attention_kwargs (`dict`, *optional*):
+                `{"scale": s}`: the LoRA scale of this call, as in diffusers' pipelines (the loaded LoRA layers of
+                the transformer and text encoder are scaled by `s` during the call; a fused LoRA is not).
 
         Examples:
 
@@ -170,7 +176,9 @@ class ENATText2ImagePipeline(ENATPromptEncodingMixin, ENATBasePipeline):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        self.start_call(guidance_scale=guidance_scale, guidance_schedule=guidance_schedule)
+        self.start_call(
+            guidance_scale=guidance_scale, guidance_schedule=guidance_schedule, attention_kwargs=attention_kwargs
+        )
 
         # 1. Condition: the prompts' encodings, then the negative prompts' for the unconditional stream when guided
         condition_kwargs = self.prepare_condition_kwargs(
