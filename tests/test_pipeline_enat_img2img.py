@@ -8,7 +8,7 @@ import torch
 from enat_diffusers import ENATImg2ImgPipeline
 
 from .tiny_components import CODEBOOK_SIZE as MASK
-from .tiny_components import GRID, TransformerCalls, tiny_pipeline, tiny_text_pipeline
+from .tiny_components import GRID, StartRecorder, TransformerCalls, tiny_pipeline, tiny_text_pipeline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -28,25 +28,6 @@ def generators(seeds) -> list[torch.Generator]:
 @pytest.fixture
 def pipe():
     return ENATImg2ImgPipeline.from_pipe(tiny_pipeline())
-
-
-class StartRecorder:
-    """The model input of the first transformer call (the conditional stream's rows) and every step index seen."""
-
-    def __init__(self, pipe):
-        self.first_input = None
-        self.steps = []
-        self.counts = []
-        pipe.transformer.register_forward_pre_hook(self._record, with_kwargs=True)
-
-    def _record(self, _module, args, kwargs):
-        if self.first_input is None:
-            self.first_input = args[0].clone()
-
-    def callback(self, _pipe, step_index, _timestep, callback_kwargs):
-        self.steps.append(step_index)
-        self.counts.append((callback_kwargs["latents"] == MASK).flatten(1).sum(1).tolist())
-        return {}
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.5, 0.8])

@@ -23,7 +23,7 @@ from enat_diffusers.sampling import ENATEditState
 
 from .example_scripts import load_example
 from .tiny_components import CODEBOOK_SIZE as MASK
-from .tiny_components import GRID, TransformerCalls, tiny_pipeline, tiny_text_pipeline
+from .tiny_components import GRID, StartRecorder, TransformerCalls, tiny_pipeline, tiny_text_pipeline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -204,24 +204,6 @@ def test_outpainting_keeps_the_image_tokens_and_fills_the_canvas(pipe):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # strength
-
-
-class StartRecorder:
-    """The model input of the first transformer call, and the step index and masked counts seen by the callback."""
-
-    def __init__(self, pipe):
-        self.first_input = None
-        self.steps, self.counts = [], []
-        pipe.transformer.register_forward_pre_hook(self._record, with_kwargs=True)
-
-    def _record(self, _module, args, kwargs):
-        if self.first_input is None:
-            self.first_input = args[0].clone()
-
-    def callback(self, _pipe, step_index, _timestep, callback_kwargs):
-        self.steps.append(step_index)
-        self.counts.append((callback_kwargs["latents"] == MASK).flatten(1).sum(1).tolist())
-        return {}
 
 
 def test_strength_one_masks_the_whole_region_and_runs_every_step(pipe):

@@ -136,6 +136,25 @@ class TransformerCalls:
         self._handle.remove()
 
 
+class StartRecorder:
+    """For editing runs: the model input of the first transformer call, and per step the index the callback sees
+    and the number of mask tokens per row of its `latents` (use `recorder.callback` as `callback_on_step_end`)."""
+
+    def __init__(self, pipe):
+        self.first_input = None
+        self.steps, self.counts = [], []
+        pipe.transformer.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, _module, args, kwargs):
+        if self.first_input is None:
+            self.first_input = args[0].clone()
+
+    def callback(self, _pipe, step_index, _timestep, callback_kwargs):
+        self.steps.append(step_index)
+        self.counts.append((callback_kwargs["latents"] == CODEBOOK_SIZE).flatten(1).sum(1).tolist())  # mask id
+        return {}
+
+
 def fill_hub_cache(folder: Path, cache_dir: Path, repo_id: str) -> Path:
     """Places a saved folder where huggingface_hub caches a downloaded snapshot of `repo_id`."""
     revision = "0" * 40
