@@ -126,6 +126,12 @@ class ENATSamplingMixin:
         reference sampler's bit for bit."""
         return guidance_weight(self._guidance_schedule, self._guidance_scale, step_index, num_inference_steps)
 
+    @property
+    def scheduler_runs_regions(self) -> bool:
+        """Whether the scheduler's `step` runs its masking schedule over a region (takes `region_mask`, as
+        `ENATScheduler` does); diffusers' `AmusedScheduler` does not."""
+        return "region_mask" in inspect.signature(self.scheduler.step).parameters
+
     def scheduler_region_kwargs(
         self, latents: torch.LongTensor, *, late_start: bool, schedule_region: torch.BoolTensor | None = None
     ) -> dict:
@@ -134,8 +140,7 @@ class ENATSamplingMixin:
         `schedule_region`'s where given (inpainting at `strength` < 1, masked by that region's schedule), else the
         whole grid for a run that starts later in the schedule (image-to-image, after `add_noise`), else the
         generated tokens themselves."""
-        parameters = inspect.signature(self.scheduler.step).parameters
-        if "region_mask" not in parameters:
+        if not self.scheduler_runs_regions:
             return {}
         region_mask = latents == self.mask_token_id
         if schedule_region is None:

@@ -1,6 +1,5 @@
 """Inpainting, outpainting and class-conditional editing with ENAT."""
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -232,8 +231,7 @@ class ENATInpaintPipeline(ENATEditingPipelineBase):
         """`strength` (`enat_diffusers.checks.check_strength`); below 1 the scheduler must run its masking schedule
         over a region (`ENATScheduler`), which the start of the run is counted by."""
         strength = check_strength(strength, num_inference_steps)
-        region_schedule = "region_mask" in inspect.signature(self.scheduler.step).parameters
-        if strength < 1 and not (region_schedule and hasattr(self.scheduler, "num_masked_after_step")):
+        if strength < 1 and not (self.scheduler_runs_regions and hasattr(self.scheduler, "num_masked_after_step")):
             raise ValueError(
                 f"`strength` below 1 needs a scheduler that runs its masking schedule over the inpainting region, "
                 f"which {type(self.scheduler).__name__} does not: pass strength=1.0, or use ENATScheduler "
