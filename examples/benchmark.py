@@ -988,11 +988,12 @@ class BusyCores:
         self.processes = []
 
     # The loop also ends when its parent is gone (its parent id changes), so a benchmark killed from outside leaves
-    # no busy core behind to skew the next measurement.
-    LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass"
+    # no busy core behind to skew the next measurement. The parent's id is passed in rather than read by the child,
+    # which could start after the parent was already killed and then wait on its new parent forever.
+    LOOP = "import os, sys\nparent = int(sys.argv[1])\nwhile os.getppid() == parent:\n    pass"
 
     def __enter__(self):
-        command = [sys.executable, "-c", self.LOOP]
+        command = [sys.executable, "-c", self.LOOP, str(os.getpid())]
         self.processes = [subprocess.Popen(command) for _ in range(self.count)]
         return self
 

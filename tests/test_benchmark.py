@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -270,21 +271,30 @@ def test_busy_cores_run_only_while_measuring(benchmark):
     assert process.poll() is not None
 
 
-def test_busy_cores_stop_when_the_benchmark_is_killed(benchmark):
-    # A benchmark killed from outside (no __exit__) must not leave a busy core behind for the next measurement.
+@pytest.mark.parametrize("killed", ["while measuring", "before the loop started"])
+def test_busy_cores_stop_when_the_benchmark_is_killed(benchmark, killed, tmp_path):
+    # A benchmark killed from outside (no __exit__) must not leave a busy core behind for the next measurement, even
+    # when it dies before the loop's interpreter has started (a sitecustomize that sleeps makes that start late).
+    (tmp_path / "sitecustomize.py").write_text("import time\ntime.sleep(1)\n")
+    early = killed == "before the loop started"
+    dies = "os.kill(os.getpid(), signal.SIGKILL)" if early else "time.sleep(60)"
     parent_code = (
-        f"import sys, time; sys.path.insert(0, {str(Path(benchmark.__file__).parent)!r}); import benchmark\n"
-        "with benchmark.BusyCores(1) as busy:\n    print(busy.processes[0].pid, flush=True)\n    time.sleep(60)"
+        f"import os, signal, sys, time; sys.path.insert(0, {str(Path(benchmark.__file__).parent)!r})\n"
+        "import benchmark\n"
+        + (f"os.environ['PYTHONPATH'] = {str(tmp_path)!r}\n" if early else "")
+        + f"with benchmark.BusyCores(1) as busy:\n    print(busy.processes[0].pid, flush=True)\n    {dies}"
     )
     parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
     loop_pid = int(parent.stdout.readline())
-    assert Path(f"/proc/{loop_pid}").exists()
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and process_running(loop_pid):
         time.sleep(0.1)
-    assert not process_running(loop_pid)
+    still_running = process_running(loop_pid)
+    if still_running:  # do not leave a busy core to slow the rest of the suite
+        os.kill(loop_pid, signal.SIGKILL)
+    assert not still_running
 
 
 def process_running(pid: int) -> bool:
