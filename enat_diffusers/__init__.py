@@ -30,7 +30,7 @@ with import_noise_silenced():
         encode_text,
         outpainting_canvas,
     )
-    from .quantization import choose_precision, quantize_for_cpu, set_precision
+    from .quantization import choose_precision, quantize_decoder_for_cpu, quantize_for_cpu, set_precision
     from .sampling import ENATEditState
     from .schedulers import ENATScheduler, ENATSchedulerOutput, GuidanceSchedule
 
@@ -65,6 +65,7 @@ __all__ = [
     "encode_text",
     "load_demo_pipeline",
     "outpainting_canvas",
+    "quantize_decoder_for_cpu",
     "quantize_for_cpu",
     "set_precision",
 ]

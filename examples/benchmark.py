@@ -44,7 +44,8 @@ the FLOPs. Ratios to the `enat` row (FLOPs and time) are computed within the run
 
 `--precisions fp32 bf16 int8 ...` adds end-to-end rows (tokens to PIL images, VQ decode included) per precision, int8
 through `quantize_for_cpu` (PyTorch's x86 engine; `torchao_int8*`: diffusers' `TorchAoConfig`, the `quant` extra),
-`auto` this machine's `choose_precision` set up as `set_precision` does it (the VQ decoder channels-last on a CPU): seconds per image, the decode's share, the fraction of
+`auto` this machine's `choose_precision` set up as `set_precision` does it (the VQ decoder channels-last on a CPU, and
+int8 where `auto` is int8; the `int8` row keeps a float decoder, so the two rows separate the decoder's part): seconds per image, the decode's share, the fraction of
 sampled tokens identical to the first precision's (same seeds); `--breakdown` adds where the time of one profiled
 run goes (matmuls, attention, token grouping and other transformer ops, scheduler, guidance and pipeline, decode) and
 `--matmul_rates` this machine's `nn.Linear` rate at the model's shapes in each precision, measured in the same run,
@@ -76,6 +77,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import enat_diffusers  # noqa: F401  # isort: skip  (before torch: sets the CPU threads' wait policy)
 import torch
@@ -98,7 +100,14 @@ from enat_diffusers.models.vq_maskgit import MaskGITVQModel
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
 from enat_diffusers.pipelines.pipeline_enat_editing import KEPT_CONTEXT_MODES
 from enat_diffusers.pipelines.pipeline_enat_inpaint import ENATInpaintPipeline
-from enat_diffusers.quantization import AUTO, CPUFeatures, choose_precision, decoder_memory_format, quantize_for_cpu
+from enat_diffusers.quantization import (
+    AUTO,
+    CPUFeatures,
+    choose_precision,
+    quantize_decoder_for_cpu,
+    quantize_for_cpu,
+    set_vqvae_precision,
+)
 from enat_diffusers.schedulers.scheduling_enat import ENATScheduler
 from enat_diffusers.script_utils import DTYPES
 from enat_diffusers.testing_utils import randomize_modulation
@@ -232,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[AUTO, *PRECISIONS],
         help="end to end (tokens to PIL, VQ decode included) in each precision, e.g. fp32 int8 auto; int8 is "
         "quantize_for_cpu (PyTorch's x86 engine, CPU), torchao_int8* load the transformer with diffusers' "
-        "TorchAoConfig (the `quant` extra), auto is this machine's choose_precision set up as set_precision does (VQ decoder in the device's fastest memory format); the first one is the baseline",
+        "TorchAoConfig (the `quant` extra), auto is this machine's choose_precision set up as set_precision does (VQ "
+        "decoder in the device's fastest memory format, int8 when auto is int8); the first one is the baseline",
     )
     parser.add_argument(
         "--vq_channels_last",
@@ -296,6 +306,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             PRECISIONS[precision_kind(name, args)][1] == X86_INT8 for name in args.precisions
         ):
             parser.error("--precisions int8 (PyTorch's x86 engine) runs on the CPU only: use --device cpu")
+    if args.vq_decode and args.device != "cpu" and any(DECODE_VARIANTS[name].int8 for name in args.decode_variants):
+        parser.error("--decode_variants int8 (PyTorch's x86 engine) runs on the CPU only: use --device cpu")
     if args.reference_end_to_end and args.reference_dir is None:
         parser.error("--reference_end_to_end needs --reference_dir")
     if args.busy_cores >= (os.cpu_count() or 1):
@@ -911,8 +923,9 @@ def measure_vq_decode(vqvae: MaskGITVQModel, side: int, args, device: torch.devi
     the decoded pixels' error against the first variant (pixels in [0, 1]: max |diff| and PSNR)."""
     variants = {}
     for name in args.decode_variants:
-        dtype, memory_format = DECODE_VARIANTS[name]
-        variants[name] = to_device(copy.deepcopy(vqvae), device, dtype).to(memory_format=memory_format)
+        variant = DECODE_VARIANTS[name]
+        model = to_device(copy.deepcopy(vqvae), device, variant.dtype).to(memory_format=variant.memory_format)
+        variants[name] = quantize_decoder_for_cpu(model) if variant.int8 else model
     first = args.decode_variants[0]
     results = []
     for batch_size in args.batch_sizes:
@@ -961,13 +974,22 @@ PRECISIONS = {
     "torchao_int8": (torch.bfloat16, "Int8DynamicActivationInt8WeightConfig"),
     "torchao_int8_weight_only": (torch.bfloat16, "Int8WeightOnlyConfig"),
 }
-# --vq_decode variants: (dtype, memory format). The decoder is convolutions only, which PyTorch's dynamic int8
-# quantization does not cover (static int8 convolutions need calibration data): no int8 variant.
+
+
+# --vq_decode variants: dtype, memory format, and whether the convolutions are int8 (`quantize_decoder_for_cpu`: static
+# int8 through PyTorch's x86 engine, calibrated on random token grids; CPU only).
+class DecodeVariant(NamedTuple):
+    dtype: torch.dtype
+    memory_format: torch.memory_format
+    int8: bool = False
+
+
 DECODE_VARIANTS = {
-    "fp32": (torch.float32, torch.contiguous_format),
-    "fp32_channels_last": (torch.float32, torch.channels_last),
-    "bf16": (torch.bfloat16, torch.contiguous_format),
-    "bf16_channels_last": (torch.bfloat16, torch.channels_last),
+    "fp32": DecodeVariant(torch.float32, torch.contiguous_format),
+    "fp32_channels_last": DecodeVariant(torch.float32, torch.channels_last),
+    "bf16": DecodeVariant(torch.bfloat16, torch.contiguous_format),
+    "bf16_channels_last": DecodeVariant(torch.bfloat16, torch.channels_last),
+    "int8": DecodeVariant(torch.float32, torch.channels_last, int8=True),
 }
 # Profiler op names (prefix match) of each part of the breakdown; ops of the VQ decode, the scheduler step and the
 # pipeline code around the transformer (guidance) are attributed by where they run, not by their name.
@@ -1158,7 +1180,7 @@ def precision_rows(setup: Setup, args, device: torch.device) -> list[PrecisionRo
             dtype = PRECISIONS[kind][0]
             vq = to_device(copy.deepcopy(vqvae), device, DTYPES[args.vq_dtype] if args.vq_dtype else dtype)
             if name == AUTO:
-                vq.to(memory_format=decoder_memory_format(device))
+                vq = set_vqvae_precision(vq, kind, device)
             elif args.vq_channels_last:
                 vq.to(memory_format=torch.channels_last)
             vq.decode = labelled("decode", vq.decode)
@@ -1403,7 +1425,7 @@ def compare_with_reference(config, args, device: torch.device, dtype: torch.dtyp
         fast = to_device(copy.deepcopy(ours), device, fast_dtype)
         fast_vqvae = None if our_vqvae is None else to_device(copy.deepcopy(our_vqvae), device, fast_dtype)
         if fast_vqvae is not None:
-            fast_vqvae.to(memory_format=decoder_memory_format(device))
+            fast_vqvae = set_vqvae_precision(fast_vqvae, fastest, device)
         fast = quantize_for_cpu(fast) if quant == X86_INT8 else fast
         pipes["ours_" + fastest] = ENATPipeline(transformer=fast, vqvae=fast_vqvae, scheduler=copy.deepcopy(scheduler))
     for pipe in pipes.values():

@@ -232,7 +232,7 @@ def test_x86_int8_and_auto_rows_report_agreement_logit_error_capability_and_deco
     benchmark.main(
         ["--config", str(tiny_config), "--rows", "--batch_sizes", "2", "--warmup", "0", "--repeats", "1",
          "--num_inference_steps", "3", "--precisions", "fp32", "int8", "auto", "--vq_channels_last", "--vq_decode",
-         "--decode_variants", "fp32", "fp32_channels_last", "bf16", "--json", str(output)]
+         "--decode_variants", "fp32", "fp32_channels_last", "bf16", "int8", "--json", str(output)]
     )  # fmt: skip
     report = json.loads(output.read_text())
     capability = torch.backends.cpu.get_cpu_capability()
@@ -255,10 +255,13 @@ def test_x86_int8_and_auto_rows_report_agreement_logit_error_capability_and_deco
         ("fp32", 2),
         ("fp32_channels_last", 2),
         ("bf16", 2),
+        ("int8", 2),
     }
     decode = {r["variant"]: r for r in report["vq_decode"]}
     assert decode["fp32"]["max_abs_pixel_error_vs_fp32"] == 0
     assert 0 < decode["bf16"]["max_abs_pixel_error_vs_fp32"] < 0.1 and decode["bf16"]["psnr_db_vs_fp32"] > 20
+    # int8 convolutions of a random tiny decoder: a coarser error than bf16's, still far from noise
+    assert 0 < decode["int8"]["max_abs_pixel_error_vs_fp32"] < 0.3 and decode["int8"]["psnr_db_vs_fp32"] > 20
     out = capsys.readouterr().out
     assert f"CPU capability {capability}" in out and f"precision auto on cpu: {auto}" in out
     assert "int8, batch 2, end to end" in out and "logits relative error" in out

@@ -8,11 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from enat_diffusers import choose_precision, quantize_for_cpu, set_precision
+from enat_diffusers import choose_precision, quantize_decoder_for_cpu, quantize_for_cpu, set_precision
 from enat_diffusers.quantization import CPUFeatures, is_quantized_for_cpu, resolve_precision, x86_int8_available
 from enat_diffusers.script_utils import add_precision_flag
 
-from .tiny_components import CODEBOOK_SIZE, GRID, NUM_CLASSES, tiny_pipeline, tiny_text_pipeline, tiny_transformer
+from .tiny_components import (
+    CODEBOOK_SIZE,
+    GRID,
+    NUM_CLASSES,
+    tiny_pipeline,
+    tiny_text_pipeline,
+    tiny_transformer,
+    tiny_vqvae,
+)
 
 pytestmark = [
     pytest.mark.usefixtures("single_thread"),
@@ -112,6 +120,63 @@ def test_quantize_for_cpu_refuses_models_that_are_not_float32_on_the_cpu():
         quantize_for_cpu("transformer")
 
 
+def _decoded(vqvae, token_ids):
+    with torch.no_grad():
+        return (vqvae.decode(token_ids).sample + 1) / 2  # pixels in [0, 1]
+
+
+def _psnr(pixels, reference) -> float:
+    return (10 * torch.log10(1 / (pixels - reference).square().mean())).item()
+
+
+def _token_grids(count: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, CODEBOOK_SIZE, (count, GRID, GRID), generator=torch.Generator().manual_seed(seed))
+
+
+def test_quantize_decoder_for_cpu_makes_every_decoder_convolution_int8_and_keeps_the_pixels_close():
+    reference, vqvae = tiny_vqvae(), tiny_vqvae()
+    decoder_convolutions = sum(isinstance(module, nn.Conv2d) for module in vqvae.decoder.modules())
+    encoder_before = {name: value.clone() for name, value in vqvae.encoder.state_dict().items()}
+    assert quantize_decoder_for_cpu(vqvae) is vqvae and is_quantized_for_cpu(vqvae)
+    quantized = [m for m in vqvae.decoder.modules() if isinstance(m, torch.ao.nn.quantized.Conv2d)]
+    assert len(quantized) == decoder_convolutions
+    assert not any(type(module) is nn.Conv2d for module in vqvae.decoder.modules())
+    # the encoder (image editing) is left as it was
+    assert all(torch.equal(value, encoder_before[name]) for name, value in vqvae.encoder.state_dict().items())
+    token_ids = _token_grids(4)
+    pixels, expected = _decoded(vqvae, token_ids), _decoded(reference, token_ids)
+    assert pixels.dtype == torch.float32 and pixels.shape == expected.shape
+    assert (pixels - expected).abs().max() > 0 and _psnr(pixels, expected) > 25
+    assert quantize_decoder_for_cpu(vqvae) is vqvae  # twice: unchanged
+    with pytest.raises(NotImplementedError, match="call quantize_decoder_for_cpu after loading"):
+        vqvae.save_pretrained("unused")
+
+
+def test_the_decoder_is_calibrated_on_the_token_grids_given():
+    token_ids = _token_grids(4)
+    default = _decoded(quantize_decoder_for_cpu(tiny_vqvae()), token_ids)
+    same_grids = _decoded(quantize_decoder_for_cpu(tiny_vqvae(), calibration_token_ids=token_ids), token_ids)
+    one_code_grids = torch.zeros(2, GRID, GRID, dtype=torch.long)
+    one_code = _decoded(quantize_decoder_for_cpu(tiny_vqvae(), calibration_token_ids=one_code_grids), token_ids)
+    assert not torch.equal(same_grids, default) and not torch.equal(one_code, default)
+    expected = _decoded(tiny_vqvae(), token_ids)
+    # calibrated on the grids it decodes, the ranges fit best; on a single code they clip the others' activations
+    assert _psnr(same_grids, expected) > _psnr(one_code, expected)
+
+
+def test_quantize_decoder_for_cpu_refuses_bad_input_before_changing_anything():
+    vqvae = tiny_vqvae()
+    with pytest.raises(ValueError, match=rf"`calibration_token_ids` must lie in \[0, {CODEBOOK_SIZE}\)"):
+        quantize_decoder_for_cpu(vqvae, calibration_token_ids=torch.full((1, GRID, GRID), CODEBOOK_SIZE))
+    with pytest.raises(TypeError, match="`calibration_token_ids` must be an integer tensor"):
+        quantize_decoder_for_cpu(vqvae, calibration_token_ids=torch.zeros(1, GRID, GRID))
+    assert not is_quantized_for_cpu(vqvae) and any(isinstance(m, nn.Conv2d) for m in vqvae.decoder.modules())
+    with pytest.raises(ValueError, match=r"needs a float32 model on the CPU.*torch.bfloat16"):
+        quantize_decoder_for_cpu(tiny_vqvae().to(torch.bfloat16))
+    with pytest.raises(TypeError, match="`vqvae` must be a MaskGITVQModel, got ENATTransformer2DModel"):
+        quantize_decoder_for_cpu(tiny_transformer())
+
+
 AVX2 = CPUFeatures("AVX2", x86_int8=True)
 
 
@@ -146,8 +211,8 @@ def test_set_precision_auto_applies_the_choice_for_this_machine(monkeypatch):
     monkeypatch.setattr(CPUFeatures, "detect", classmethod(lambda cls: AVX2))
     pipe = tiny_pipeline()
     choice = set_precision(pipe, "auto")
-    assert choice.precision == "int8" and is_quantized_for_cpu(pipe.transformer)
-    assert pipe.vqvae.dtype == torch.float32  # the decode stays float32
+    assert choice.precision == "int8" and is_quantized_for_cpu(pipe.transformer) and is_quantized_for_cpu(pipe.vqvae)
+    assert pipe(class_labels=[1], num_inference_steps=2, output_type="pt").images.dtype == torch.float32
 
     monkeypatch.setattr(CPUFeatures, "detect", classmethod(lambda cls: CPUFeatures("AVX512", avx512_bf16=True)))
     pipe = tiny_pipeline()
@@ -175,7 +240,7 @@ def test_bad_precisions_fail_with_a_sentence():
         resolve_precision("int8", "cuda")
     pipe = tiny_pipeline()
     set_precision(pipe, "int8")
-    with pytest.raises(ValueError, match="quantized to int8 .* cannot run in bf16"):
+    with pytest.raises(ValueError, match="transformer and vqvae are quantized to int8 and cannot run in bf16"):
         set_precision(pipe, "bf16")
 
 
@@ -201,7 +266,7 @@ def test_generate_script_runs_in_the_auto_precision(tmp_path, capsys, monkeypatc
 
 
 def test_int8_digits_demo_still_draws_the_requested_digits():
-    """The shipped demo with `quantize_for_cpu`: every class recognised by the demo's classifier (the CPU docs page
+    """The shipped demo in int8 (transformer and VQ decoder): every class recognised by the demo's classifier (the CPU docs page
     records the 50-samples-per-class measurement; fewer samples here, with the bound `tests/test_demo.py` uses)."""
     pytest.importorskip("sklearn", reason="the demo checks classify digits with scikit-learn")
     from enat_diffusers import ENATPipeline
@@ -213,7 +278,8 @@ def test_int8_digits_demo_still_draws_the_requested_digits():
     classifier, _ = demo_script.fit_digit_classifier()
     pipe = ENATPipeline.from_pretrained(demo_path("digits"))
     pipe.set_progress_bar_config(disable=True)
-    pipe.transformer = quantize_for_cpu(pipe.transformer)
+    set_precision(pipe, "int8")
+    assert is_quantized_for_cpu(pipe.vqvae)
     pixels, labels = demo_script.generate_class_samples(pipe, 10, seed=1000)
     table = demo_script.accuracy_table(classifier, pixels, labels)
     low = {name: accuracy for name, accuracy in table["per_class"].items() if accuracy < 0.9}

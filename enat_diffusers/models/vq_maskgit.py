@@ -437,30 +437,32 @@ token_ids = vqvae.encode(images).token_ids  # images in [-1, 1], (B, 3, H, W)
                 f"got {tuple(images.shape[2:])}."
             )
 
-    def _check_token_ids(self, token_ids: torch.Tensor) -> torch.LongTensor:
+    def check_token_ids(self, token_ids: torch.Tensor, name: str = "token_ids") -> torch.LongTensor:
+        """Token ids as `decode` takes them, checked (errors name the argument `name`) and returned as a long
+        `(batch_size, height, width)` tensor on the model's device."""
         if not isinstance(token_ids, torch.Tensor):
-            raise TypeError(f"`token_ids` must be a torch.Tensor, got {type(token_ids).__name__}.")
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(token_ids).__name__}.")
         if token_ids.dtype == torch.bool or token_ids.is_floating_point() or token_ids.is_complex():
-            raise TypeError(f"`token_ids` must be an integer tensor, got {token_ids.dtype}.")
+            raise TypeError(f"`{name}` must be an integer tensor, got {token_ids.dtype}.")
         if token_ids.ndim == 2:
             side = math.isqrt(token_ids.shape[1])
             if side * side != token_ids.shape[1]:
                 raise ValueError(
-                    "`token_ids` of shape (batch_size, sequence_length) must describe a square grid, got sequence "
+                    f"`{name}` of shape (batch_size, sequence_length) must describe a square grid, got sequence "
                     f"length {token_ids.shape[1]}; pass (batch_size, height, width) for other grids."
                 )
             token_ids = token_ids.reshape(token_ids.shape[0], side, side)
         if token_ids.ndim != 3:
             raise ValueError(
-                "`token_ids` must have shape (batch_size, height, width) or (batch_size, height * width), "
+                f"`{name}` must have shape (batch_size, height, width) or (batch_size, height * width), "
                 f"got {tuple(token_ids.shape)}."
             )
         if token_ids.numel() == 0:
-            raise ValueError(f"`token_ids` must not be empty, got shape {tuple(token_ids.shape)}.")
+            raise ValueError(f"`{name}` must not be empty, got shape {tuple(token_ids.shape)}.")
         low, high = int(token_ids.min()), int(token_ids.max())
         if low < 0 or high >= self.config.num_vq_embeddings:
             raise ValueError(
-                f"`token_ids` must lie in [0, {self.config.num_vq_embeddings}), got values from {low} to {high}."
+                f"`{name}` must lie in [0, {self.config.num_vq_embeddings}), got values from {low} to {high}."
             )
         return token_ids.to(device=self.device, dtype=torch.long)
 
@@ -545,7 +547,7 @@ token_ids = vqvae.encode(images).token_ids  # images in [-1, 1], (B, 3, H, W)
         Raises:
             `FloatingPointError`: when the decoded pixels are not all finite (NaN/inf weights, or float16 overflow).
         """
-        token_ids = self._check_token_ids(token_ids)
+        token_ids = self.check_token_ids(token_ids)
         sample = self.decode_latents(self.quantize.lookup(token_ids))
         if not torch.isfinite(sample).all():
             # Clamped and converted to uint8, NaN would silently become black pixels.
