@@ -270,9 +270,9 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> Pre
 
 
 def decoder_memory_format(device: str | torch.device) -> torch.memory_format:
-    """The memory format the VQ decoder runs fastest in on `device`: channels-last on CPUs (oneDNN's convolutions;
-    1.16x float32 contiguous at batch 1 and 1.20x at batch 8 for MaskGIT's decoder on an AVX2 CPU, pixels equal to
-    1e-4), contiguous elsewhere (not measured to pay on GPUs)."""
+    """The memory format a float VQ decoder runs fastest in on `device`: channels-last on CPUs (oneDNN's
+    convolutions; 1.04x to 1.20x float32 contiguous for MaskGIT's decoder on an AVX2 CPU, pixels equal to 1e-4),
+    contiguous elsewhere (not measured to pay on GPUs)."""
     return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
 
 
