@@ -83,13 +83,14 @@ def check_non_negative_integer(value, name: str) -> int:
     return int(value)
 
 
-def check_strength(strength, num_inference_steps: int) -> float:
+def check_strength(strength, num_inference_steps: int | None = None) -> float:
     """`strength` of an editing run, diffusers' meaning (of `num_inference_steps` steps, the last
     `int(num_inference_steps * strength)` run): a number in (0, 1] that leaves at least one step to run, or a clear
-    error. `num_inference_steps` must already be checked."""
+    error. `num_inference_steps` must already be checked; `None` (not known yet, e.g. a script's default) checks the
+    range only."""
     if not is_real_number(strength) or not math.isfinite(strength) or not 0 < strength <= 1:
         raise ValueError(f"`strength` must be a number in (0, 1], got {strength!r}")
-    if int(num_inference_steps * strength) < 1:
+    if num_inference_steps is not None and int(num_inference_steps * strength) < 1:
         raise ValueError(
             f"`strength` {float(strength):g} runs no step of `num_inference_steps` {num_inference_steps} "
             f"(int({num_inference_steps} * {float(strength):g}) is 0): pass a strength of at least "

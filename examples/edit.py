@@ -101,14 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("pass --class_labels (class-conditional) or --prompt (text)")
     if args.outpaint and args.mask_image:
         parser.error("--outpaint makes its own masks: leave out --mask_image")
-    if args.strength is not None:
-        try:  # the step rule needs the step count; without --num_inference_steps the pipeline checks it
-            check_strength(args.strength, args.num_inference_steps or 10**9)
-        except ValueError as error:
-            parser.error(f"--strength: {error}")
     for flag in ("num_images_per_prompt", "num_inference_steps", "upscale"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be a positive integer")
+    if args.strength is not None:
+        try:  # the step rule needs the step count; without --num_inference_steps the pipeline checks it
+            check_strength(args.strength, args.num_inference_steps)
+        except ValueError as error:
+            parser.error(f"--strength: {error}")
     sizes = _examples_module("generate")
     if args.upscale is not None and args.upscale > sizes.MAX_UPSCALE:
         parser.error(f"--upscale must be at most {sizes.MAX_UPSCALE}, got {args.upscale}")

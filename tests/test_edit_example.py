@@ -60,6 +60,8 @@ def test_bad_image_files_are_refused_before_loading(tmp_path, capsys, nothing_lo
         (["--mask_image", "missing.png"], "--mask_image: 'missing.png' does not exist or is not a file"),
         (["--strength", "0"], "--strength: `strength` must be a number in (0, 1], got 0.0"),
         (["--strength", "0.1", "--num_inference_steps", "4"], "--strength: `strength` 0.1 runs no step"),
+        # the step count is checked first: its own error, not a strength that "runs no step of 0 steps"
+        (["--strength", "0.5", "--num_inference_steps", "0"], "--num_inference_steps must be a positive integer"),
     ],
 )
 def test_bad_outputs_sizes_and_masks_are_refused_before_loading(digit, capsys, nothing_loaded, flags, message):

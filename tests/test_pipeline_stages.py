@@ -286,3 +286,14 @@ def test_a_float_mode_mask_is_read_as_floats_and_nan_is_refused(monkeypatch):
     no_model_may_run(pipe, monkeypatch)
     with pytest.raises(ValueError, match="`mask_image` .* holds NaN"):
         pipe(image=image, mask_image=PIL.Image.fromarray(values, "F"), class_labels=0)
+
+
+def test_strength_is_checked_against_the_steps_only_when_they_are_known():
+    from enat_diffusers.checks import check_strength
+
+    assert check_strength(0.01) == 0.01  # a script's default step count is not known yet: the range rule only
+    with pytest.raises(ValueError, match="`strength` 0.01 runs no step of `num_inference_steps` 8"):
+        check_strength(0.01, 8)
+    for bad in (0, 1.5, float("nan"), "half", True):
+        with pytest.raises(ValueError, match=r"`strength` must be a number in \(0, 1\]"):
+            check_strength(bad)
