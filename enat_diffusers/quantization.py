@@ -88,8 +88,9 @@ def choose_precision(device: str | torch.device = "cpu", cpu_features: CPUFeatur
 
     * CUDA: `bf16` where the GPU supports it, else `fp32`.
     * CPU with AMX or AVX-512 BF16: `bf16` (ENAT-L sampling 2.4x float32 at batch 1 on such a machine).
-    * CPU with AVX2 (or AVX-512 with VNNI, no BF16) and PyTorch's x86 int8 engine: `int8` (`quantize_for_cpu`;
-      ENAT-L sampling 1.3x to 1.9x float32 on an AVX2 CPU), as bf16 has no fast kernel there (about 0.25x).
+    * CPU with AVX2 (or AVX-512 with VNNI, no BF16) and PyTorch's x86 int8 engine: `int8` (`quantize_for_cpu` and
+      `quantize_decoder_for_cpu`; ENAT-L end to end 1.7x to 1.9x float32 on an AVX2 CPU), as bf16 has no fast
+      kernel there (about 0.25x).
     * Anything else (AVX-512 without VNNI or BF16, ARM, no vector extension, an int8 engine missing): `fp32`.
 
     Args:
