@@ -164,6 +164,18 @@ def test_the_decoder_is_calibrated_on_the_token_grids_given():
     assert _psnr(same_grids, expected) > _psnr(one_code, expected)
 
 
+def test_the_int8_decoder_gives_the_same_pixels_when_threads_decode_at_once():
+    # The app decodes requests from several threads with one pipeline.
+    from concurrent.futures import ThreadPoolExecutor
+
+    vqvae = quantize_decoder_for_cpu(tiny_vqvae())
+    grids = [_token_grids(2, seed=seed) for seed in range(12)]
+    sequential = [_decoded(vqvae, grid) for grid in grids]
+    with ThreadPoolExecutor(6) as pool:
+        concurrent = list(pool.map(lambda grid: _decoded(vqvae, grid), grids))
+    assert all(torch.equal(one, other) for one, other in zip(sequential, concurrent, strict=True))
+
+
 def test_quantize_decoder_for_cpu_refuses_bad_input_before_changing_anything():
     vqvae = tiny_vqvae()
     with pytest.raises(ValueError, match=rf"`calibration_token_ids` must lie in \[0, {CODEBOOK_SIZE}\)"):
