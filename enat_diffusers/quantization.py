@@ -129,8 +129,9 @@ def quantize_for_cpu(model: nn.Module) -> nn.Module:
         pipe.transformer = quantize_for_cpu(pipe.transformer)
 
     For CPUs: the x86 engine's int8 linear runs 1.6x to 1.8x float32 on AVX2 (see the CPU page of the docs). The
-    quantized model runs on the CPU in float32 only, and cannot be saved: save the float32 model and quantize after
-    loading (11 s for ENAT-L on 2 cores). Quantizing a model twice returns it unchanged.
+    quantized model runs on the CPU in float32 only (its `to` refuses other devices and dtypes) and cannot be saved:
+    save the float32 model and quantize after loading (11 s for ENAT-L on 2 cores). Quantizing a model twice returns
+    it unchanged.
 
     Args:
         model: a float32 model on the CPU, e.g. `pipe.transformer`.
@@ -248,9 +249,29 @@ def _x86_engine():
 
 def _mark_quantized(model: nn.Module, function: str) -> None:
     setattr(model, _QUANTIZED_MARK, True)
-    # An instance attribute: the pipeline's `save_pretrained` (and `push_to_hub`) go through it and stop here with a
-    # sentence, instead of failing inside safetensors on the packed int8 weights.
+    # Instance attributes: the pipeline's `save_pretrained` (and `push_to_hub`) and `to` go through them and stop here
+    # with a sentence, instead of failing inside safetensors on the packed int8 weights, or moving the float
+    # parameters while the packed int8 weights stay on the CPU (the next call would fail deep inside torch).
     model.save_pretrained = partial(_refuse_saving, function)
+    model.to = partial(_move_on_cpu_only, model, model.to, function)
+
+
+def _move_on_cpu_only(model: nn.Module, move, function: str, *args, **kwargs):
+    """`model.to(...)` for a quantized model: CPU and float32 targets only (memory formats pass)."""
+    targets = [*args, kwargs.get("device"), kwargs.get("dtype")]
+    for target in targets:
+        if isinstance(target, torch.Tensor):
+            targets += [target.device, target.dtype]
+    devices = [torch.device(target) for target in targets if isinstance(target, (str, int, torch.device))]
+    dtypes = [target for target in targets if isinstance(target, torch.dtype)]
+    wrong = [str(device) for device in devices if device.type != "cpu"]
+    wrong += [str(dtype) for dtype in dtypes if dtype != torch.float32]
+    if wrong:
+        raise ValueError(
+            f"this {type(model).__name__} was quantized with {function} and runs on the CPU in float32 only, not "
+            f"{' '.join(wrong)}: load the model again to run it there"
+        )
+    return move(*args, **kwargs)
 
 
 def _refuse_saving(function: str, *args, **kwargs):

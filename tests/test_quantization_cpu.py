@@ -176,6 +176,29 @@ def test_the_int8_decoder_gives_the_same_pixels_when_threads_decode_at_once():
     assert all(torch.equal(one, other) for one, other in zip(sequential, concurrent, strict=True))
 
 
+def test_quantized_models_refuse_to_leave_the_cpu_or_float32_in_a_sentence():
+    import copy
+
+    pipe = tiny_pipeline()
+    set_precision(pipe, "int8")
+    expected = pipe(class_labels=[1], num_inference_steps=2, generator=torch.manual_seed(0), output_type="pt").images
+    for target in (("meta",), (torch.bfloat16,), ("cpu", torch.float16)):
+        with pytest.raises(ValueError, match="quantized with quantize_for_cpu and runs on the CPU in float32 only"):
+            pipe.to(*target)
+    with pytest.raises(ValueError, match="not meta torch.float16"):  # `to(tensor)`: that tensor's device and dtype
+        pipe.transformer.to(torch.zeros(1, device="meta", dtype=torch.float16))
+    with pytest.raises(ValueError, match="quantized with quantize_decoder_for_cpu .* not meta: load the model again"):
+        pipe.vqvae.to(device="meta")
+    copied = copy.deepcopy(pipe.vqvae)  # the copy guards itself, not the original
+    with pytest.raises(ValueError, match="not meta"):
+        copied.to("meta")
+    # the CPU in float32 and memory formats stay allowed, and nothing was moved by the refusals
+    pipe.to("cpu", torch.float32)
+    pipe.vqvae.to(memory_format=torch.channels_last)
+    images = pipe(class_labels=[1], num_inference_steps=2, generator=torch.manual_seed(0), output_type="pt").images
+    assert torch.equal(images, expected)
+
+
 def test_quantize_decoder_for_cpu_refuses_bad_input_before_changing_anything():
     vqvae = tiny_vqvae()
     with pytest.raises(ValueError, match=rf"`calibration_token_ids` must lie in \[0, {CODEBOOK_SIZE}\)"):
