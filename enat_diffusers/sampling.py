@@ -17,6 +17,7 @@ from .models.transformer_enat import (
     ENATTransformer2DModelOutput,
 )
 from .schedulers.guidance import guidance_weight
+from .schedulers.scheduling_enat import lowest_per_row, uniform_noise
 
 # How the later steps of an editing run see the kept tokens (the `kept_context_mode` argument):
 # "fixed": after the first step their features (the reuse projection of their first-pass features) and keys/values at
@@ -101,17 +102,10 @@ def mask_region_at_random(
     `torch.Generator` draws for the whole batch, a list draws row `i` from `generator[i]` alone (so a row equals the
     row alone); draws happen on the generator's device.
     """
-    batch_size = tokens.shape[0]
-    flat_region = region.reshape(batch_size, -1)
-    if isinstance(generator, (list, tuple)):
-        draws = [torch.rand(flat_region.shape[1:], generator=g, device=g.device) for g in generator]
-        uniform = torch.stack([draw.to(tokens.device) for draw in draws])
-    else:
-        draw_device = generator.device if generator is not None else tokens.device
-        uniform = torch.rand(flat_region.shape, generator=generator, device=draw_device).to(tokens.device)
+    flat_region = region.reshape(tokens.shape[0], -1)
     # Tokens outside the region rank after every token inside it, so the lowest `count` ranks lie in the region.
-    rank = torch.where(flat_region, uniform, 2.0).argsort(dim=1).argsort(dim=1)
-    chosen = rank < torch.tensor(counts, device=tokens.device).unsqueeze(1)
+    chance = torch.where(flat_region, uniform_noise(flat_region.shape, generator, tokens.device), 2.0)
+    chosen = lowest_per_row(chance, torch.tensor(counts, device=tokens.device))
     return torch.where(chosen.reshape(tokens.shape), mask_token_id, tokens)
 
 

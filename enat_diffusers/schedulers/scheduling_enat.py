@@ -35,6 +35,8 @@ __all__ = [
     "ENATSchedulerOutput",
     "SchedulerMixin",
     "halton_ranks",
+    "lowest_per_row",
+    "uniform_noise",
 ]
 
 GeneratorType = torch.Generator | list[torch.Generator] | None
@@ -105,7 +107,7 @@ def _check_config(config: dict) -> None:
             raise ValueError(f"`{name}` must be {accepted}, got {config[name]!r}.")
 
 
-def _uniform(shape: tuple[int, ...], generator: GeneratorType, device: torch.device) -> torch.Tensor:
+def uniform_noise(shape: tuple[int, ...], generator: GeneratorType, device: torch.device) -> torch.Tensor:
     """Uniform float32 noise in [0, 1) of `shape`, drawn on each generator's own device and moved to `device`.
 
     With a list of generators, row `i` (along the first dimension) is drawn from `generator[i]` alone, so it equals
@@ -377,7 +379,7 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
             `torch.Tensor` of shape `shape`, float32.
         """
         device = torch.device("cpu") if device is None else torch.device(device)
-        uniform = _uniform(tuple(shape), generator, device)
+        uniform = uniform_noise(tuple(shape), generator, device)
         tiny = torch.finfo(uniform.dtype).tiny
         exponential = (-torch.log(uniform.clamp_min(tiny))).clamp_min(tiny)  # -log(u) > 0
         return -torch.log(exponential)
@@ -464,10 +466,10 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
             # ReMDM: mask again some revealed tokens of the region, reveal as many more; the masked count is unchanged.
             candidates = region & ~was_masked
             num_remasked = (self.config.remasking * torch.minimum(candidates.sum(dim=1), num_to_mask)).floor().long()
-            chance = torch.where(candidates, _uniform((batch_size, seq_len), generator, ids.device), 2.0)
-            remasked = _lowest(chance, num_remasked)
+            chance = torch.where(candidates, uniform_noise((batch_size, seq_len), generator, ids.device), 2.0)
+            remasked = lowest_per_row(chance, num_remasked)
             num_to_mask = num_to_mask - num_remasked
-        new_mask = _lowest(score, num_to_mask) | remasked
+        new_mask = lowest_per_row(score, num_to_mask) | remasked
 
         prev_sample = torch.where(new_mask, torch.full_like(filled, mask_id), filled).to(sample.dtype)
         pred_original_sample = filled.to(sample.dtype)
@@ -568,12 +570,12 @@ class ENATScheduler(SchedulerMixin, ConfigMixin):
         ids = sample.reshape(batch_size, -1)
         seq_len = ids.shape[1]
         num_to_mask = self.num_masked_after_step(step_index, seq_len)
-        rank = _uniform((batch_size, seq_len), generator, ids.device).argsort(dim=-1).argsort(dim=-1)
+        rank = uniform_noise((batch_size, seq_len), generator, ids.device).argsort(dim=-1).argsort(dim=-1)
         masked = torch.where(rank < num_to_mask, torch.full_like(ids, self.config.mask_token_id), ids)
         return masked.reshape(sample.shape)
 
 
-def _lowest(score: torch.Tensor, count: torch.LongTensor) -> torch.BoolTensor:
+def lowest_per_row(score: torch.Tensor, count: torch.LongTensor) -> torch.BoolTensor:
     """`True` at the `count[i]` lowest entries of each row `i` of `score` `(B, L)`."""
     batch_size, seq_len = score.shape
     order = score.argsort(dim=-1)
