@@ -38,7 +38,6 @@ from enat_diffusers.script_utils import add_precision_flag
 
 EXAMPLES = Path(__file__).resolve().parent
 DEMO_UPSCALE = 8
-DEFAULT_IMG2IMG_STRENGTH = 0.5
 # Inpainting demo: the bottom half of each digit is redrawn with its true class.
 DEMO_MASKED_ROWS = slice(8, 16)
 
@@ -178,15 +177,18 @@ def edit(args: argparse.Namespace) -> list[list[PIL.Image.Image]]:
     if problem:
         raise SystemExit(f"edit.py: error: {problem}")
     condition = {"prompt": args.prompt} if text else {"class_labels": class_labels_argument(args.class_labels)}
-    options = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale}
+    # Flags left out take the pipeline's default (strength: 0.5 for image-to-image, 1.0 for inpainting).
+    options = {
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "strength": args.strength,
+    }
     options = {key: value for key, value in options.items() if value is not None}
     options["kept_context_mode"] = args.kept_context_mode
     samples = args.num_images_per_prompt
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(images) * samples)]
     if inpainting:
-        options.update(mask_image=masks, paste_back=args.paste_back, strength=args.strength or 1.0)
-    else:
-        options.update(strength=DEFAULT_IMG2IMG_STRENGTH if args.strength is None else args.strength)
+        options.update(mask_image=masks, paste_back=args.paste_back)
     try:
         outputs = pipeline(
             image=images, **condition, **options, num_images_per_prompt=samples, generator=generators

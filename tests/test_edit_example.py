@@ -1,5 +1,7 @@
 """examples/edit.py refuses bad files and outputs with one sentence before the model is loaded or the edit runs."""
 
+import inspect
+
 import PIL.Image
 import pytest
 
@@ -94,12 +96,13 @@ def test_a_strength_that_runs_no_step_of_the_models_default_steps_is_one_sentenc
 
 
 def test_inpainting_takes_strength(digit, tmp_path, monkeypatch):
-    seen = []
+    seen = []  # the strength each call runs with: the one passed, else the pipeline's default
     original = edit.ENATInpaintPipeline.__call__
+    default = inspect.signature(original).parameters["strength"].default
     monkeypatch.setattr(
         edit.ENATInpaintPipeline,
         "__call__",
-        lambda self, **kwargs: seen.append(kwargs["strength"]) or original(self, **kwargs),
+        lambda self, **kwargs: seen.append(kwargs.get("strength", default)) or original(self, **kwargs),
     )
     mask = tmp_path / "mask.png"
     PIL.Image.new("L", (16, 16), 255).save(mask)
