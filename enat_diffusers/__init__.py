@@ -7,6 +7,7 @@ from ._quiet import import_noise_silenced, silence_session_noise  # isort: skip
 with import_noise_silenced():
     from ._diffusers_registry import register_with_diffusers
     from .conditioning import ENATClassNames
+    from .cpu_memory import disable_cpu_memory_reuse, enable_cpu_memory_reuse
     from .demo import load_demo_pipeline
     from .models import (
         ENAT_PRESETS,
@@ -62,6 +63,8 @@ __all__ = [
     "MaskGITVQModelOutput",
     "GuidanceSchedule",
     "choose_precision",
+    "disable_cpu_memory_reuse",
+    "enable_cpu_memory_reuse",
     "encode_text",
     "load_demo_pipeline",
     "outpainting_canvas",

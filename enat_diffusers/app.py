@@ -36,6 +36,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .checks import check_strength
+from .cpu_memory import enable_cpu_memory_reuse
 from .demo import DEMO_PREFIX, resolve_pretrained_location
 from .image_files import (
     MAX_IMAGE_FILE_SIZE,
@@ -996,6 +997,7 @@ def main(argv: list[str] | None = None) -> None:
 
     require_optional("gradio", "app", "The ENAT app")
     check_port(args.host, args.port)
+    enable_cpu_memory_reuse()
     pipeline = load_pipeline(args.model, args.device)
     choice = set_precision(pipeline, args.precision)
     print(f"precision: {choice.precision} ({choice.reason})")

@@ -90,6 +90,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from enat_diffusers import script_utils
 from enat_diffusers.conversion import convert_enat_transformer_state_dict
+from enat_diffusers.cpu_memory import cpu_memory_reuse_enabled, disable_cpu_memory_reuse, enable_cpu_memory_reuse
 from enat_diffusers.models.transformer_enat import (
     ENAT_PRESETS,
     ENATConditioning,
@@ -132,6 +133,9 @@ AMUSED_TEXT_LENGTH = 77
 AMUSED_MICRO_CONDS = (256.0, 256.0, 0.0, 0.0, 6.0)  # width, height, crop top-left, aesthetic score
 REFERENCE_SAMPLING = {"mask_temp": 1.5, "samp_temp": 6.0}
 MIB = 2**20
+# --cpu_memory_reuse; with "both", the --precisions rows with reuse are named "<precision>+memory_reuse".
+MEMORY_REUSE_MODES = ("on", "off", "both")
+MEMORY_REUSE_SUFFIX = "+memory_reuse"
 # Environment variables that decide how torch's CPU threads wait and how many there are (recorded in the json).
 THREADING_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
 
@@ -280,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --reference_dir: compare tokens to images, each side with its own VQ decoder (random weights)",
     )
+    parser.add_argument(
+        "--cpu_memory_reuse",
+        choices=MEMORY_REUSE_MODES,
+        default="on",
+        help="on: freed CPU memory kept for the next tensors (enable_cpu_memory_reuse, as the scripts and the app run); "
+        "off: glibc's own behaviour; both: every --precisions row twice, without and with it, alternated",
+    )
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results to this json file")
@@ -308,6 +319,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--precisions int8 (PyTorch's x86 engine) runs on the CPU only: use --device cpu")
     if args.vq_decode and args.device != "cpu" and any(DECODE_VARIANTS[name].int8 for name in args.decode_variants):
         parser.error("--decode_variants int8 (PyTorch's x86 engine) runs on the CPU only: use --device cpu")
+    if args.cpu_memory_reuse == "both" and not args.precisions:
+        parser.error("--cpu_memory_reuse both doubles the --precisions rows: give --precisions too")
     if args.reference_end_to_end and args.reference_dir is None:
         parser.error("--reference_end_to_end needs --reference_dir")
     if args.busy_cores >= (os.cpu_count() or 1):
@@ -1164,7 +1177,19 @@ def decode_to_pil(pipe: ENATPipeline, token_ids: torch.LongTensor) -> list:
 class PrecisionRow:
     name: str
     pipe: ENATPipeline
-    flops_per_image: float = 0.0
+    # With --cpu_memory_reuse both: whether the row runs with freed memory kept (set before each of its runs).
+    memory_reuse: bool | None = None
+
+    @property
+    def precision(self) -> str:
+        """The `--precisions` name the row runs."""
+        return self.name.removesuffix(MEMORY_REUSE_SUFFIX)
+
+    def prepare(self) -> None:
+        if self.memory_reuse is True:
+            enable_cpu_memory_reuse()
+        elif self.memory_reuse is False:
+            disable_cpu_memory_reuse()
 
 
 def precision_rows(setup: Setup, args, device: torch.device) -> list[PrecisionRow]:
@@ -1189,7 +1214,10 @@ def precision_rows(setup: Setup, args, device: torch.device) -> list[PrecisionRo
             transformer = LabelledTransformer(precision_transformer(setup, kind, folder, device))
             pipe = ENATPipeline(transformer=transformer, vqvae=vq, scheduler=scheduler)
             pipe.set_progress_bar_config(disable=True)
-            rows.append(PrecisionRow(name, pipe))
+            if args.cpu_memory_reuse == "both":
+                rows += [PrecisionRow(name, pipe, False), PrecisionRow(name + MEMORY_REUSE_SUFFIX, pipe, True)]
+            else:
+                rows.append(PrecisionRow(name, pipe))
     finally:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -1233,6 +1261,7 @@ def measure_precisions(setup: Setup, args, device: torch.device) -> dict:
             labels = [index % num_classes for index in range(batch_size)]
 
             def call(row, output_type, labels=labels):
+                row.prepare()
                 return row.pipe(
                     class_labels=labels,
                     num_inference_steps=args.num_inference_steps,
@@ -1273,13 +1302,14 @@ def measure_precisions(setup: Setup, args, device: torch.device) -> dict:
                     "identical_tokens_vs_" + first: (tokens[row.name] == tokens[first]).float().mean().item(),
                     **logit_quality[row.name],
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "cpu_memory_reuse": cpu_memory_reuse_enabled() if row.memory_reuse is None else row.memory_reuse,
                     "times_seconds": times[row.name],
                     "load": loads,
                 }
                 if args.breakdown:
                     result["breakdown"] = breakdown(lambda: call(row, "pil"), batch_size)  # noqa: B023
                 if args.matmul_rates:
-                    rate = matmul_rate(precision_kind(row.name, args), shapes, device, args.repeats)
+                    rate = matmul_rate(precision_kind(row.precision, args), shapes, device, args.repeats)
                     # Sampling time is end-to-end minus a separately timed decode: on a tiny model, timing noise can
                     # leave nothing, and then there is no rate to report.
                     sampling = result["sampling_seconds_per_image"]
@@ -1669,12 +1699,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     diffusers_logging.set_verbosity_error()  # casting random models with `.to(dtype)` warns once per model
     load_before = machine_load()
+    memory_reuse_applied = enable_cpu_memory_reuse() if args.cpu_memory_reuse == "on" else False
     with BusyCores(args.busy_cores):
         report = run_benchmark(args)
     report["machine"] = {
         "busy_cores": args.busy_cores,
         "threading_environment": {name: os.environ.get(name) for name in THREADING_VARIABLES},
         "cpu_count": os.cpu_count(),
+        "cpu_memory_reuse": {"mode": args.cpu_memory_reuse, "applied": memory_reuse_applied},
         "load_before": load_before,
         "load_after": machine_load(),
         "cpu": {"features": vars(CPUFeatures.detect()), "auto_precision": vars(args.auto_choice)},

@@ -29,6 +29,7 @@ import torch
 
 from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline, ENATScheduler
 from enat_diffusers.checks import check_strength
+from enat_diffusers.cpu_memory import enable_cpu_memory_reuse
 from enat_diffusers.demo import resolve_pretrained_location
 from enat_diffusers.image_files import MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS, ImageFileError, open_image_file
 from enat_diffusers.pipelines.pipeline_enat_editing import KEPT_CONTEXT_MODES
@@ -311,6 +312,7 @@ def output_upscale(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
+    enable_cpu_memory_reuse()
     if args.measure_flops:
         return measure_flops()
     if args.figure:

@@ -22,6 +22,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
 
 from enat_diffusers import ENATText2ImagePipeline
+from enat_diffusers.cpu_memory import enable_cpu_memory_reuse
 from enat_diffusers.demo import resolve_pretrained_location
 from enat_diffusers.quantization import set_precision
 from enat_diffusers.script_utils import add_deprecated_flag, add_precision_flag
@@ -200,6 +201,7 @@ def labelled_grid(images: list[Image.Image], captions: list[str], rows: int, ups
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
+    enable_cpu_memory_reuse()
     pipeline = load_pipeline(args)
     inputs, captions = conditions(pipeline, args)
     upscale = args.upscale or (DEMO_UPSCALE if args.model in DEFAULT_DEMOS.values() else 1)

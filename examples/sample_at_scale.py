@@ -75,6 +75,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from enat_diffusers.cpu_memory import enable_cpu_memory_reuse
 from enat_diffusers.demo import DEMO_NAMES, DEMO_PREFIX, resolve_pretrained_location
 from enat_diffusers.image_utils import to_uint8
 from enat_diffusers.pipelines import GUIDANCE_SCHEDULES
@@ -859,6 +860,7 @@ def create_accelerator(args: argparse.Namespace) -> tuple[Accelerator, torch.dev
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    enable_cpu_memory_reuse()
     info = describe_model(args.model)
     accelerator, device = create_accelerator(args)
     plan = make_plan(args, info, device)

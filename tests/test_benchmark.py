@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from enat_diffusers.cpu_memory import cpu_memory_reuse_enabled, cpu_memory_reuse_supported
 from enat_diffusers.pipelines.pipeline_enat import ENATPipeline
 from enat_diffusers.testing_utils import randomize_modulation
 
@@ -70,6 +71,8 @@ def test_runs_end_to_end_and_writes_json(benchmark, tiny_config, tmp_path):
     report = json.loads(output.read_text())
     assert {"config", "notes", "results", "ratios", "machine", "process_max_rss_mib"} <= set(report)
     assert report["machine"]["busy_cores"] == 0 and "load_average" in report["machine"]["load_before"]
+    # as the scripts run: freed CPU memory kept for reuse, where the C library allows it
+    assert report["machine"]["cpu_memory_reuse"] == {"mode": "on", "applied": cpu_memory_reuse_supported()}
     assert {"gflops", "seconds", "memory"} == set(report["notes"])
     assert [(r["row"], r["batch_size"]) for r in report["results"]] == [
         (row, batch_size) for batch_size in (1, 2) for row in benchmark.ROWS
@@ -265,6 +268,36 @@ def test_x86_int8_and_auto_rows_report_agreement_logit_error_capability_and_deco
     out = capsys.readouterr().out
     assert f"CPU capability {capability}" in out and f"precision auto on cpu: {auto}" in out
     assert "int8, batch 2, end to end" in out and "logits relative error" in out
+
+
+@pytest.mark.skipif(not cpu_memory_reuse_supported(), reason="glibc's malloc only")
+def test_memory_reuse_both_times_each_precision_without_and_with_it_alternated(
+    benchmark, tiny_config, tmp_path, monkeypatch
+):
+    reuse_at_each_call = []
+    pipeline_call = ENATPipeline.__call__
+
+    def recording_call(self, *args, **kwargs):
+        reuse_at_each_call.append(cpu_memory_reuse_enabled())
+        return pipeline_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(ENATPipeline, "__call__", recording_call)
+    output = tmp_path / "result.json"
+    benchmark.main(
+        ["--config", str(tiny_config), "--rows", "--batch_sizes", "2", "--warmup", "0", "--repeats", "2",
+         "--num_inference_steps", "2", "--precisions", "fp32", "--cpu_memory_reuse", "both", "--json", str(output)]
+    )  # fmt: skip
+    report = json.loads(output.read_text())
+    results = report["precisions"]["results"]
+    assert [(r["precision"], r["cpu_memory_reuse"]) for r in results] == [
+        ("fp32", False),
+        ("fp32+memory_reuse", True),
+    ]
+    assert results[1]["identical_tokens_vs_fp32"] == 1.0  # the same pipeline: only the allocator differs
+    # counting FLOPs, then two repeats: each row runs in its own setting, the rows alternating
+    assert reuse_at_each_call == [False, True] * 3
+    assert set(report["precisions"]["speedup_vs_fp32"]["2"]) == {"fp32", "fp32+memory_reuse"}
+    assert report["machine"]["cpu_memory_reuse"] == {"mode": "both", "applied": False}
 
 
 def test_busy_cores_run_only_while_measuring(benchmark):

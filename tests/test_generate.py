@@ -3,6 +3,8 @@
 import pytest
 from PIL import Image
 
+from enat_diffusers.cpu_memory import cpu_memory_reuse_enabled, cpu_memory_reuse_supported, disable_cpu_memory_reuse
+
 from .example_scripts import load_example
 
 generate = load_example("generate")
@@ -10,10 +12,12 @@ generate = load_example("generate")
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_demo_model_class_names_and_a_new_output_folder(tmp_path, capsys):
+def test_demo_model_class_names_a_new_output_folder_and_freed_memory_kept(tmp_path, capsys):
     output = tmp_path / "new" / "folder" / "grid.png"
     argv = ["--model", "demo:digits", "--class_labels", "seven", "3", "--num_images_per_prompt", "2"]
+    disable_cpu_memory_reuse()
     generate.main([*argv, "--num_inference_steps", "2", "--upscale", "1", "--output", str(output)])
+    assert cpu_memory_reuse_enabled() == cpu_memory_reuse_supported()  # the scripts keep freed CPU memory for reuse
     with Image.open(output) as grid:
         assert grid.size == (2 * 16, 2 * (16 + generate.LABEL_HEIGHT))
     assert f"wrote 4 images to {output}" in capsys.readouterr().out
