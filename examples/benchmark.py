@@ -51,6 +51,9 @@ run goes (matmuls, attention, token grouping and other transformer ops, schedule
 `--matmul_rates` this machine's `nn.Linear` rate at the model's shapes in each precision, measured in the same run,
 with the fraction that sampling reaches. `--busy_cores N` keeps N cores busy while measuring (a shared machine); the
 json records the load average before and after and the OpenMP settings (docs: speed and memory, `OMP_WAIT_POLICY`).
+Freed CPU memory is kept for reuse as in the scripts (`enable_cpu_memory_reuse`; `--cpu_memory_reuse off`: glibc's
+own behaviour); `--cpu_memory_reuse both` runs every `--precisions` row without and with it (`<precision>+memory_reuse`),
+alternated, the setting switched before each run.
 
 `--reference_dir` also times the reference sampler (`NATSchedule.generate` with the reference `DiT`) against our
 pipeline at batch 1, alternating runs, with identical random weights (converted by our conversion code), and checks
