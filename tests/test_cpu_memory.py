@@ -78,6 +78,17 @@ def test_disabling_returns_the_kept_memory_and_maps_large_tensors_again(reuse_of
     del larger
 
 
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_the_environment_can_opt_out(monkeypatch, reuse_off_afterwards):
+    disable_cpu_memory_reuse()
+    monkeypatch.setenv("ENAT_DIFFUSERS_CPU_MEMORY_REUSE", "0")
+    assert enable_cpu_memory_reuse() is False and not cpu_memory_reuse_enabled()
+    mapped_before = _malloc_info().hblks
+    tensor = torch.empty(256 * MIB)  # 1 GiB: mapped, as glibc does by default
+    assert _malloc_info().hblks == mapped_before + 1
+    del tensor
+
+
 def test_elsewhere_than_glibc_nothing_changes_and_it_says_so(monkeypatch):
     calls = []
     monkeypatch.setattr(platform, "libc_ver", lambda *args, **kwargs: ("musl", ""))
